@@ -1,0 +1,82 @@
+"""The `protembed` command: a Typer app. Parsing, progress and error-to-exit-code mapping only.
+
+Each command lives in a `cli_<topic>.py` module and is registered at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from protembed import __version__
+from protembed.errors import ProtembedError
+
+app = typer.Typer(
+    name="protembed",
+    help="Protein language model embeddings (ESM-2, AMPLIFY): FASTA in, HDF5 out.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+err_console = Console(stderr=True)
+out_console = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+_DEBUG = {"on": False}
+
+
+def handle_errors(fn: F) -> F:
+    """Turn known errors into `error: <one line>` on stderr with exit code 1 (130 on Ctrl-C)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ProtembedError as exc:
+            if _DEBUG["on"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: everything written so far is kept; "
+                              "run the same command again to resume", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"protembed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for known errors too.")] = False,
+) -> None:
+    """Protein language model embeddings (ESM-2, AMPLIFY): FASTA in, HDF5 out."""
+    _DEBUG["on"] = debug
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+# --- command registration (one line per command module) ---------------------------------------

@@ -1,0 +1,1 @@
+"""Model core: ESM-2 and AMPLIFY encoders on shared building blocks."""

@@ -1,0 +1,221 @@
+"""Reading Hub-layout checkpoint directories: architecture detection and strict, lazy loading.
+
+A checkpoint directory holds `config.json` plus weights, tried in this order:
+`model.safetensors`, `model.safetensors.index.json` + shards, `pytorch_model.bin`,
+`pytorch_model.bin.index.json` + shards. Pickled `.bin` files are read only through
+`torch.load(weights_only=True)`. Tensors are read one at a time from memory-mapped files and
+placed straight into the model in the requested dtype and device, so loading never holds a
+second full copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from safetensors import safe_open
+
+from protembed.errors import CheckpointError
+from protembed.models import amplify, esm2
+from protembed.models.encoder import Encoder, EncoderConfig
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+CONFIG_FILE = "config.json"
+
+
+def family_module(family: str) -> ModuleType:
+    return {"esm2": esm2, "amplify": amplify}[family]
+
+
+def detect_family(cfg: dict) -> str | None:
+    """'esm2', 'amplify' or None, from a `config.json` dict."""
+    model_type = str(cfg.get("model_type", "")).lower()
+    archs = [str(a) for a in cfg.get("architectures") or []]
+    if model_type == "esm" or any(a.startswith("Esm") for a in archs):
+        return "esm2"
+    if model_type == "amplify" or any(a.upper().startswith("AMPLIFY") for a in archs):
+        return "amplify"
+    return None
+
+
+def config_from_dict(cfg: dict, where: str) -> EncoderConfig:
+    """EncoderConfig from a Hub `config.json` dict; CheckpointError if not ESM-2 or AMPLIFY."""
+    family = detect_family(cfg)
+    if family is None:
+        kind = cfg.get("model_type") or cfg.get("architectures") or "unknown"
+        raise CheckpointError(where, f"not an ESM-2 or AMPLIFY checkpoint (model_type {kind!r})")
+    try:
+        return family_module(family).config_from_hub(cfg)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(where, f"unsupported {family} config: {exc}") from None
+
+
+def read_config(path: Path) -> EncoderConfig:
+    """EncoderConfig of a checkpoint directory."""
+    cfg_path = Path(path) / CONFIG_FILE
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(str(path), "no config.json (not a Hugging Face checkpoint directory)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(str(cfg_path), f"cannot read config: {exc}") from None
+    return config_from_dict(cfg, str(path))
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, shards resolved, in the preferred format."""
+    path = Path(path)
+    for name in WEIGHT_FILES:
+        f = path / name
+        if not f.exists():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
+            except (OSError, json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(str(f), f"bad shard index: {exc}") from None
+            missing = [s for s in shards if not (path / s).exists()]
+            if missing:
+                raise CheckpointError(str(path), f"missing weight shards: {', '.join(missing)}")
+            return [path / s for s in shards]
+        return [f]
+    raise CheckpointError(str(path), "no weights found (model.safetensors or pytorch_model.bin)")
+
+
+class WeightReader:
+    """Lazy access to the tensors of one or more weight files, by key."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._where: dict[str, int] = {}
+        self._handles: list = []
+        for n, f in enumerate(files):
+            try:
+                if f.suffix == ".safetensors":
+                    handle = safe_open(str(f), framework="pt", device="cpu")
+                    keys = list(handle.keys())
+                else:
+                    handle = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                    if not isinstance(handle, dict):
+                        raise CheckpointError(str(f), "not a state dict")
+                    keys = list(handle)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # safetensors/pickle raise many types on corrupt files
+                raise CheckpointError(str(f), f"corrupt or truncated weights ({exc})") from None
+            self._handles.append(handle)
+            for k in keys:
+                self._where[k] = n
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        h = self._handles[self._where[key]]
+        if isinstance(h, dict):
+            return tuple(h[key].shape)
+        return tuple(h.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        h = self._handles[self._where[key]]
+        try:
+            return h[key] if isinstance(h, dict) else h.get_tensor(key)
+        except Exception as exc:
+            raise CheckpointError(key, f"corrupt or truncated weights ({exc})") from None
+
+
+def _plan(reader: WeightReader, config: EncoderConfig, where: str) -> tuple[dict[str, list[str]], str | None]:
+    """Our name -> source keys (normalised names resolved to file keys) and the rotary key."""
+    fam = family_module(config.family)
+    by_norm = {fam.normalize_key(k): k for k in reader.keys()}
+    if config.family == "amplify":
+        mapping = amplify.key_map(config.n_layers, config.bias)
+    else:
+        mapping = esm2.key_map(config.n_layers)
+    wanted = {src for srcs in mapping.values() for src in srcs}
+    missing = sorted(s for s in wanted if s not in by_norm)
+    rotary = sorted(k for k in by_norm if fam.is_rotary_key(k))
+    unexpected = sorted(
+        k for k in by_norm if k not in wanted and not fam.is_rotary_key(k) and not fam.is_ignored_key(k)
+    )
+    if missing or unexpected:
+        raise CheckpointError(where, "weights do not match config.json", missing, unexpected)
+    plan = {ours: [by_norm[s] for s in srcs] for ours, srcs in mapping.items()}
+    return plan, (by_norm[rotary[0]] if rotary else None)
+
+
+def _check_shapes(reader: WeightReader, plan: dict[str, list[str]], model: Encoder, where: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = []
+    for ours, srcs in plan.items():
+        shapes = [reader.shape(s) for s in srcs]
+        got = (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
+        if got != expected[ours]:
+            bad.append(f"{srcs[0]} {list(got)} != {list(expected[ours])}")
+    if bad:
+        raise CheckpointError(where, "weight shapes do not match config.json: " + "; ".join(bad[:4]))
+
+
+def _build(config: EncoderConfig) -> Encoder:
+    return family_module(config.family).build(config)
+
+
+def verify_checkpoint(path: Path) -> EncoderConfig:
+    """Check architecture, every key and every shape of a checkpoint without loading the weights."""
+    config = read_config(path)
+    reader = WeightReader(weight_files(path))
+    plan, _ = _plan(reader, config, str(path))
+    with torch.device("meta"):
+        model = _build(config)
+    _check_shapes(reader, plan, model, str(path))
+    return config
+
+
+def iter_tensors(reader: WeightReader, plan: dict[str, list[str]]) -> Iterator[tuple[str, torch.Tensor]]:
+    for ours, srcs in plan.items():
+        parts = [reader.get(s) for s in srcs]
+        yield ours, parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def load_checkpoint(
+    path: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> Encoder:
+    """Load a checkpoint directory into an `Encoder` in eval mode, strictly and memory-mapped."""
+    path = Path(path)
+    config = read_config(path)
+    reader = WeightReader(weight_files(path))
+    plan, rotary_key = _plan(reader, config, str(path))
+    with torch.device("meta"):
+        model = _build(config)
+    _check_shapes(reader, plan, model, str(path))
+    state = {}
+    for name, tensor in iter_tensors(reader, plan):
+        state[name] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if rotary_key is not None:
+        model.rotary.set_inv_freq(reader.get(rotary_key))
+    return model.eval().requires_grad_(False)
+
+
+def random_model(
+    config: EncoderConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> Encoder:
+    """A model of the given shape with random weights (for benchmarks and tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = _build(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * (p.shape[-1] ** -0.5))
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

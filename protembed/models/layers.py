@@ -1,0 +1,240 @@
+"""Shared building blocks for ESM-2 and AMPLIFY, executed on packed variable-length batches.
+
+Shape letters used in tensor names:
+    T  tokens of all sequences in a packed batch, concatenated
+    B  sequences in the batch          L  longest sequence (tokens)
+    D  model width (d_model)           F  FFN width
+    N  attention heads                 K  head dim (D / N)
+
+A packed batch never holds padding: projections and FFN see only real tokens, and attention
+sees each sequence's own tokens only (`Packing` tells where sequences start and end).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Packing:
+    """Where each sequence sits in a packed batch, plus index tensors derived once per batch.
+
+    Attributes:
+        cu_seqlens: int32 [B+1] cumulative token counts starting at 0.
+        max_len: longest sequence, in tokens.
+        positions: int64 [T] position of each token inside its own sequence.
+        pad_index: int64 [T] flat index of each token in a [B, L] padded layout.
+        key_mask_B11L: bool [B, 1, 1, L], True where a key is a real token; None when all
+            sequences have the same length (no padding needed).
+    """
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+    positions: torch.Tensor
+    pad_index: torch.Tensor
+    key_mask_B11L: torch.Tensor | None
+
+    @property
+    def n_seqs(self) -> int:
+        return int(self.cu_seqlens.numel()) - 1
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device: torch.device | str = "cpu") -> Packing:
+        """Packing of sequences with the given token counts, in that order."""
+        lens = torch.tensor(lengths, dtype=torch.int64)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=cu[1:])
+        max_len = int(lens.max())
+        seq_of_token = torch.repeat_interleave(torch.arange(len(lengths)), lens)
+        positions = torch.arange(int(cu[-1])) - cu[:-1][seq_of_token]
+        pad_index = seq_of_token * max_len + positions
+        key_mask = None
+        if int(lens.min()) != max_len:
+            key_mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :]
+            key_mask = key_mask.to(device)
+        return cls(
+            cu_seqlens=cu.to(torch.int32).to(device),
+            max_len=max_len,
+            positions=positions.to(device),
+            pad_index=pad_index.to(device),
+            key_mask_B11L=key_mask,
+        )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale and no bias (AMPLIFY)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """`LayerNorm` (with bias) or `RMSNorm` (no bias)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+def rotary_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Default rotary frequencies 1 / base^(2i/K), float32 [K/2]."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding over the full head dim.
+
+    `interleaved=False` rotates halves (ESM-2: pairs (i, i+K/2)); `interleaved=True` rotates
+    adjacent pairs (2i, 2i+1) (AMPLIFY). The angles are computed in float32 from `inv_freq`
+    and the rotation is applied in float32, then cast back, as both references do.
+    `inv_freq` is kept as a plain float32 attribute (not a buffer), so casting the model to
+    bfloat16 never rounds the frequencies.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, interleaved: bool = False) -> None:
+        super().__init__()
+        self.inv_freq = rotary_inv_freq(head_dim, base)
+        self.interleaved = interleaved
+        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_inv_freq(self, inv_freq: torch.Tensor) -> None:
+        """Use frequencies stored in a checkpoint (ESM-2 stores fp16-rounded values)."""
+        self.inv_freq = inv_freq.detach().to(device="cpu", dtype=torch.float32).clone()
+        self._cache = {}
+
+    def tables(self, n_pos: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, float32 [n_pos, K] on `device`, laid out to match `interleaved`."""
+        cached = self._cache.get(device)
+        if cached is None or cached[0].shape[0] < n_pos:
+            n = max(n_pos, 1024)
+            angles = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"), self.inv_freq)
+            if self.interleaved:
+                angles = angles.repeat_interleave(2, dim=-1)
+            else:
+                angles = torch.cat([angles, angles], dim=-1)
+            cached = (angles.cos().to(device), angles.sin().to(device))
+            self._cache[device] = cached
+        return cached[0][:n_pos], cached[1][:n_pos]
+
+    def forward(self, x_TNK: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
+        n_pos = int(positions_T.max()) + 1 if positions_T.numel() else 1
+        cos_TK, sin_TK = self.tables(n_pos, x_TNK.device)
+        cos = cos_TK[positions_T][:, None, :]
+        sin = sin_TK[positions_T][:, None, :]
+        x = x_TNK.float()
+        if self.interleaved:
+            pairs = x.unflatten(-1, (-1, 2))
+            rot = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        else:
+            half = x.shape[-1] // 2
+            rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x * cos + rot * sin).to(x_TNK.dtype)
+
+
+def packed_attention(
+    q_TNK: torch.Tensor, k_TNK: torch.Tensor, v_TNK: torch.Tensor, packing: Packing, scale: float
+) -> torch.Tensor:
+    """Attention of every sequence over its own tokens only; returns [T, N, K].
+
+    On CUDA in half precision this calls PyTorch's variable-length flash attention directly on
+    the packed tokens. Elsewhere the packed q/k/v are scattered into a [B, N, L, K] layout and
+    run through fused SDPA with a key mask; length-sorted batches keep that padding small.
+    """
+    if q_TNK.is_cuda and q_TNK.dtype in (torch.float16, torch.bfloat16) and _has_varlen():
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu = packing.cu_seqlens
+        return varlen_attn(q_TNK, k_TNK, v_TNK, cu, cu, packing.max_len, packing.max_len, scale=scale)
+    n_heads, head_dim = q_TNK.shape[1], q_TNK.shape[2]
+    qkv_3TNK = torch.stack([q_TNK, k_TNK, v_TNK])
+    if packing.key_mask_B11L is None:
+        # All sequences have the same length: a plain reshape, no copy.
+        qkv_pad = qkv_3TNK.view(3, packing.n_seqs, packing.max_len, n_heads, head_dim)
+    else:
+        flat = qkv_3TNK.new_zeros(3, packing.n_seqs * packing.max_len, n_heads, head_dim)
+        flat[:, packing.pad_index] = qkv_3TNK
+        qkv_pad = flat.view(3, packing.n_seqs, packing.max_len, n_heads, head_dim)
+    q, k, v = qkv_pad.transpose(2, 3).unbind(0)  # each [B, N, L, K]
+    out_BNLK = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask_B11L, scale=scale)
+    out_BLNK = out_BNLK.transpose(1, 2)
+    if packing.key_mask_B11L is None:
+        return out_BLNK.reshape(-1, n_heads, head_dim)
+    return out_BLNK.reshape(-1, n_heads, head_dim)[packing.pad_index]
+
+
+_VARLEN: bool | None = None
+
+
+def _has_varlen() -> bool:
+    global _VARLEN  # noqa: PLW0603 - memoised capability probe, set once
+    if _VARLEN is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+
+            _VARLEN = True
+        except ImportError:
+            _VARLEN = False
+    return _VARLEN
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)).
+
+    Args:
+        d_model, n_heads, d_ffn: sizes (d_ffn is the hidden width of the FFN; for SwiGLU the
+            fused up projection has 2 * d_ffn rows, gate first).
+        norm: "layernorm" or "rmsnorm"; activation: "gelu" (exact erf) or "swiglu".
+        bias: biases on every projection (ESM-2) or none (AMPLIFY).
+        rotary: the model's shared `Rotary` module (its layout decides rotate-half/interleaved).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ffn: int,
+        *,
+        norm: str,
+        norm_eps: float,
+        activation: str,
+        bias: bool,
+        rotary: Rotary,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.activation = activation
+        self.attn_norm = make_norm(norm, d_model, norm_eps)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)  # rows: [q; k; v]
+        self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.ffn_norm = make_norm(norm, d_model, norm_eps)
+        up_rows = 2 * d_ffn if activation == "swiglu" else d_ffn
+        self.up = nn.Linear(d_model, up_rows, bias=bias)
+        self.down = nn.Linear(d_ffn, d_model, bias=bias)
+        self.rotary = [rotary]  # a list keeps the shared module out of this block's state dict
+
+    def forward(self, x_TD: torch.Tensor, packing: Packing) -> torch.Tensor:
+        rotary = self.rotary[0]
+        qkv_T3NK = self.qkv(self.attn_norm(x_TD)).unflatten(-1, (3, self.n_heads, self.head_dim))
+        q, k, v = qkv_T3NK.unbind(1)
+        q = rotary(q, packing.positions)
+        k = rotary(k, packing.positions)
+        a_TNK = packed_attention(q, k, v, packing, scale=1.0 / math.sqrt(self.head_dim))
+        x_TD = x_TD + self.out(a_TNK.flatten(1))
+        h = self.up(self.ffn_norm(x_TD))
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return x_TD + self.down(h)
