@@ -1,0 +1,126 @@
+"""The public Python API: load a model by name, repo id or directory, and embed sequences.
+
+    >>> import protembed
+    >>> model = protembed.load_model("esm2-8m")
+    >>> out = model.embed(["MKTAYIAKQR", "MSEQ"], layers=[-1], per_residue=True)
+    >>> out.pooled["mean"].shape        # (2, 1, 320): sequences x layers x hidden
+    >>> out.residues[0].shape           # (10, 1, 320): residues x layers x hidden
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from protembed.alphabet import ALPHABETS, Alphabet
+from protembed.batching import pack, token_batches
+from protembed.models.checkpoints import load_checkpoint
+from protembed.models.encoder import Encoder, resolve_layers
+from protembed.pooling import pool, residue_index
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> str:
+    """The first CUDA device when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of a list of sequences, rows in input order.
+
+    pooled: pooling name -> float32 array [n, K, D] (K = number of layers asked for).
+    residues: per sequence, float32 [residues, K, D] (only with per_residue=True).
+    layers: the resolved layer indices, in the order of the K axis.
+    truncated: per sequence, whether it was cut to the model's maximum length.
+    """
+
+    pooled: dict[str, np.ndarray]
+    layers: list[int]
+    residues: list[np.ndarray] | None = None
+    truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+@dataclass
+class Model:
+    """A loaded encoder with its tokenizer and provenance."""
+
+    encoder: Encoder
+    name: str
+    source: str
+    revision: str
+
+    @property
+    def alphabet(self) -> Alphabet:
+        return ALPHABETS[self.encoder.config.family]
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.embed.weight.device
+
+    def layers(self, spec: Sequence[int | str] = (-1,)) -> list[int]:
+        """Resolve a layer list (negative, "final", "all") to non-negative indices."""
+        return resolve_layers(spec, self.encoder.config)
+
+    @torch.inference_mode()
+    def embed(
+        self,
+        sequences: Sequence[str],
+        layers: Sequence[int | str] = (-1,),
+        pooling: Sequence[str] = ("mean",),
+        per_residue: bool = False,
+        tokens_per_batch: int = 8192,
+        max_residues: int | None = None,
+    ) -> Embeddings:
+        """Embed sequences in memory; longer ones are truncated to the model's maximum."""
+        idx = self.layers(layers)
+        limit = max_residues or self.encoder.config.max_residues
+        tokens = [self.alphabet.encode(s, record=str(i)) for i, s in enumerate(sequences)]
+        truncated = np.array([t.size - 2 > limit for t in tokens], dtype=bool)
+        tokens = [np.concatenate([t[: limit + 1], t[-1:]]) if cut else t for t, cut in zip(tokens, truncated)]
+        d = self.encoder.config.d_model
+        pooled = {p: np.zeros((len(tokens), len(idx), d), dtype=np.float32) for p in pooling}
+        residues: list[np.ndarray] | None = [np.empty(0)] * len(tokens) if per_residue else None
+        for rows in token_batches(np.array([t.size for t in tokens]), tokens_per_batch):
+            batch = pack([tokens[r] for r in rows], device=self.device)
+            out = self.encoder(batch.tokens, batch.packing, idx)
+            for k, layer in enumerate(idx):
+                states = out.states[layer]
+                for p in pooling:
+                    pooled[p][rows, k] = pool(p, states, batch.packing).cpu().numpy()
+            if residues is not None:
+                stacked = torch.stack([out.states[layer] for layer in idx], dim=1)
+                res = stacked[residue_index(batch.packing)].float().cpu().numpy()
+                bounds = np.cumsum([0] + [int(tokens[r].size) - 2 for r in rows])
+                for j, r in enumerate(rows):
+                    residues[r] = res[bounds[j] : bounds[j + 1]]
+        return Embeddings(pooled=pooled, layers=idx, residues=residues, truncated=truncated)
+
+
+def load_model(
+    model: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+) -> Model:
+    """Load a model by registry name (`esm2-650m`), Hub repo id or local checkpoint directory.
+
+    A registry name or repo id that is not cached is downloaded first (unless HF_HUB_OFFLINE=1).
+    """
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dev = torch.device(device or default_device())
+    path = Path(model)
+    if path.is_dir():
+        name, source, rev, ckpt = path.name, str(path.resolve()), "local", path
+    else:
+        from protembed.hub import resolve_model
+
+        resolved = resolve_model(str(model), revision=revision)
+        name, source, rev, ckpt = resolved.name or str(model), resolved.source, resolved.revision, resolved.path
+    encoder = load_checkpoint(ckpt, dtype=torch_dtype, device=dev)
+    return Model(encoder=encoder, name=name, source=source, revision=rev)

@@ -1,0 +1,51 @@
+"""Length-sorted token-budget batches and packing of token arrays into one flat tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from protembed.models.layers import Packing
+
+
+def token_batches(n_tokens: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Group sequences (given their token counts) into batches of at most `budget` tokens.
+
+    Sequences are taken longest first, so the largest batch (and any out-of-memory) comes at the
+    start and similar lengths share a batch. A sequence longer than the budget gets a batch of
+    its own. Returns arrays of indices into `n_tokens`.
+    """
+    n_tokens = np.asarray(n_tokens, dtype=np.int64)
+    order = np.argsort(-n_tokens, kind="stable")
+    batches: list[np.ndarray] = []
+    start, used = 0, 0
+    for pos, i in enumerate(order):
+        t = int(n_tokens[i])
+        if pos > start and used + t > budget:
+            batches.append(order[start:pos])
+            start, used = pos, 0
+        used += t
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+@dataclass
+class PackedBatch:
+    """Tokens of several sequences concatenated ([T] int64) plus where each one sits."""
+
+    tokens: torch.Tensor
+    packing: Packing
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        cu = self.packing.cu_seqlens
+        return cu[1:] - cu[:-1]
+
+
+def pack(token_arrays: list[np.ndarray], device: torch.device | str = "cpu") -> PackedBatch:
+    """Concatenate framed token arrays (each BOS + residues + EOS) into one packed batch."""
+    tokens = torch.from_numpy(np.concatenate(token_arrays)).to(device)
+    return PackedBatch(tokens, Packing.from_lengths([len(a) for a in token_arrays], device=device))
