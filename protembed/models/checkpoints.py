@@ -219,3 +219,21 @@ def random_model(
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def registry_config(name: str) -> EncoderConfig:
+    """EncoderConfig of a registry model (`esm2-650m`, `amplify-120m`, ...) at its published shape."""
+    from protembed.registry import MODELS
+
+    info = MODELS[name]
+    hub = {
+        "num_hidden_layers": info.n_layers,
+        "hidden_size": info.d_model,
+        "num_attention_heads": info.n_heads,
+    }
+    if info.family == "esm2":
+        return esm2.config_from_hub({"model_type": "esm", "intermediate_size": info.d_ffn, **hub})
+    # AMPLIFY's config stores intermediate_size = 4 * d_model; the SwiGLU width derives from it.
+    cfg = amplify.config_from_hub({"model_type": "AMPLIFY", "intermediate_size": 4 * info.d_model, **hub})
+    assert cfg.d_ffn == info.d_ffn, (cfg.d_ffn, info.d_ffn)
+    return cfg
