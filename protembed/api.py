@@ -1,10 +1,10 @@
 """The public Python API: load a model by name, repo id or directory, and embed sequences.
 
-    >>> import protembed
-    >>> model = protembed.load_model("esm2-8m")
-    >>> out = model.embed(["MKTAYIAKQR", "MSEQ"], layers=[-1], per_residue=True)
-    >>> out.pooled["mean"].shape        # (2, 1, 320): sequences x layers x hidden
-    >>> out.residues[0].shape           # (10, 1, 320): residues x layers x hidden
+>>> import protembed
+>>> model = protembed.load_model("esm2-8m")
+>>> out = model.embed(["MKTAYIAKQR", "MSEQ"], layers=[-1], per_residue=True)
+>>> out.pooled["mean"].shape        # (2, 1, 320): sequences x layers x hidden
+>>> out.residues[0].shape           # (10, 1, 320): residues x layers x hidden
 """
 
 from __future__ import annotations
@@ -121,6 +121,11 @@ def load_model(
         from protembed.hub import resolve_model
 
         resolved = resolve_model(str(model), revision=revision)
-        name, source, rev, ckpt = resolved.name or str(model), resolved.source, resolved.revision, resolved.path
+        name, source, rev, ckpt = (
+            resolved.name or str(model),
+            resolved.source,
+            resolved.revision,
+            resolved.path,
+        )
     encoder = load_checkpoint(ckpt, dtype=torch_dtype, device=dev)
     return Model(encoder=encoder, name=name, source=source, revision=rev)

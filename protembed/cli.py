@@ -44,8 +44,11 @@ def handle_errors(fn: F) -> F:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: everything written so far is kept; "
-                              "run the same command again to resume", highlight=False)
+            err_console.print(
+                "[yellow]interrupted[/]: everything written so far is kept; "
+                "run the same command again to resume",
+                highlight=False,
+            )
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -28,8 +28,9 @@ def mean_pool(states_TD: torch.Tensor, packing: Packing) -> torch.Tensor:
     cu = packing.cu_seqlens.long()
     n_res_B = (cu[1:] - cu[:-1] - 2).clamp_min(1)
     # Prefix sums give every segment sum with one pass; float64 keeps long sums exact enough.
-    csum = torch.zeros(states_TD.shape[0] + 1, states_TD.shape[1], dtype=torch.float64,
-                       device=states_TD.device)
+    csum = torch.zeros(
+        states_TD.shape[0] + 1, states_TD.shape[1], dtype=torch.float64, device=states_TD.device
+    )
     torch.cumsum(states_TD.double(), dim=0, out=csum[1:])
     sums = csum[cu[1:] - 1] - csum[cu[:-1] + 1]
     return (sums / n_res_B[:, None]).float()

@@ -33,9 +33,15 @@ MODELS: dict[str, ModelInfo] = {
         ModelInfo("esm2-150m", "facebook/esm2_t30_150M_UR50D", "esm2", 30, 640, 20, 2560, 148_100_000, 1022),
         ModelInfo("esm2-650m", "facebook/esm2_t33_650M_UR50D", "esm2", 33, 1280, 20, 5120, 651_000_000, 1022),
         ModelInfo("esm2-3b", "facebook/esm2_t36_3B_UR50D", "esm2", 36, 2560, 40, 10240, 2_839_000_000, 1022),
-        ModelInfo("esm2-15b", "facebook/esm2_t48_15B_UR50D", "esm2", 48, 5120, 40, 20480, 15_129_000_000, 1022),
-        ModelInfo("amplify-120m", "chandar-lab/AMPLIFY_120M", "amplify", 24, 640, 10, 1712, 118_300_000, 2046),
-        ModelInfo("amplify-350m", "chandar-lab/AMPLIFY_350M", "amplify", 32, 960, 15, 2560, 354_000_000, 2046),
+        ModelInfo(
+            "esm2-15b", "facebook/esm2_t48_15B_UR50D", "esm2", 48, 5120, 40, 20480, 15_129_000_000, 1022
+        ),
+        ModelInfo(
+            "amplify-120m", "chandar-lab/AMPLIFY_120M", "amplify", 24, 640, 10, 1712, 118_300_000, 2046
+        ),
+        ModelInfo(
+            "amplify-350m", "chandar-lab/AMPLIFY_350M", "amplify", 32, 960, 15, 2560, 354_000_000, 2046
+        ),
     )
 }
 

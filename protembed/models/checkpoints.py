@@ -205,7 +205,10 @@ def load_checkpoint(
 
 
 def random_model(
-    config: EncoderConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    config: EncoderConfig,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> Encoder:
     """A model of the given shape with random weights (for benchmarks and tests)."""
     gen = torch.Generator().manual_seed(seed)

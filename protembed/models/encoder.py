@@ -92,8 +92,16 @@ class Encoder(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
         self.rotary = Rotary(c.head_dim, interleaved=c.rotary_interleaved)
         self.blocks = nn.ModuleList(
-            Block(c.d_model, c.n_heads, c.d_ffn, norm=c.norm, norm_eps=c.norm_eps,
-                  activation=c.activation, bias=c.bias, rotary=self.rotary)
+            Block(
+                c.d_model,
+                c.n_heads,
+                c.d_ffn,
+                norm=c.norm,
+                norm_eps=c.norm_eps,
+                activation=c.activation,
+                bias=c.bias,
+                rotary=self.rotary,
+            )
             for _ in range(c.n_layers)
         )
         self.final_norm = make_norm(c.norm, c.d_model, c.norm_eps)
@@ -112,7 +120,8 @@ class Encoder(nn.Module):
         lens_B = cu[1:] - cu[:-1]
         seq_of_token = torch.repeat_interleave(torch.arange(lens_B.numel(), device=cu.device), lens_B)
         n_mask_B = torch.zeros_like(lens_B, dtype=torch.float32).index_add_(
-            0, seq_of_token, is_mask_T.float())
+            0, seq_of_token, is_mask_T.float()
+        )
         ratio_B = n_mask_B / lens_B.float()
         x_TD = x_TD.masked_fill(is_mask_T[:, None], 0.0)
         return (x_TD * 0.88 / (1 - ratio_B)[seq_of_token, None]).to(x_TD.dtype)

@@ -155,7 +155,9 @@ def packed_attention(
         from torch.nn.attention.varlen import varlen_attn
 
         cu = packing.cu_seqlens
-        return varlen_attn(q_TNK, k_TNK, v_TNK, cu, cu, packing.max_len, packing.max_len, scale=scale)
+        out = varlen_attn(q_TNK, k_TNK, v_TNK, cu, cu, packing.max_len, packing.max_len, scale=scale)
+        assert isinstance(out, torch.Tensor)
+        return out
     n_heads, head_dim = q_TNK.shape[1], q_TNK.shape[2]
     qkv_3TNK = torch.stack([q_TNK, k_TNK, v_TNK])
     if packing.key_mask_B11L is None:

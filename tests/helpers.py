@@ -1,0 +1,40 @@
+"""Shared test helpers: fixture paths and a runner for packed forwards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from protembed.batching import pack
+from protembed.models.encoder import Encoder, EncoderOutput
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = SHARED / "fixtures"
+FIXTURE_NAMES = ("esm2_t3_h64", "amplify_l3_h64")
+
+
+def fixture_dir(name: str) -> Path:
+    return FIXTURES / name
+
+
+def reference(name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(reference.json, reference.npz arrays) of a fixture model."""
+    d = fixture_dir(name)
+    meta = json.loads((d / "reference.json").read_text())
+    with np.load(d / "reference.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    return meta, arrays
+
+
+def run_packed(
+    model: Encoder, token_arrays: list[np.ndarray], layers: list[int], logits: bool = False
+) -> tuple[list[EncoderOutput], list[int]]:
+    """Run several sequences packed in one batch; returns the output and each one's token bounds."""
+    batch = pack(token_arrays)
+    with torch.inference_mode():
+        out = model(batch.tokens, batch.packing, layers, return_logits=logits)
+    cu = batch.packing.cu_seqlens.tolist()
+    return [out], cu
