@@ -12,7 +12,6 @@ sees each sequence's own tokens only (`Packing` tells where sequences start and 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +30,7 @@ class Packing:
         pad_index: int64 [T] flat index of each token in a [B, L] padded layout.
         key_mask_B11L: bool [B, 1, 1, L], True where a key is a real token; None when all
             sequences have the same length (no padding needed).
+        pad_slots: int64 flat indices of the padding slots of the [B, L] layout.
     """
 
     cu_seqlens: torch.Tensor
@@ -38,6 +38,7 @@ class Packing:
     positions: torch.Tensor
     pad_index: torch.Tensor
     key_mask_B11L: torch.Tensor | None
+    pad_slots: torch.Tensor
 
     @property
     def n_seqs(self) -> int:
@@ -54,15 +55,16 @@ class Packing:
         positions = torch.arange(int(cu[-1])) - cu[:-1][seq_of_token]
         pad_index = seq_of_token * max_len + positions
         key_mask = None
+        valid = torch.arange(max_len)[None, :] < lens[:, None]
         if int(lens.min()) != max_len:
-            key_mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :]
-            key_mask = key_mask.to(device)
+            key_mask = valid[:, None, None, :].to(device)
         return cls(
             cu_seqlens=cu.to(torch.int32).to(device),
             max_len=max_len,
             positions=positions.to(device),
             pad_index=pad_index.to(device),
             key_mask_B11L=key_mask,
+            pad_slots=torch.nonzero(~valid.flatten()).squeeze(1).to(device),
         )
 
 
@@ -114,65 +116,78 @@ class Rotary(nn.Module):
         self._cache = {}
 
     def tables(self, n_pos: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, float32 [n_pos, K] on `device`, laid out to match `interleaved`."""
+        """cos and signed sin, float32 [n_pos, K] on `device`, laid out to match `interleaved`.
+
+        The sign of sin is folded in so that rotating is `x * cos + swap(x) * sin`, where
+        `swap` exchanges the two members of every rotated pair.
+        """
         cached = self._cache.get(device)
         if cached is None or cached[0].shape[0] < n_pos:
             n = max(n_pos, 1024)
             angles = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"), self.inv_freq)
-            if self.interleaved:
-                angles = angles.repeat_interleave(2, dim=-1)
-            else:
-                angles = torch.cat([angles, angles], dim=-1)
-            cached = (angles.cos().to(device), angles.sin().to(device))
+            cos, sin = angles.cos(), angles.sin()
+            if self.interleaved:  # pairs (2i, 2i+1): [c0, c0, c1, c1, ...], [-s0, s0, -s1, s1, ...]
+                cos2 = torch.stack([cos, cos], dim=-1).flatten(-2)
+                sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)
+            else:  # pairs (i, i + K/2): [c, c], [-s, s]
+                cos2 = torch.cat([cos, cos], dim=-1)
+                sin2 = torch.cat([-sin, sin], dim=-1)
+            cached = (cos2.to(device), sin2.to(device))
             self._cache[device] = cached
         return cached[0][:n_pos], cached[1][:n_pos]
 
-    def forward(self, x_TNK: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
-        n_pos = int(positions_T.max()) + 1 if positions_T.numel() else 1
-        cos_TK, sin_TK = self.tables(n_pos, x_TNK.device)
-        cos = cos_TK[positions_T][:, None, :]
-        sin = sin_TK[positions_T][:, None, :]
-        x = x_TNK.float()
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the last dim of `x` given tables broadcastable to it; computed in float32."""
+        head_dim = x.shape[-1]
+        xf = x.float()
         if self.interleaved:
-            pairs = x.unflatten(-1, (-1, 2))
-            rot = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+            swapped = xf.unflatten(-1, (head_dim // 2, 2)).flip(-1).flatten(-2)
         else:
-            half = x.shape[-1] // 2
-            rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return (x * cos + rot * sin).to(x_TNK.dtype)
+            swapped = xf.unflatten(-1, (2, head_dim // 2)).flip(-2).flatten(-2)
+        return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
+
+    def forward(self, x_TNK: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
+        """Rotate packed [T, ..., K] states by their positions."""
+        n_pos = int(positions_T.max()) + 1 if positions_T.numel() else 1
+        cos_PK, sin_PK = self.tables(n_pos, x_TNK.device)
+        shape = (positions_T.numel(),) + (1,) * (x_TNK.dim() - 2) + (x_TNK.shape[-1],)
+        return self.rotate(x_TNK, cos_PK[positions_T].view(shape), sin_PK[positions_T].view(shape))
 
 
-def packed_attention(
-    q_TNK: torch.Tensor, k_TNK: torch.Tensor, v_TNK: torch.Tensor, packing: Packing, scale: float
-) -> torch.Tensor:
-    """Attention of every sequence over its own tokens only; returns [T, N, K].
+def packed_attention(qkv_T3NK: torch.Tensor, packing: Packing, rotary: Rotary, scale: float) -> torch.Tensor:
+    """Rotary + attention of every sequence over its own tokens only; returns [T, N*K].
 
-    On CUDA in half precision this calls PyTorch's variable-length flash attention directly on
-    the packed tokens. Elsewhere the packed q/k/v are scattered into a [B, N, L, K] layout and
-    run through fused SDPA with a key mask; length-sorted batches keep that padding small.
+    On CUDA in half precision this runs PyTorch's variable-length flash attention directly on
+    the packed tokens. Elsewhere q/k/v are scattered once into a padded [B, L, 3, N, K] layout
+    (a free view when all lengths are equal) and run through fused SDPA with a key mask;
+    length-sorted batches keep that padding small.
     """
-    if q_TNK.is_cuda and q_TNK.dtype in (torch.float16, torch.bfloat16) and _has_varlen():
+    n_tok, _, n_heads, head_dim = qkv_T3NK.shape
+    if qkv_T3NK.is_cuda and qkv_T3NK.dtype in (torch.float16, torch.bfloat16) and _has_varlen():
         from torch.nn.attention.varlen import varlen_attn
 
-        cu = packing.cu_seqlens
-        out = varlen_attn(q_TNK, k_TNK, v_TNK, cu, cu, packing.max_len, packing.max_len, scale=scale)
+        qk = rotary(qkv_T3NK[:, :2], packing.positions)
+        cu, n = packing.cu_seqlens, packing.max_len
+        out = varlen_attn(qk[:, 0], qk[:, 1], qkv_T3NK[:, 2], cu, cu, n, n, scale=scale)
         assert isinstance(out, torch.Tensor)
-        return out
-    n_heads, head_dim = q_TNK.shape[1], q_TNK.shape[2]
-    qkv_3TNK = torch.stack([q_TNK, k_TNK, v_TNK])
+        return out.flatten(1)
+    n_seqs, max_len = packing.n_seqs, packing.max_len
     if packing.key_mask_B11L is None:
-        # All sequences have the same length: a plain reshape, no copy.
-        qkv_pad = qkv_3TNK.view(3, packing.n_seqs, packing.max_len, n_heads, head_dim)
+        padded = qkv_T3NK.view(n_seqs, max_len, 3, n_heads, head_dim)
     else:
-        flat = qkv_3TNK.new_zeros(3, packing.n_seqs * packing.max_len, n_heads, head_dim)
-        flat[:, packing.pad_index] = qkv_3TNK
-        qkv_pad = flat.view(3, packing.n_seqs, packing.max_len, n_heads, head_dim)
-    q, k, v = qkv_pad.transpose(2, 3).unbind(0)  # each [B, N, L, K]
+        flat = qkv_T3NK.new_empty(n_seqs * max_len, 3, n_heads, head_dim)
+        flat[packing.pad_index] = qkv_T3NK
+        flat[packing.pad_slots] = 0.0  # masked keys, but must be finite
+        padded = flat.view(n_seqs, max_len, 3, n_heads, head_dim)
+    cos_LK, sin_LK = rotary.tables(max_len, qkv_T3NK.device)
+    shape = (1, max_len, 1, 1, head_dim)
+    qk_BL2NK = rotary.rotate(padded[:, :, :2], cos_LK.view(shape), sin_LK.view(shape))
+    q, k, v = (t.transpose(1, 2) for t in (qk_BL2NK[:, :, 0], qk_BL2NK[:, :, 1], padded[:, :, 2]))
     out_BNLK = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask_B11L, scale=scale)
-    out_BLNK = out_BNLK.transpose(1, 2)
+    out_BLD = out_BNLK.transpose(1, 2).reshape(n_seqs * max_len, n_heads * head_dim)
     if packing.key_mask_B11L is None:
-        return out_BLNK.reshape(-1, n_heads, head_dim)
-    return out_BLNK.reshape(-1, n_heads, head_dim)[packing.pad_index]
+        return out_BLD
+    return out_BLD[packing.pad_index]
 
 
 _VARLEN: bool | None = None
@@ -226,17 +241,13 @@ class Block(nn.Module):
         self.rotary = [rotary]  # a list keeps the shared module out of this block's state dict
 
     def forward(self, x_TD: torch.Tensor, packing: Packing) -> torch.Tensor:
-        rotary = self.rotary[0]
         qkv_T3NK = self.qkv(self.attn_norm(x_TD)).unflatten(-1, (3, self.n_heads, self.head_dim))
-        q, k, v = qkv_T3NK.unbind(1)
-        q = rotary(q, packing.positions)
-        k = rotary(k, packing.positions)
-        a_TNK = packed_attention(q, k, v, packing, scale=1.0 / math.sqrt(self.head_dim))
-        x_TD = x_TD + self.out(a_TNK.flatten(1))
+        a_TD = packed_attention(qkv_T3NK, packing, self.rotary[0], scale=self.head_dim**-0.5)
+        x_TD = self.out(a_TD).add_(x_TD)  # new tensor: x_TD may be kept as a requested layer
         h = self.up(self.ffn_norm(x_TD))
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = F.silu(gate).mul_(up)
         else:
             h = F.gelu(h)
-        return x_TD + self.down(h)
+        return self.down(h).add_(x_TD)
