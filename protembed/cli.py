@@ -83,3 +83,16 @@ def main() -> None:
 
 
 # --- command registration (one line per command module) ---------------------------------------
+from protembed import cli_hub  # noqa: E402
+
+app.command("download")(cli_hub.download)
+app.command("models")(cli_hub.models)
+
+from protembed import cli_finetune  # noqa: E402
+
+app.command("finetune")(cli_finetune.finetune)
+app.command("predict")(cli_finetune.predict)
+
+from protembed import cli_bench  # noqa: E402
+
+app.command("bench")(cli_bench.bench)

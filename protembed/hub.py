@@ -1,0 +1,329 @@
+"""Model resolution and download: registry name, Hub repo id or local directory -> checkpoint directory.
+
+Downloads go through huggingface_hub into the standard cache, so `HF_HOME`, `HF_HUB_CACHE`,
+`HF_HUB_OFFLINE`, `HF_ENDPOINT` and `HF_TOKEN` behave as they do for every other Hub tool. Only the
+files protembed reads are fetched: `config.json`, the tokenizer files and one weight format
+(safetensors when the repo has it, else `pytorch_model.bin`; a shard index and its shards for
+large models). Remote-code `.py` files are never fetched. The architecture is checked from
+`config.json` before any weights are downloaded; after the download each new LFS file is checked
+against its sha256 and the checkpoint against its config (every key and shape), and weights that
+fail are deleted from the cache so that they never look complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from huggingface_hub import HfApi, constants, get_token, hf_hub_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from protembed import __version__
+from protembed.errors import CheckpointError, HubError, UnknownModelError
+from protembed.hub_cache import cache_root, cached_snapshot, disk_size, remove_files, write_ref
+from protembed.models.checkpoints import CONFIG_FILE, WEIGHT_FILES, config_from_dict, verify_checkpoint
+from protembed.registry import MODELS, lookup, suggest
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+_console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's checkpoint lives on disk, and where it came from."""
+
+    name: str | None  # registry name if it is one, else None
+    source: str  # Hub repo id, or absolute local path
+    path: Path  # local snapshot directory holding config.json + weights
+    revision: str  # commit hash (Hub) or "local"
+
+
+def parse_model(model: str) -> tuple[str | None, str]:
+    """(registry name or None, Hub repo id) of a model that is not a local directory."""
+    info = lookup(model)
+    if info is not None:
+        return info.name, info.repo_id
+    if model.count("/") == 1:
+        try:
+            validate_repo_id(model)
+        except HFValidationError:
+            hint = "not a local directory, registry name or Hub repo id"
+            raise UnknownModelError(model, list(MODELS), hint) from None
+        return None, model
+    close = suggest(model)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    hint += "`protembed models` lists the names; a Hub repo id (org/name) or a local directory also works"
+    raise UnknownModelError(model, list(MODELS), hint)
+
+
+def _local_dir(model: str) -> Path | None:
+    path = Path(model).expanduser()
+    return path.resolve() if path.is_dir() else None
+
+
+def resolve_model(
+    model: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    download: bool = True,
+    progress: bool = True,
+) -> ResolvedModel:
+    """Find a model's checkpoint directory: a local directory, else the cache, else download it.
+
+    A cached snapshot is used without any network call. A model that is not cached is downloaded
+    (with a notice on stderr) unless `download` is False or `HF_HUB_OFFLINE` is set.
+    """
+    local = _local_dir(model)
+    if local is not None:
+        return ResolvedModel(None, str(local), local, "local")
+    name, repo_id = parse_model(model)
+    hit = cached_snapshot(repo_id, revision, cache_dir)
+    if hit is not None:
+        return ResolvedModel(name, repo_id, hit[0], hit[1])
+    if constants.is_offline_mode() or not download:
+        raise _not_cached(model, repo_id, revision, cache_dir)
+    _console.print(
+        f"{name or repo_id} is not cached: downloading {repo_id} into {cache_root(cache_dir)}",
+        highlight=False,
+        markup=False,
+    )
+    resolved, _ = _download(name, repo_id, revision, cache_dir, force=False, progress=progress)
+    return resolved
+
+
+def download_model(
+    model: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[ResolvedModel, int]:
+    """Download a model into the Hub cache (no network if it is already cached) and verify it loads.
+
+    Returns the resolved model and its size on disk in bytes. `force` downloads every file again.
+    """
+    local = _local_dir(model)
+    if local is not None:
+        verify_checkpoint(local)
+        return ResolvedModel(None, str(local), local, "local"), disk_size(local)
+    name, repo_id = parse_model(model)
+    hit = None if force else cached_snapshot(repo_id, revision, cache_dir)
+    if hit is not None:
+        try:
+            verify_checkpoint(hit[0])
+        except CheckpointError as exc:
+            reason = f"cached copy does not load: {_detail(exc, hit[0])}"
+            raise CheckpointError(repo_id, f"{reason}; run `protembed download {model} --force`") from None
+        return ResolvedModel(name, repo_id, hit[0], hit[1]), disk_size(hit[0])
+    if constants.is_offline_mode():
+        if force:
+            raise HubError("--force needs the network but HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0")
+        raise _not_cached(model, repo_id, revision, cache_dir)
+    return _download(name, repo_id, revision, cache_dir, force=force, progress=progress)
+
+
+def _not_cached(model: str, repo_id: str, revision: str | None, cache_dir: str | Path | None) -> HubError:
+    cmd = f"protembed download {model}"
+    cmd += f" --revision {revision}" if revision else ""
+    cmd += f" --cache-dir {cache_dir}" if cache_dir is not None else ""
+    why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "downloads are off"
+    fix = "; or set HF_HUB_OFFLINE=0" if constants.is_offline_mode() else ""
+    return HubError(f"{repo_id} is not in the cache ({cache_root(cache_dir)}) and {why}: run `{cmd}`{fix}")
+
+
+def _download(
+    name: str | None,
+    repo_id: str,
+    revision: str | None,
+    cache_dir: str | Path | None,
+    force: bool,
+    progress: bool,
+) -> tuple[ResolvedModel, int]:
+    cache = str(cache_root(cache_dir))
+    api = HfApi(library_name="protembed", library_version=__version__)
+    with _hub_errors(repo_id, revision):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    commit = str(info.sha)
+    remote = {s.rfilename: s for s in info.siblings or []}
+    if CONFIG_FILE not in remote:
+        raise CheckpointError(repo_id, "no config.json (not a Hugging Face checkpoint repo)")
+
+    def fetch(filename: str, bar: type | None = None) -> Path:
+        with _hub_errors(repo_id, revision):
+            return Path(
+                hf_hub_download(
+                    repo_id,
+                    filename,
+                    revision=commit,
+                    cache_dir=cache,
+                    force_download=force,
+                    library_name="protembed",
+                    library_version=__version__,
+                    tqdm_class=bar,
+                )
+            )
+
+    config_path = fetch(CONFIG_FILE)
+    snapshot = config_path.parent
+    try:
+        config_from_dict(json.loads(config_path.read_text()), repo_id)  # architecture, before any weights
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(repo_id, f"config.json is not valid JSON ({exc})") from None
+    weights = _weight_names(repo_id, set(remote), fetch)
+    wanted = [f for f in TOKENIZER_FILES if f in remote] + weights
+    todo = [f for f in wanted if force or not (snapshot / f).exists()]
+    if todo:
+        with _progress_bar(progress) as add_task:
+            bar = _bar_class(add_task(sum(remote[f].size or 0 for f in todo), name or repo_id))
+            for f in todo:
+                path = fetch(f, bar)
+                lfs = remote[f].lfs
+                if lfs is not None and _sha256(path) != lfs.sha256:
+                    remove_files(snapshot, [f])
+                    reason = "corrupt download (sha256 mismatch), deleted; run the command again"
+                    raise CheckpointError(f"{repo_id}/{f}", reason)
+    try:
+        verify_checkpoint(snapshot)
+    except CheckpointError as exc:
+        remove_files(snapshot, weights)  # never leave weights that look complete but do not load
+        raise CheckpointError(repo_id, f"{_detail(exc, snapshot)} (deleted from the cache)") from None
+    write_ref(repo_id, revision, commit, cache_dir)
+    return ResolvedModel(name, repo_id, snapshot, commit), disk_size(snapshot)
+
+
+def _weight_names(repo_id: str, remote: set[str], fetch: Callable[[str], Path]) -> list[str]:
+    """The weight files to download: the first format of WEIGHT_FILES the repo has, index + shards."""
+    weights = next((w for w in WEIGHT_FILES if w in remote), None)
+    if weights is None:
+        raise CheckpointError(repo_id, "no weights (model.safetensors or pytorch_model.bin)")
+    if not weights.endswith(".index.json"):
+        return [weights]
+    try:
+        shards = sorted(set(json.loads(fetch(weights).read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{repo_id}/{weights}", f"bad shard index ({exc})") from None
+    absent = [s for s in shards if s not in remote]
+    if absent:
+        raise CheckpointError(repo_id, f"shards in {weights} missing from the repo: {', '.join(absent)}")
+    return [weights, *shards]
+
+
+def _detail(exc: CheckpointError, snapshot: Path) -> str:
+    """A CheckpointError's message with the cache path of the snapshot left out."""
+    return str(exc).replace(f"{snapshot}/", "").replace(str(snapshot), "checkpoint")
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """Turn huggingface_hub and transport errors into one-line HubErrors that say what to do."""
+    try:
+        yield
+    except GatedRepoError:
+        page = f"{constants.ENDPOINT}/{repo_id}"
+        if get_token() is None:
+            raise HubError(f"{repo_id} is gated: accept its terms at {page}, then set HF_TOKEN") from None
+        raise HubError(f"{repo_id} is gated and HF_TOKEN has no access: accept its terms at {page}") from None
+    except RevisionNotFoundError:
+        raise HubError(f"{repo_id} has no revision '{revision}'") from None
+    except RepositoryNotFoundError:
+        raise HubError(
+            f"repo '{repo_id}' not found on {constants.ENDPOINT} and no local directory of that name "
+            "(check the id; a private repo needs HF_TOKEN)"
+        ) from None
+    except RemoteEntryNotFoundError as exc:
+        raise HubError(f"{repo_id}: file missing on the Hub ({_first_line(exc)})") from None
+    except OfflineModeIsEnabled:
+        raise HubError(f"{repo_id}: HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0 to download") from None
+    except (OSError, httpx2.HTTPError) as exc:
+        raise HubError(
+            f"download of {repo_id} failed: {_first_line(exc)}; run the same command again to resume"
+        ) from None
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextmanager
+def _progress_bar(show: bool) -> Iterator[Callable[[int, str], Callable[[float], None]]]:
+    """A rich byte bar on stderr; yields `add(total, label) -> advance(n)`."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=_console, disable=not show) as bar:
+
+        def add(total: int, label: str) -> Callable[[float], None]:
+            task = bar.add_task(label, total=total)
+            return lambda n: bar.advance(task, n)
+
+        yield add
+
+
+def _bar_class(advance: Callable[[float], None]) -> type:
+    """A tqdm stand-in for huggingface_hub's `tqdm_class` that forwards bytes to one rich task."""
+
+    class Bar:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.total = kwargs.get("total")
+            self.n = 0
+            self.format_dict: dict[str, Any] = {}
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def update(self, n: float | None = 1) -> None:
+            self.n += int(n or 0)
+            advance(n or 0)
+
+        def update_transfer(self, n: float | None = 1) -> None:
+            """Network bytes of Xet downloads; `update` already counts the bytes written."""
+
+        def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+        set_transfer_postfix_str = set_postfix_str
+
+        def refresh(self) -> None:
+            return None
+
+        def close(self) -> None:
+            return None
+
+    return Bar

@@ -1,0 +1,123 @@
+"""The local Hugging Face cache, read without any network call.
+
+The cache is the standard huggingface_hub layout (`$HF_HUB_CACHE`, default `$HF_HOME/hub`):
+
+    models--facebook--esm2_t33_650M_UR50D/
+      refs/main                 commit hash the branch pointed to when it was downloaded
+      snapshots/<commit>/       one symlink per file, into blobs/
+      blobs/<etag>              file contents (sha256 for LFS files such as weights)
+
+A snapshot counts as cached only when it is complete: `config.json` plus every weight file
+(and every shard its index names). huggingface_hub writes each file to a temporary name and renames
+it into place, so a partial download never looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import constants
+from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+
+from protembed.errors import CheckpointError
+from protembed.models.checkpoints import CONFIG_FILE, weight_files
+from protembed.registry import MODELS
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """A registry model and its cached snapshot, if any."""
+
+    name: str
+    repo_id: str
+    path: Path | None  # snapshot directory; None when not cached
+    revision: str | None  # commit hash
+    size: int  # bytes on disk
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The Hub cache directory: `cache_dir`, else `HF_HUB_CACHE` / `HF_HOME/hub`."""
+    return Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE).expanduser()
+
+
+def repo_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
+    return cache_root(cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def is_complete(snapshot: Path) -> bool:
+    """Whether a snapshot directory holds `config.json` and all its weight files."""
+    if not (snapshot / CONFIG_FILE).is_file():
+        return False
+    try:
+        weight_files(snapshot)
+    except CheckpointError:
+        return False
+    return True
+
+
+def cached_snapshot(
+    repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None
+) -> tuple[Path, str] | None:
+    """(snapshot directory, commit hash) of a complete cached snapshot of a repo, or None.
+
+    `revision` is a branch or tag (looked up in `refs/`) or a commit hash; None means `main`.
+    """
+    storage = repo_dir(repo_id, cache_dir)
+    rev = revision or constants.DEFAULT_REVISION
+    if REGEX_COMMIT_HASH.fullmatch(rev):
+        commit = rev
+    else:
+        ref = storage / "refs" / rev
+        if not ref.is_file():
+            return None
+        commit = ref.read_text().strip()
+    snapshot = storage / "snapshots" / commit
+    return (snapshot, commit) if is_complete(snapshot) else None
+
+
+def write_ref(repo_id: str, revision: str | None, commit: str, cache_dir: str | Path | None = None) -> None:
+    """Record the commit a branch or tag resolved to (`refs/<revision>`), so later lookups need no network."""
+    rev = revision or constants.DEFAULT_REVISION
+    if rev == commit:
+        return
+    ref = repo_dir(repo_id, cache_dir) / "refs" / rev
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
+    tmp.write_text(commit)
+    os.replace(tmp, ref)  # atomic: a reader never sees a half-written ref
+
+
+def disk_size(snapshot: Path) -> int:
+    """Bytes on disk of the files of a snapshot (symlinks followed, each blob counted once)."""
+    seen: set[str] = set()
+    total = 0
+    for root, _, files in os.walk(snapshot):
+        for f in files:
+            real = os.path.realpath(os.path.join(root, f))
+            if real not in seen and os.path.isfile(real):
+                seen.add(real)
+                total += os.path.getsize(real)
+    return total
+
+
+def remove_files(snapshot: Path, names: list[str]) -> None:
+    """Delete files of a snapshot and the blobs they point to (used on corrupt downloads)."""
+    for name in names:
+        pointer = snapshot / name
+        blob = pointer.resolve()
+        pointer.unlink(missing_ok=True)
+        if blob != pointer:
+            blob.unlink(missing_ok=True)
+
+
+def cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
+    """Every registry model with its cached snapshot of `main`, in registry order."""
+    rows = []
+    for info in MODELS.values():
+        hit = cached_snapshot(info.repo_id, cache_dir=cache_dir)
+        path, revision = hit if hit else (None, None)
+        size = disk_size(path) if path else 0
+        rows.append(CachedModel(info.name, info.repo_id, path, revision, size))
+    return rows
