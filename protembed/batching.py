@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from protembed.models.encoder import EncoderConfig
 from protembed.models.layers import Packing
 
 
@@ -49,3 +50,22 @@ def pack(token_arrays: list[np.ndarray], device: torch.device | str = "cpu") -> 
     """Concatenate framed token arrays (each BOS + residues + EOS) into one packed batch."""
     tokens = torch.from_numpy(np.concatenate(token_arrays)).to(device)
     return PackedBatch(tokens, Packing.from_lengths([len(a) for a in token_arrays], device=device))
+
+
+CPU_TOKEN_BUDGET = 8192
+
+
+def default_token_budget(config: EncoderConfig, device: torch.device, dtype: torch.dtype) -> int:
+    """Tokens per batch when the user gives none.
+
+    CPU: 8192 (large enough for efficient matrix products, small enough for caches and RAM).
+    CUDA: 40% of the free device memory divided by an estimate of the activation bytes one token
+    needs in a layer (about 4*D + 2*F values for the residual, QKV, attention output and FFN,
+    doubled for temporaries), capped at 131072 tokens.
+    """
+    if device.type != "cuda":
+        return CPU_TOKEN_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    per_token = 2 * (4 * config.d_model + 2 * config.d_ffn) * itemsize
+    return int(max(1024, min(131072, 0.4 * free // per_token)))

@@ -83,6 +83,10 @@ def main() -> None:
 
 
 # --- command registration (one line per command module) ---------------------------------------
+from protembed import cli_embed  # noqa: E402
+
+app.command("embed", epilog=cli_embed.EXAMPLES)(cli_embed.embed)
+
 from protembed import cli_hub  # noqa: E402
 
 app.command("download")(cli_hub.download)
@@ -96,3 +100,7 @@ app.command("predict")(cli_finetune.predict)
 from protembed import cli_bench  # noqa: E402
 
 app.command("bench")(cli_bench.bench)
+
+from protembed import cli_store  # noqa: E402
+
+app.command("export")(cli_store.export)

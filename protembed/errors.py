@@ -64,6 +64,10 @@ class ResumeMismatchError(ProtembedError):
     """An incomplete output whose settings differ from the current command."""
 
 
+class StoreError(ProtembedError):
+    """An output that cannot be written, or an embeddings file that cannot be read as asked."""
+
+
 class HubError(ProtembedError):
     """A download or cache problem (offline, not found, gated, network)."""
 
@@ -71,3 +75,7 @@ class HubError(ProtembedError):
 def _short(keys: Sequence[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+class OptionError(ProtembedError):
+    """Option values that cannot work together or do not fit the model."""

@@ -1,0 +1,162 @@
+"""`protembed embed`: any FASTA to one HDF5 file, with a progress bar and a summary."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.filesize import decimal
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from protembed.cli import err_console, handle_errors, print_json
+from protembed.embed import EmbedSummary, embed_fasta
+from protembed.errors import OptionError
+from protembed.reader import FORMAT
+from protembed.registry import DEFAULT_MODEL
+
+EXAMPLES = """
+Examples:
+
+  protembed embed proteins.fasta                         # esm2-650m, mean of the last layer -> proteins.h5
+  protembed embed proteins.fa.gz -o out.h5 --model esm2-35m --layer 0,6,12 --pool mean,cls
+  protembed embed proteins.fa --per-residue --store-dtype float16 --long window
+  zcat big.fa.gz | protembed embed - -o big.h5 --json    # stdin; JSON summary on stdout
+"""
+
+
+def default_output(input_path: str) -> Path:
+    """`proteins.fasta[.gz]` -> `proteins.h5` beside it."""
+    if input_path == "-":
+        raise OptionError("reading stdin ('-') needs an output: add -o OUTPUT.h5")
+    path = Path(input_path)
+    name = path.name
+    for suffix in (".gz", ".fasta", ".fa", ".faa", ".fas", ".fna", ".seq", ".txt"):
+        name = name.removesuffix(suffix)
+    return path.with_name((name or path.name) + ".h5")
+
+
+def parse_layers(text: str) -> list[int | str]:
+    """`-1`, `0,6,12`, `all`, `final` -> a list for `resolve_layers`."""
+    out: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part in ("all", "final", "normed"):
+            out.append(part)
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise OptionError(f"--layer: {part!r} is not a layer number, 'all' or 'final'") from None
+    return out
+
+
+@handle_errors
+def embed(
+    input_path: Annotated[
+        str, typer.Argument(metavar="INPUT", help="FASTA file (plain or .gz), or - for stdin.")
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="HDF5 output (default: INPUT with .h5 beside it).")
+    ] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Registry name, Hub repo id or local checkpoint directory.")
+    ] = DEFAULT_MODEL,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    layer: Annotated[
+        str, typer.Option("--layer", "-l", help="Layers: -1 (last), 0,6,12, all, or final (AMPLIFY normed).")
+    ] = "-1",
+    pool: Annotated[str, typer.Option("--pool", help="Pooling: mean, cls or mean,cls.")] = "mean",
+    per_residue: Annotated[
+        bool, typer.Option("--per-residue", help="Also store every residue's vector.")
+    ] = False,
+    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
+    store_dtype: Annotated[str, typer.Option(help="Stored dtype: float32 or float16.")] = "float32",
+    tokens_per_batch: Annotated[
+        int | None,
+        typer.Option(help="Tokens per packed batch (default: 8192 on CPU, from free memory on GPU)."),
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(help="Residues per sequence (default and maximum: the model's, 1022 / 2046)."),
+    ] = None,
+    long: Annotated[
+        str,
+        typer.Option("--long", help="Longer sequences: truncate (flagged) or window (overlapping windows)."),
+    ] = "truncate",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: the GPU if any).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Require an unfinished output to continue.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    on_invalid: Annotated[
+        str, typer.Option(help="Invalid or empty records: error (stop) or skip (recorded as skipped).")
+    ] = "error",
+    compression: Annotated[str | None, typer.Option(help="HDF5 compression: gzip or lzf.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Embed a FASTA file into one HDF5 file; the same command resumes an interrupted run."""
+    out = output or default_output(input_path)
+    if resume and overwrite:
+        raise OptionError("--resume and --overwrite contradict each other; choose one")
+    if resume and not out.exists():
+        raise OptionError(f"--resume: {out} does not exist, nothing to resume")
+    show = not quiet and sys.stderr.isatty()
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, disable=not show, transient=False) as bar:
+        task = bar.add_task("embedding", total=None, rate="")
+        state = {"t0": 0.0}
+
+        def started(rows: int, residues: int) -> None:
+            import time
+
+            state["t0"] = time.perf_counter()
+            bar.update(task, total=rows)
+
+        def progress(rows_done: int, res_done: int, total: int) -> None:
+            import time
+
+            dt = max(time.perf_counter() - state["t0"], 1e-9)
+            bar.update(task, completed=rows_done, rate=f"{res_done / dt:,.0f} res/s")
+
+        summary = embed_fasta(
+            input_path, out, model=model, revision=revision, layers=parse_layers(layer),
+            poolings=[p.strip() for p in pool.split(",") if p.strip()], per_residue=per_residue,
+            dtype=dtype, store_dtype=store_dtype, tokens_per_batch=tokens_per_batch, max_length=max_length,
+            long_policy=long, device=device, overwrite=overwrite, on_invalid=on_invalid,
+            compression=compression, progress=progress, started=started,
+        )  # fmt: skip
+    if as_json:
+        print_json(summary.as_dict())
+    elif not quiet:
+        _print_summary(summary)
+
+
+def _print_summary(s: EmbedSummary) -> None:
+    table = Table(title=f"{FORMAT}: {s.output}", show_header=False, title_justify="left")
+    rows = [
+        ("records", f"{s.records:,}"),
+        ("residues", f"{s.residues:,}"),
+        ("computed this run", f"{s.computed:,} distinct sequences"),
+        ("resumed", f"{s.resumed:,} rows from an earlier run"),
+        ("duplicates", f"{s.duplicates:,} rows copied from identical sequences"),
+        ("truncated", f"{s.truncated:,}"),
+        ("skipped", f"{s.skipped:,}"),
+        ("model / device", f"{s.model} / {s.device}, layers {','.join(map(str, s.layers))}"),
+        ("elapsed", f"{s.elapsed_s:.1f} s ({s.residues_per_s:,.0f} residues/s)"),
+        ("output", f"{s.output} ({decimal(s.output_bytes)})"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    err_console.print(table)
+    for row, reason in list(s.skip_reasons.items())[:10]:
+        err_console.print(f"skipped row {row}: {reason}", highlight=False, markup=False)

@@ -1,0 +1,262 @@
+"""`protembed embed` end to end on the fixture checkpoints: values, layout, resume, errors."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from protembed.cli import app
+from protembed.reader import open_embeddings
+from tests.helpers import fixture_dir, reference
+
+ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
+AMP = str(fixture_dir("amplify_l3_h64") / "checkpoint")
+runner = CliRunner()
+
+
+def fixture_fasta(tmp: Path, name: str) -> tuple[Path, list[str]]:
+    """The fixture sequences the FASTA path can carry (no lower case, no '<mask>' text)."""
+    meta, _ = reference(name)
+    keys = [s["key"] for s in meta["sequences"] if s["name"].split("_")[0] not in ("mixed", "masked")]
+    seqs = {s["key"]: s["sequence"] for s in meta["sequences"]}
+    path = tmp / f"{name}.fasta"
+    path.write_text("".join(f">{k} fixture {k}\n{seqs[k]}\n" for k in keys))
+    return path, keys
+
+
+def embed(*args: str) -> object:
+    result = runner.invoke(app, ["embed", *args, "--quiet"])
+    return result
+
+
+@pytest.mark.parametrize("name", ["esm2_t3_h64", "amplify_l3_h64"])
+def test_file_reproduces_reference_means_and_residues(tmp_path: Path, name: str) -> None:
+    fasta, keys = fixture_fasta(tmp_path, name)
+    out = tmp_path / "out.h5"
+    ckpt = str(fixture_dir(name) / "checkpoint")
+    n_layers = 3
+    layers = "0,1,-1" if name.startswith("esm2") else "1,2,-1"
+    r = embed(
+        str(fasta), "-o", str(out), "--model", ckpt, "--layer", layers, "--per-residue", "--pool", "mean,cls"
+    )
+    assert r.exit_code == 0, r.output
+    _, ref = reference(name)
+    with open_embeddings(out) as f:
+        assert list(f.ids) == keys
+        stored = list(f.attrs["layers"])
+        assert stored == ([0, 1, n_layers] if name.startswith("esm2") else [1, 2, n_layers])
+        means = f.pooled("mean")
+        for i, k in enumerate(keys):
+            np.testing.assert_allclose(means[i, -1], ref[f"{k}_mean"], atol=1e-4)
+            if f"{k}_hidden_states" not in ref:
+                continue
+            hs = ref[f"{k}_hidden_states"]
+            for j, layer in enumerate(stored):
+                want = hs[layer if name.startswith("esm2") else layer - 1][1:-1]
+                got = f.residues(i)[:, j]
+                assert np.abs(got - want).max() <= 1e-4, (k, layer)
+                np.testing.assert_allclose(
+                    f.pooled("cls")[i, j], hs[layer if name.startswith("esm2") else layer - 1][0], atol=1e-4
+                )
+
+
+def test_layout_and_attributes(tmp_path: Path) -> None:
+    fasta, keys = fixture_fasta(tmp_path, "esm2_t3_h64")
+    out = tmp_path / "out.h5"
+    assert (
+        embed(str(fasta), "-o", str(out), "--model", ESM, "--per-residue", "--max-length", "100").exit_code
+        == 0
+    )
+    meta, _ = reference("esm2_t3_h64")
+    n_res = {s["key"]: len(s["sequence"]) for s in meta["sequences"]}
+    with h5py.File(out, "r") as f:
+        a = f.attrs
+        assert a["format"] == "protembed-embeddings" and a["format_version"] == 1
+        assert bool(a["complete"]) and a["n_sequences"] == len(keys)
+        assert list(a["layers"]) == [3] and a["pooling"] == "mean" and a["long_policy"] == "truncate"
+        assert a["max_length"] == 100 and a["compute_dtype"] == "float32" and a["store_dtype"] == "float32"
+        for key in (
+            "protembed_version",
+            "model",
+            "model_source",
+            "model_revision",
+            "input_sha256",
+            "created",
+        ):
+            assert key in a
+        assert str(a["model_revision"]).startswith("sha256:")
+        lengths = f["lengths"][:]
+        assert list(lengths) == [min(n_res[k], 100) for k in keys]
+        assert list(f["truncated"][:]) == [n_res[k] > 100 for k in keys]
+        assert f["mean"].shape == (len(keys), 64)
+        offsets = f["offsets"][:]
+        assert offsets[0] == 0 and list(np.diff(offsets)) == list(lengths)
+        assert f["residues"].shape == (offsets[-1], 64)
+        assert [d.decode() if isinstance(d, bytes) else d for d in f["descriptions"][:2]] == [
+            f"{keys[0]} fixture {keys[0]}",
+            f"{keys[1]} fixture {keys[1]}",
+        ]
+
+
+def test_stdin_gzip_and_duplicates_agree(tmp_path: Path) -> None:
+    fasta, keys = fixture_fasta(tmp_path, "amplify_l3_h64")
+    text = fasta.read_text()
+    doubled = text + text.replace(">s", ">dup_s")
+    gz = tmp_path / "in.fa.gz"
+    gz.write_bytes(gzip.compress(doubled.encode()))
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    assert embed(str(gz), "-o", str(a), "--model", AMP).exit_code == 0
+    r = runner.invoke(app, ["embed", "-", "-o", str(b), "--model", AMP, "--json"], input=doubled)
+    assert r.exit_code == 0, r.output
+    assert f'"duplicates": {len(keys)}' in r.output
+    with open_embeddings(a) as fa, open_embeddings(b) as fb:
+        assert np.array_equal(fa.pooled("mean"), fb.pooled("mean"))
+        m = fa.pooled("mean")
+        assert np.array_equal(m[: len(keys)], m[len(keys) :])
+        assert fa.attrs["input_sha256"] == fb.attrs["input_sha256"]
+
+
+def test_window_mode_covers_every_residue(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    long = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 130))
+    short = long[:40]
+    fasta = tmp_path / "long.fa"
+    fasta.write_text(f">long\n{long}\n>short\n{short}\n")
+    out, trunc = tmp_path / "w.h5", tmp_path / "t.h5"
+    assert embed(str(fasta), "-o", str(out), "--model", ESM, "--max-length", "50", "--long", "window",
+                 "--per-residue").exit_code == 0  # fmt: skip
+    assert (
+        embed(str(fasta), "-o", str(trunc), "--model", ESM, "--max-length", "50", "--per-residue").exit_code
+        == 0
+    )
+    with open_embeddings(out) as w, open_embeddings(trunc) as t:
+        assert list(w.lengths) == [130, 40] and list(t.lengths) == [50, 40]
+        assert not w.attrs["long_policy"] == "truncate"
+        full = w.residues(0)
+        assert full.shape == (130, 64) and np.isfinite(full).all()
+        np.testing.assert_allclose(w.pooled("mean")[0], full.mean(axis=0), atol=1e-5)
+        # windows start at 0, 25, 50, 75, 80: residues 0..24 are seen by the first window alone
+        # and equal the truncated run's states there; the short protein is unaffected.
+        np.testing.assert_allclose(full[:25], t.residues(0)[:25], atol=1e-5)
+        np.testing.assert_allclose(w.residues(1), t.residues(1), atol=1e-5)
+    with h5py.File(trunc, "r") as t, h5py.File(out, "r") as w:
+        assert list(t["truncated"][:]) == [True, False] and list(w["truncated"][:]) == [False, False]
+
+
+def _written(path: Path) -> int:
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["written"][:].sum())
+    except (OSError, KeyError):
+        return 0
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    fasta = tmp_path / "many.fa"
+    with fasta.open("w") as fh:
+        for i in range(1500):
+            fh.write(
+                f">p{i}\n{''.join(rng.choice(list('ACDEFGHIKLMNPQRSTVWY'), int(rng.integers(20, 300))))}\n"
+            )
+    args = ["embed", str(fasta), "--model", ESM, "--per-residue", "--tokens-per-batch", "600", "--quiet"]
+    killed, clean = tmp_path / "killed.h5", tmp_path / "clean.h5"
+    child = (
+        "import sys, protembed.embed as e; e.FLUSH_SECONDS = 0.0; from protembed.cli import main; "
+        f"sys.argv = ['protembed'] + {args + ['-o', str(killed)]!r}; main()"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", child], env=env)
+    deadline = time.time() + 120
+    while _written(killed) < 50 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = _written(killed)
+    assert 0 < partial < 1500, f"kill landed at {partial} rows; test needs a mid-run kill"
+    r = runner.invoke(app, [*args[:-1], "-o", str(killed), "--json"])
+    assert r.exit_code == 0, r.output
+    assert f'"resumed": {partial}' in r.output
+    assert runner.invoke(app, [*args, "-o", str(clean)]).exit_code == 0
+    with open_embeddings(killed) as a, open_embeddings(clean) as b:
+        assert list(a.ids) == list(b.ids) and np.array_equal(a.lengths, b.lengths)
+        assert np.abs(a.pooled("mean") - b.pooled("mean")).max() <= 1e-6
+        with h5py.File(killed, "r") as fa, h5py.File(clean, "r") as fb:
+            assert np.array_equal(fa["offsets"][:], fb["offsets"][:])
+            assert np.abs(fa["residues"][:] - fb["residues"][:]).max() <= 1e-6
+
+
+def test_existing_output_and_mismatched_resume(tmp_path: Path) -> None:
+    fasta, _ = fixture_fasta(tmp_path, "esm2_t3_h64")
+    out = tmp_path / "o.h5"
+    assert embed(str(fasta), "-o", str(out), "--model", ESM).exit_code == 0
+    before = out.read_bytes()
+    r = embed(str(fasta), "-o", str(out), "--model", ESM)
+    assert r.exit_code == 1 and "--overwrite" in r.output
+    assert out.read_bytes() == before
+    assert embed(str(fasta), "-o", str(out), "--model", ESM, "--overwrite", "--layer", "1").exit_code == 0
+    with h5py.File(out, "r+") as f:  # pretend the run was interrupted
+        f.attrs["complete"] = False
+    r = embed(str(fasta), "-o", str(out), "--model", ESM, "--layer", "2")
+    assert r.exit_code == 1 and "layers" in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("", "empty"),
+        ("MKTAYIAK\n", "FASTA"),
+        (">a\nMKTA\n>b\n\n>c\nMK\n", "'b'"),
+        (">a\nMKTA\n>b\nMK1TA\n", "'1' at position 3"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1(tmp_path: Path, content: str, expected: str) -> None:
+    fasta = tmp_path / "bad.fa"
+    fasta.write_text(content)
+    r = embed(str(fasta), "-o", str(tmp_path / "x.h5"), "--model", ESM)
+    assert r.exit_code == 1
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_skip_policy_records_skipped_rows(tmp_path: Path) -> None:
+    fasta = tmp_path / "mixed.fa"
+    fasta.write_text(">ok\nMKTAYIAK\n>bad\nMK1TA\n>ok2\nMSTNPKPQ\n")
+    out = tmp_path / "s.h5"
+    r = runner.invoke(
+        app, ["embed", str(fasta), "-o", str(out), "--model", ESM, "--on-invalid", "skip", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert '"skipped": 1' in r.output
+    with h5py.File(out, "r") as f:
+        assert list(f["skipped"][:]) == [False, True, False]
+        assert f["lengths"][1] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model", "esm2-65m"], "esm2-650m"),
+        (["--layer", "9"], "out of range"),
+        (["--pool", "max"], "unknown pooling"),
+        (["--dtype", "int8"], "--dtype"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], expected: str) -> None:
+    fasta, _ = fixture_fasta(tmp_path, "esm2_t3_h64")
+    full = ["--model", ESM, *args] if args[0] != "--model" else args
+    r = embed(str(fasta), "-o", str(tmp_path / "y.h5"), *full)
+    assert r.exit_code == 1 and expected in r.output, r.output
+    assert len([line for line in r.output.splitlines() if line.strip()]) == 1
