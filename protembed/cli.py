@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from protembed import __version__
 from protembed.errors import ProtembedError
@@ -41,7 +42,7 @@ def handle_errors(fn: F) -> F:
         except ProtembedError as exc:
             if _DEBUG["on"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print(

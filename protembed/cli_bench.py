@@ -1,0 +1,336 @@
+"""`protembed bench`: embedding throughput per (workload, token budget), optionally against transformers."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich import box
+from rich.table import Table
+
+from protembed import __version__, bench_hf
+from protembed.api import DTYPES, Model, default_device, load_model
+from protembed.bench import (
+    WARMUP_BATCHES,
+    BenchError,
+    ConfigResult,
+    Peak,
+    Workload,
+    bench_config,
+    device_name,
+    device_peak,
+    fasta_workload,
+    protembed_runner,
+    synthetic_workload,
+)
+from protembed.cli import err_console, handle_errors, out_console, print_json
+from protembed.errors import BackendError, UnknownModelError
+from protembed.models.checkpoints import random_model, read_config, registry_config
+from protembed.registry import DEFAULT_MODEL, MODELS, lookup
+
+SCHEMA = "protembed-bench/1"
+DEFAULT_LENGTHS = "64,128,256,512,1022"
+DEFAULT_BUDGET = "8192"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Compare(str, Enum):
+    hf = "hf"
+
+
+def parse_ints(values: list[str], option: str) -> list[int]:
+    """Positive integers from repeated and/or comma-separated option values, in order, de-duplicated."""
+    out: list[int] = []
+    for part in (p.strip() for v in values for p in v.split(",")):
+        if not part.isdigit() or int(part) < 1:
+            raise typer.BadParameter(f"expected positive integers, got {part!r}", param_hint=option)
+        if int(part) not in out:
+            out.append(int(part))
+    return out
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The requested torch device, checked to exist; default: first GPU, else CPU."""
+    try:
+        dev = torch.device(device or default_device())
+    except RuntimeError:
+        raise BackendError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise BackendError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return dev
+
+
+def build_model(
+    name: str, random_weights: bool, dtype: torch.dtype, device: torch.device, seed: int
+) -> Model:
+    """A registry model or checkpoint directory; with `random_weights`, its shape with random values."""
+    if not random_weights:
+        return load_model(name, dtype=dtype, device=device)
+    info = lookup(name)
+    if info is not None:
+        config, label = registry_config(info.name), info.name
+    elif Path(name).is_dir():
+        config, label = read_config(Path(name)), Path(name).name
+    else:
+        raise UnknownModelError(
+            name,
+            list(MODELS),
+            f"with --random-weights give a registry name ({', '.join(MODELS)}) or a checkpoint directory",
+        )
+    encoder = random_model(config, seed=seed, dtype=dtype, device=device)
+    return Model(encoder=encoder, name=label, source="random weights", revision="random")
+
+
+def report(
+    model: Model, random_weights: bool, peak: Peak, results: list[ConfigResult], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The machine-readable result (`--json`); schema in the README."""
+    c, dev = model.encoder.config, model.device
+    return {
+        "schema": SCHEMA,
+        "versions": {
+            "protembed": __version__,
+            "torch": torch.__version__,
+            "transformers": _version("transformers"),
+        },
+        "model": {
+            "name": model.name,
+            "source": model.source,
+            "family": c.family,
+            "n_layers": c.n_layers,
+            "d_model": c.d_model,
+            "n_heads": c.n_heads,
+            "d_ffn": c.d_ffn,
+            "random_weights": random_weights,
+        },
+        "device": {
+            "type": dev.type,
+            "name": device_name(dev),
+            "dtype": str(model.encoder.embed.weight.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+        },
+        "peak": {"tflops": round(peak.tflops, 4), "source": peak.source},
+        "memory_metric": "cuda_max_allocated" if dev.type == "cuda" else "cpu_peak_rss_process",
+        "settings": settings,
+        "results": [asdict(r) for r in results],
+    }
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def table(results: list[ConfigResult]) -> Table:
+    """A header row per configuration, then one row per runner (counts of sequences are in the JSON)."""
+    compared = any(r.reference is not None for r in results)
+    t = Table(box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
+    t.add_column("config", no_wrap=True, min_width=12, max_width=14, overflow="ellipsis")
+    columns = ["res/s", "seq/s", "ms/batch", "TFLOP/s", "% peak", "MB"] + (["vs hf", "max |Δ|"] * compared)
+    for col in columns:
+        t.add_column(col, justify="right", min_width=11 if col == "ms/batch" else None)
+    for r in results:
+        t.add_row(f"[bold]{r.tokens_per_batch} · {r.workload}[/]")
+        for s in (r.protembed, r.reference):
+            if s is None:
+                continue
+            lat = s.batch_latency_ms
+            spread = 100 * (lat["max"] - lat["min"]) / 2 / lat["median"] if lat["median"] else 0.0
+            cells = [
+                f"  {s.runner}",
+                f"{s.residues_per_s:,.0f}",
+                f"{s.seqs_per_s:,.1f}",
+                f"{lat['median']:,.1f} ±{spread:.0f}%",
+                f"{s.tflops:.3f}",
+                f"{s.pct_of_peak:.1f}",
+                f"{s.peak_memory_mb:,.0f}",
+            ]
+            if compared:
+                mine = s is r.protembed and r.speedup is not None
+                cells += [f"{r.speedup:.2f}x", f"{r.max_abs_diff:.1e}"] if mine else ["", ""]
+            t.add_row(*cells)
+    return t
+
+
+def write_plot(results: list[ConfigResult], path: Path, title: str) -> None:
+    """PNG of residues/s against length (synthetic) or token budget (FASTA), one line per runner/budget."""
+    from matplotlib.figure import Figure
+
+    synthetic = all(r.length is not None for r in results)
+    budgets = sorted({r.tokens_per_batch for r in results})
+    series: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for r in results:
+        x = r.length if r.length is not None else r.tokens_per_batch
+        for s in (r.protembed, r.reference):
+            if s is not None:
+                series.setdefault((s.runner, r.tokens_per_batch if synthetic else 0), []).append(
+                    (x, s.residues_per_s)
+                )
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    colors = {"protembed": "C0", "hf": "C1"}
+    for (runner, budget), points in series.items():
+        xs, ys = zip(*sorted(points))
+        style = ("-", "--", ":", "-.")[budgets.index(budget) % 4] if budget else "-"
+        label = f"{runner} ({budget} tok/batch)" if budget and len(budgets) > 1 else runner
+        ax.plot(xs, ys, style, marker="o", color=colors.get(runner), label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (residues)" if synthetic else "tokens per batch")
+    ax.set_ylabel("residues / s")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+@handle_errors
+def bench(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Registry name, Hub repo id or checkpoint dir.")
+    ] = DEFAULT_MODEL,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: the GPU if any).")] = None,
+    dtype: Annotated[DType, typer.Option(help="Weights and compute dtype.")] = DType.float32,
+    lengths: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="N,N,...",
+            help=f"Synthetic sequence lengths, comma-separated or repeated (default: {DEFAULT_LENGTHS}).",
+        ),
+    ] = None,
+    tokens_per_batch: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="N,N,...",
+            help=f"Tokens per batch, comma-separated or repeated for a sweep (default: {DEFAULT_BUDGET}).",
+        ),
+    ] = None,
+    input: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            "-i",
+            exists=True,
+            dir_okay=False,
+            help="Benchmark this FASTA instead of synthetic data.",
+        ),
+    ] = None,
+    random_weights: Annotated[
+        bool,
+        typer.Option(
+            "--random-weights",
+            help="Random weights at the model's shape: no download (speed does not depend on the values).",
+        ),
+    ] = False,
+    compare: Annotated[
+        Compare | None,
+        typer.Option(help="Also run Hugging Face transformers on the same workload (ESM-2 only)."),
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed passes per configuration.")] = 3,
+    batches: Annotated[int, typer.Option(min=1, help="Full batches per synthetic workload.")] = 4,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: torch's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of synthetic sequences and random weights.")] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print machine-readable results on stdout.")
+    ] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of residues/s against length.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> None:
+    """Measure embedding throughput (residues/s, TFLOP/s, % of peak, memory) on synthetic or FASTA input."""
+    if input is not None and lengths:
+        raise typer.BadParameter(
+            "give either --lengths (synthetic) or --input (FASTA), not both", param_hint="--lengths"
+        )
+    length_list = parse_ints(lengths or [DEFAULT_LENGTHS], "--lengths")
+    budgets = parse_ints(tokens_per_batch or [DEFAULT_BUDGET], "--tokens-per-batch")
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise BackendError("--plot needs matplotlib: pip install matplotlib (the 'plot' extra of protembed)")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    loaded = build_model(model, random_weights, DTYPES[dtype.value], dev, seed)
+    config = loaded.encoder.config
+    if compare is not None:
+        bench_hf.require_transformers(config.family)
+    too_long = [n for n in length_list if n > config.max_residues]
+    if input is None and too_long:
+        raise BenchError(
+            f"--lengths {too_long[0]} exceeds the model's maximum of {config.max_residues} residues"
+        )
+
+    def say(msg: str) -> None:
+        if not quiet:
+            err_console.print(msg, highlight=False)
+
+    weights = "random weights: speed does not depend on the values" if random_weights else loaded.source
+    say(f"model {loaded.name}: {weights}; {dev} {dtype.value}, {torch.get_num_threads()} threads")
+    peak = device_peak(dev, DTYPES[dtype.value])
+    say(f"peak {peak.tflops:.3f} TFLOP/s ({peak.source})")
+    ours = protembed_runner(loaded)
+    reference = bench_hf.hf_runner(loaded.encoder) if compare is not None else None
+    fasta = fasta_workload(input, loaded.alphabet, config.max_residues) if input is not None else None
+    if fasta is not None and fasta.truncated:
+        say(f"{fasta.truncated} sequences cut to {config.max_residues} residues (the model's maximum)")
+
+    results: list[ConfigResult] = []
+    for budget in budgets:
+        workloads: list[Workload] = (
+            [fasta]
+            if fasta is not None
+            else [synthetic_workload(n, budget, batches, seed) for n in length_list]
+        )
+        for w in workloads:
+            say(f"running {w.name}, {budget} tokens/batch, {len(w.sequences)} sequences")
+            results.append(bench_config(ours, w, budget, repeats, config, peak, reference))
+
+    settings = {
+        "repeats": repeats,
+        "warmup_batches": WARMUP_BATCHES,
+        "batches": batches,
+        "seed": seed,
+        "input": str(input) if input else None,
+        "compare": compare.value if compare else None,
+        "truncated": fasta.truncated if fasta else 0,
+    }
+    if as_json:
+        print_json(report(loaded, random_weights, peak, results, settings))
+    else:
+        what = f"; input {input} ({len(fasta.sequences)} sequences)" if fasta is not None else ""
+        out_console.print(
+            f"[bold]{loaded.name}[/] ({weights}){what}; {device_name(dev)}, {dtype.value}, "
+            f"{torch.get_num_threads()} threads; peak {peak.tflops:.3f} TFLOP/s "
+            f"({peak.source})",
+            highlight=False,
+        )
+        out_console.print(table(results))
+        memory = (
+            "CUDA max allocated in the timed passes (working memory + the runner's own weights)"
+            if dev.type == "cuda"
+            else "peak RSS of the whole process (never decreases; includes "
+            "everything loaded before, both models when comparing)"
+        )
+        out_console.print(
+            f"config: tokens per batch · workload. ms/batch: median of {repeats} "
+            f"pass{'es' if repeats > 1 else ''} ± half the range. TFLOP/s: matmuls + attention over "
+            f"real tokens. MB: {memory}."
+            + (" vs hf: residues/s ratio; max |Δ|: of the mean embeddings." if reference else ""),
+            highlight=False,
+        )
+    if plot is not None:
+        write_plot(results, plot, f"{loaded.name}, {device_name(dev)}, {dtype.value}")
+        say(f"wrote {plot}")
