@@ -87,6 +87,7 @@ def main() -> None:
 from protembed import cli_embed  # noqa: E402
 
 app.command("embed", epilog=cli_embed.EXAMPLES)(cli_embed.embed)
+app.command("merge")(cli_embed.merge)
 
 from protembed import cli_hub  # noqa: E402
 

@@ -95,6 +95,14 @@ def embed(
         str, typer.Option(help="Invalid or empty records: error (stop) or skip (recorded as skipped).")
     ] = "error",
     compression: Annotated[str | None, typer.Option(help="HDF5 compression: gzip or lzf.")] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge/--no-merge",
+            help="Under torchrun: join the rank shards into OUTPUT (default), or write OUTPUT as an HDF5 "
+            "virtual dataset over the shards.",
+        ),
+    ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
@@ -133,7 +141,7 @@ def embed(
             poolings=[p.strip() for p in pool.split(",") if p.strip()], per_residue=per_residue,
             dtype=dtype, store_dtype=store_dtype, tokens_per_batch=tokens_per_batch, max_length=max_length,
             long_policy=long, device=device, overwrite=overwrite, on_invalid=on_invalid,
-            compression=compression, progress=progress, started=started,
+            compression=compression, merge=merge, progress=progress, started=started,
         )  # fmt: skip
     if as_json:
         print_json(summary.as_dict())
@@ -160,3 +168,25 @@ def _print_summary(s: EmbedSummary) -> None:
     err_console.print(table)
     for row, reason in list(s.skip_reasons.items())[:10]:
         err_console.print(f"skipped row {row}: {reason}", highlight=False, markup=False)
+
+
+@handle_errors
+def merge(
+    output: Annotated[Path, typer.Argument(help="The output whose shards (OUTPUT.shard-*-of-*.h5) to join.")],
+    virtual: Annotated[
+        bool, typer.Option("--virtual", help="Write an HDF5 virtual-dataset file over the shards instead.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT.")] = False,
+) -> None:
+    """Join the shard files of a torchrun job (e.g. after an interrupted job was finished by hand)."""
+    from protembed.merge import find_shards, merge_shards, write_virtual
+
+    shards = find_shards(output)
+    if virtual:
+        write_virtual(output, shards, overwrite=overwrite)
+    else:
+        merge_shards(output, shards, overwrite=overwrite)
+        for path in shards:
+            path.unlink()
+    err_console.print(f"{output}: joined {len(shards)} shards", highlight=False, markup=False)
+    typer.echo(str(output))

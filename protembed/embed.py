@@ -13,11 +13,11 @@ tokenising, compute, and writing overlap):
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
+import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +25,26 @@ import numpy as np
 import torch
 
 from protembed.alphabet import ALPHABETS, Alphabet
-from protembed.batching import default_token_budget, token_batches
-from protembed.compute import BatchResult, run_batch
-from protembed.errors import OptionError
-from protembed.fasta import FastaIndex, duplicate_groups, iter_records, scan_fasta
+from protembed.batching import default_token_budget
+from protembed.compute import JobSpec
+from protembed.errors import OptionError, OutputExistsError
+from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
+from protembed.merge import merge_shards, shard_path, shard_ranges, write_virtual
 from protembed.models import checkpoints
-from protembed.models.encoder import Encoder, EncoderConfig, resolve_layers
+from protembed.models.encoder import EncoderConfig, resolve_layers
+from protembed.parallel import WorkerPool, parse_devices
+from protembed.pipeline import (
+    Executor,
+    LocalExecutor,
+    Progress,
+    Work,
+    plan_members,
+    read_windows,
+    run_pipeline,
+)
 from protembed.pooling import POOLINGS
 from protembed.store import EmbeddingWriter
-from protembed.windows import combine, split
 
-WINDOW_TOKENS = 1 << 21  # tokens read ahead and length-sorted together (bounded memory)
 FLUSH_SECONDS = 5.0  # rows reach the disk at least this often
 LONG_POLICIES = ("truncate", "window")
 STORE_DTYPES = ("float32", "float16")
@@ -117,6 +126,25 @@ def check_options(
             raise OptionError(f"{what} {value!r} is not one of {', '.join(allowed)}")
 
 
+@dataclass
+class _Plan:
+    """The resolved options of one run (internal to this module)."""
+
+    ref: ModelRef
+    alphabet: Alphabet
+    layers: list[int]
+    poolings: list[str]
+    per_residue: bool
+    dtype: str
+    store_dtype: str
+    tokens_per_batch: int | None
+    limit: int
+    long_policy: str
+    device: str | None
+    overwrite: bool
+    compression: str | None
+
+
 def embed_fasta(
     input_path: str | Path,
     output: str | Path,
@@ -135,11 +163,14 @@ def embed_fasta(
     overwrite: bool = False,
     on_invalid: str = "error",
     compression: str | None = None,
-    progress: Callable[[int, int, int], None] | None = None,
+    merge: bool = True,
+    progress: Progress | None = None,
     started: Callable[[int, int], None] | None = None,
 ) -> EmbedSummary:
     """Embed every record of a FASTA file into one HDF5 file (layout: README, "HDF5 layout").
 
+    Under `torchrun` (WORLD_SIZE > 1) each rank embeds its share into a shard file and rank 0
+    joins the shards when all are done (`merge=False`: a virtual-dataset file over them).
     `progress(rows_done, residues_done, n_rows)` is called as rows are written; `started(rows,
     residues)` once the work is known (rows and residues still to compute).
     """
@@ -154,247 +185,151 @@ def embed_fasta(
     limit = max_length or cfg.max_residues
     if not 1 <= limit <= cfg.max_residues:
         raise OptionError(f"--max-length {limit} is outside 1..{cfg.max_residues} for {ref.name}")
-    alphabet = ALPHABETS[cfg.family]
-    index = scan_fasta(input_path, alphabet, on_invalid)
+    plan = _Plan(ref, ALPHABETS[cfg.family], layer_idx, list(poolings), per_residue, dtype, store_dtype,
+                 tokens_per_batch, limit, long_policy, device, overwrite, compression)  # fmt: skip
+    parse_devices(device)  # a bad --device fails before the input is read
+    index = scan_fasta(input_path, plan.alphabet, on_invalid)
     try:
-        return _run(index, output, ref, alphabet, layer_idx, list(poolings), per_residue, dtype, store_dtype,
-                    tokens_per_batch, limit, long_policy, device, overwrite, compression, progress, started,
-                    t0)  # fmt: skip
+        dist = distributed_env()
+        if dist is None:
+            return _embed_rows(index, Path(output), plan, (0, len(index)), {}, progress, started, t0)
+        return _embed_shard(index, Path(output), plan, dist, merge, progress, started, t0)
     finally:
         index.cleanup()
 
 
-def _run(
+def distributed_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) under torchrun or a launcher setting its variables; else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _embed_shard(
     index: FastaIndex,
-    output: str | Path,
-    ref: ModelRef,
-    alphabet: Alphabet,
-    layer_idx: list[int],
-    poolings: list[str],
-    per_residue: bool,
-    dtype: str,
-    store_dtype: str,
-    tokens_per_batch: int | None,
-    limit: int,
-    long_policy: str,
-    device: str | None,
-    overwrite: bool,
-    compression: str | None,
-    progress: Callable[[int, int, int], None] | None,
+    output: Path,
+    plan: _Plan,
+    dist: tuple[int, int, int],
+    merge: bool,
+    progress: Progress | None,
     started: Callable[[int, int], None] | None,
     t0: float,
 ) -> EmbedSummary:
-    n_res = index.n_residues
-    window = long_policy == "window"
-    lengths = n_res if window else np.minimum(n_res, limit)
-    truncated = np.zeros(len(index), dtype=bool) if window else n_res > limit
+    """This rank's rows into its shard file; rank 0 joins the shards once every rank is done."""
+    import torch.distributed as tdist
+
+    rank, world, local_rank = dist
+    if output.exists() and not plan.overwrite:
+        raise OutputExistsError(f"{output}: exists; pass --overwrite to replace it")
+    if plan.device is None:
+        n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        plan.device = f"cuda:{local_rank % n_gpu}" if n_gpu else "cpu"
+        if not n_gpu:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    n_tokens = _token_counts(index, plan)
+    start, stop = shard_ranges(n_tokens, read_windows(n_tokens), world)[rank]
+    shard_attrs = {"shard_start": start, "shard_stop": stop, "shard_rank": rank, "shard_world_size": world}
+    if not tdist.is_initialized():
+        tdist.init_process_group("gloo", timeout=timedelta(days=7))
+    try:
+        shard = shard_path(output, rank, world)
+        summary = _embed_rows(index, shard, plan, (start, stop), shard_attrs, progress, started, t0)
+        tdist.barrier()
+        if rank == 0:
+            shards = [shard_path(output, r, world) for r in range(world)]
+            if merge:
+                merge_shards(output, shards, overwrite=plan.overwrite)
+                for path in shards:
+                    path.unlink()
+            else:
+                write_virtual(output, shards, overwrite=plan.overwrite)
+            summary.output, summary.output_bytes = str(output), output.stat().st_size
+        tdist.barrier()
+    finally:
+        tdist.destroy_process_group()
+    return summary
+
+
+def _token_counts(index: FastaIndex, plan: _Plan) -> np.ndarray:
+    """Tokens each row puts through the model (0 for skipped rows): what balances the work."""
+    return np.where(index.skipped, 0, _stored_lengths(index, plan) + 2)
+
+
+def _stored_lengths(index: FastaIndex, plan: _Plan) -> np.ndarray:
+    """Residues stored per row: all of them in window mode, else at most the length limit."""
+    return index.n_residues if plan.long_policy == "window" else np.minimum(index.n_residues, plan.limit)
+
+
+def _embed_rows(
+    index: FastaIndex,
+    output: Path,
+    plan: _Plan,
+    rows: tuple[int, int],
+    extra_attrs: dict[str, Any],
+    progress: Progress | None,
+    started: Callable[[int, int], None] | None,
+    t0: float,
+) -> EmbedSummary:
+    """Embed rows [start, stop) of the input into `output` (the whole input, or one shard)."""
+    devices = parse_devices(plan.device)
+    start, stop = rows
+    in_range = slice(start, stop)
+    window = plan.long_policy == "window"
+    lengths = _stored_lengths(index, plan)
+    truncated = np.zeros(len(index), dtype=bool) if window else index.n_residues > plan.limit
+    skipped = index.skipped
     attrs = {
-        "model": ref.name, "model_source": ref.source, "model_revision": ref.revision,
-        "layers": np.array(layer_idx, dtype=np.int64), "pooling": ",".join(poolings),
-        "compute_dtype": dtype, "max_length": int(limit), "long_policy": long_policy,
+        "model": plan.ref.name, "model_source": plan.ref.source, "model_revision": plan.ref.revision,
+        "layers": np.array(plan.layers, dtype=np.int64), "pooling": ",".join(plan.poolings),
+        "compute_dtype": plan.dtype, "max_length": int(plan.limit), "long_policy": plan.long_policy,
         "input_sha256": index.sha256, "backend": "torch",
-        "window_stride": int(max(limit // 2, 1)) if window else None,
+        "window_stride": int(max(plan.limit // 2, 1)) if window else None, **extra_attrs,
     }  # fmt: skip
     writer = EmbeddingWriter.open(
-        Path(output), attrs=attrs, ids=index.ids, descriptions=index.descriptions, lengths=lengths,
-        truncated=truncated, skipped=index.skipped, skip_reasons=index.skip_reasons,
-        n_layers=len(layer_idx), d_model=ref.config.d_model, poolings=poolings, per_residue=per_residue,
-        store_dtype=store_dtype, compression=compression, overwrite=overwrite, flush_seconds=FLUSH_SECONDS,
+        output, attrs=attrs, ids=index.ids[in_range], descriptions=index.descriptions[in_range],
+        lengths=lengths[in_range], truncated=truncated[in_range], skipped=skipped[in_range],
+        skip_reasons={r - start: why for r, why in index.skip_reasons.items() if start <= r < stop},
+        n_layers=len(plan.layers), d_model=plan.ref.config.d_model, poolings=plan.poolings,
+        per_residue=plan.per_residue, store_dtype=plan.store_dtype, compression=plan.compression,
+        overwrite=plan.overwrite, flush_seconds=FLUSH_SECONDS,
     )  # fmt: skip
-    resumed = int(np.count_nonzero(~index.skipped)) - writer.pending.size
+    scope = np.arange(start, stop)[~skipped[in_range]]
+    pending = np.zeros(len(index), dtype=bool)
+    pending[writer.pending + start] = True
+    resumed = scope.size - writer.pending.size
+    # identical sequences are computed once per output (per shard under torchrun)
+    out_of_scope = np.ones(len(index), dtype=bool)
+    out_of_scope[scope] = False
+    members = plan_members(scope, duplicate_groups(index.seq_hash, out_of_scope))
     with writer:
-        # Batches are formed over every row, not only the pending ones, so that a resumed run
-        # computes exactly the batches an uninterrupted run would (bitwise-equal results).
-        first_row_of = duplicate_groups(index.seq_hash, index.skipped)
-        members = _members(np.flatnonzero(~index.skipped), first_row_of)
-        pending = np.zeros(len(index), dtype=bool)
-        pending[writer.pending] = True
+        window_of = read_windows(_token_counts(index, plan))
+        work = Work(index, plan.alphabet, members, pending, lengths, plan.limit, window, window_of, start)
         if started is not None:
-            started(writer.pending.size, int(lengths[writer.pending].sum()))
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        encoder = checkpoints.load_checkpoint(ref.path, dtype=COMPUTE_DTYPES[dtype], device=dev)
-        budget = tokens_per_batch or default_token_budget(ref.config, dev, COMPUTE_DTYPES[dtype])
-        job = _Job(encoder, layer_idx, poolings, per_residue, limit, window, budget)
-        _pipeline(job, index, alphabet, members, pending, writer, lengths, progress)
+            started(int(pending.sum()), int(lengths[pending].sum()))
+        torch_dtype = COMPUTE_DTYPES[plan.dtype]
+        first = torch.device(devices[0])
+        budget = plan.tokens_per_batch or default_token_budget(plan.ref.config, first, torch_dtype)
+        spec = JobSpec(str(plan.ref.path), plan.dtype, plan.layers, plan.poolings, plan.per_residue, budget)
+        executor: Executor
+        if len(devices) == 1:
+            encoder = checkpoints.load_checkpoint(plan.ref.path, dtype=torch_dtype, device=first)
+            executor = LocalExecutor(encoder, spec)
+        else:
+            executor = WorkerPool(devices, spec)
+        if pending.any():
+            run_pipeline(work, spec, executor, writer, progress)
         writer.close(complete=True)
     elapsed = time.perf_counter() - t0
     computed = sum(1 for g in members.values() if pending[g].any())
-    done_res = int(lengths[writer.pending].sum())
+    done_res = int(lengths[pending].sum())
     return EmbedSummary(
-        output=str(output), model=ref.name, device=str(dev), layers=layer_idx, records=len(index),
-        residues=int(lengths[~index.skipped].sum()), computed=computed, resumed=resumed,
-        duplicates=writer.pending.size - computed, truncated=int(truncated.sum()),
-        skipped=int(index.skipped.sum()), elapsed_s=round(elapsed, 3),
+        output=str(output), model=plan.ref.name, device=",".join(devices), layers=plan.layers,
+        records=stop - start, residues=int(lengths[scope].sum()), computed=computed, resumed=resumed,
+        duplicates=int(pending.sum()) - computed, truncated=int(truncated[in_range].sum()),
+        skipped=int(skipped[in_range].sum()), elapsed_s=round(elapsed, 3),
         residues_per_s=round(done_res / elapsed, 1) if elapsed > 0 else 0.0,
-        output_bytes=Path(output).stat().st_size, skip_reasons=dict(index.skip_reasons),
+        output_bytes=output.stat().st_size,
+        skip_reasons={r: why for r, why in index.skip_reasons.items() if start <= r < stop},
     )  # fmt: skip
-
-
-def _members(pending: np.ndarray, first_row_of: np.ndarray) -> dict[int, np.ndarray]:
-    """Representative row -> every pending row holding the same sequence (identical ones once)."""
-    reps = first_row_of[pending]
-    order = np.argsort(reps, kind="stable")
-    reps, rows = reps[order], pending[order]
-    starts = np.flatnonzero(np.r_[True, reps[1:] != reps[:-1]]) if reps.size else np.zeros(0, np.int64)
-    groups = np.split(rows, starts[1:])
-    return {int(reps[s]): g for s, g in zip(starts, groups)}
-
-
-@dataclass
-class _Job:
-    encoder: Encoder
-    layers: list[int]
-    poolings: list[str]
-    per_residue: bool
-    limit: int
-    window: bool
-    budget: int
-
-
-_DONE = object()
-
-
-def _pipeline(
-    job: _Job,
-    index: FastaIndex,
-    alphabet: Alphabet,
-    members: dict[int, np.ndarray],
-    pending: np.ndarray,
-    writer: EmbeddingWriter,
-    lengths: np.ndarray,
-    progress: Callable[[int, int, int], None] | None,
-) -> None:
-    """Reader thread -> compute on this thread -> writer thread; the first error stops all."""
-    batches: queue.Queue = queue.Queue(maxsize=8)
-    results: queue.Queue = queue.Queue(maxsize=8)
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def read() -> None:
-        try:
-            for item in _batches(job, index, alphabet, members, pending):
-                while not stop.is_set():
-                    try:
-                        batches.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as exc:  # handed to the main thread, which re-raises it
-            errors.append(exc)
-        batches.put(_DONE)
-
-    def write() -> None:
-        rows_done = res_done = 0
-        total = int(pending.sum())
-        try:
-            while (item := results.get()) is not _DONE:
-                reps, result = item
-                rows, pooled, residues = _expand(reps, result, members, pending)
-                writer.write(rows, pooled, residues)
-                rows_done += rows.size
-                res_done += int(lengths[rows].sum())
-                if progress is not None:
-                    progress(rows_done, res_done, total)
-        except BaseException as exc:
-            errors.append(exc)
-            stop.set()
-            while results.get() is not _DONE:  # drain so the producer never blocks
-                pass
-
-    reader = threading.Thread(target=read, name="protembed-reader", daemon=True)
-    writer_thread = threading.Thread(target=write, name="protembed-writer", daemon=True)
-    reader.start()
-    writer_thread.start()
-    try:
-        while not errors and (item := batches.get()) is not _DONE:
-            reps, tokens, pieces = item
-            result = _compute(job, tokens, pieces)
-            results.put((reps, result))
-    finally:
-        stop.set()
-        results.put(_DONE)
-        writer_thread.join()
-        reader.join(timeout=5)
-    if errors:
-        raise errors[0]
-
-
-def _batches(
-    job: _Job, index: FastaIndex, alphabet: Alphabet, members: dict[int, np.ndarray], pending: np.ndarray
-) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[list[int]] | None]]:
-    """(representative rows, token arrays, window starts or None) of the batches still to compute."""
-    rows: list[int] = []
-    tokens: list[np.ndarray] = []
-    held = 0
-    for row, seq in iter_records(index):
-        if row not in members:
-            continue
-        ids = alphabet.encode(seq, record=index.ids[row])
-        if ids.size - 2 > job.limit:
-            if job.window:
-                if pending[members[row]].any():
-                    pieces, starts = split(ids, job.limit)
-                    yield np.array([row]), pieces, [starts]
-                continue
-            ids = np.concatenate([ids[: job.limit + 1], ids[-1:]])
-        rows.append(row)
-        tokens.append(ids)
-        held += ids.size
-        if held >= WINDOW_TOKENS:
-            yield from _sorted_batches(rows, tokens, job.budget, members, pending)
-            rows, tokens, held = [], [], 0
-    yield from _sorted_batches(rows, tokens, job.budget, members, pending)
-
-
-def _sorted_batches(
-    rows: list[int],
-    tokens: list[np.ndarray],
-    budget: int,
-    members: dict[int, np.ndarray],
-    pending: np.ndarray,
-) -> Iterator[tuple[np.ndarray, list[np.ndarray], None]]:
-    if not rows:
-        return
-    row_arr = np.array(rows, dtype=np.int64)
-    for idx in token_batches(np.array([t.size for t in tokens]), budget):
-        reps = row_arr[idx]
-        if any(pending[members[int(r)]].any() for r in reps):
-            yield reps, [tokens[i] for i in idx], None
-
-
-def _compute(job: _Job, tokens: list[np.ndarray], pieces: list[list[int]] | None) -> BatchResult:
-    """One batch, or the windows of one long protein combined into full-length states."""
-    if pieces is None:
-        return run_batch(job.encoder, tokens, job.layers, job.poolings, job.per_residue)
-    starts = pieces[0]
-    per_window: list[np.ndarray] = [np.empty(0)] * len(tokens)
-    cls_parts = []
-    for idx in token_batches(np.array([t.size for t in tokens]), job.budget):
-        part = run_batch(job.encoder, [tokens[i] for i in idx], job.layers, ["cls"], True)
-        assert part.residues is not None
-        for j, i in enumerate(idx):
-            per_window[i] = part.residues[j]
-        cls_parts.append(part.pooled["cls"])
-    n_res = starts[-1] + tokens[-1].size - 2
-    full = combine(per_window, starts, n_res)  # [R, K, D]
-    pooled = {}
-    for p in job.poolings:
-        pooled[p] = (full.mean(axis=0) if p == "mean" else np.concatenate(cls_parts).mean(axis=0))[None]
-    return BatchResult({k: v.astype(np.float32) for k, v in pooled.items()},
-                       [full] if job.per_residue else None)  # fmt: skip
-
-
-def _expand(
-    reps: np.ndarray, result: BatchResult, members: dict[int, np.ndarray], pending: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray], list[np.ndarray] | None]:
-    """Rows to write for computed representatives: every pending row with the same sequence."""
-    groups = [g[pending[g]] for g in (members[int(r)] for r in reps)]
-    counts = np.array([g.size for g in groups])
-    rows = np.concatenate(groups)
-    pooled = {k: np.repeat(v, counts, axis=0) for k, v in result.pooled.items()}
-    residues = None
-    if result.residues is not None:
-        residues = [arr for arr, c in zip(result.residues, counts) for _ in range(c)]
-    return rows, pooled, residues

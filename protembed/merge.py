@@ -1,0 +1,176 @@
+"""Shard files of a multi-node run: where each rank's rows go, and joining the shards.
+
+Under `torchrun`, rank r of W embeds a contiguous range of the input's rows, chosen so that
+every rank gets about the same number of tokens, into `OUTPUT.shard-<r>-of-<W>.h5` (a normal
+protembed file of those rows, with attributes `shard_start`, `shard_stop`, `shard_rank`,
+`shard_world_size`). When all are done, rank 0 either merges them into OUTPUT (a plain file,
+identical to a single-process run) or, with `--no-merge`, writes OUTPUT as an HDF5 virtual-dataset
+file that reads through to the shards (which must then stay beside it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from protembed.errors import StoreError
+from protembed.reader import FORMAT, open_embeddings, plain
+from protembed.store import EmbeddingWriter
+
+SHARD_ATTRS = ("shard_start", "shard_stop", "shard_rank", "shard_world_size")
+WRITER_ATTRS = ("format", "format_version", "protembed_version", "n_sequences", "per_residue", "store_dtype",
+                "created", "complete")  # fmt: skip
+COPY_ROWS = 4096  # rows copied per step when merging
+
+
+def shard_ranges(n_tokens: np.ndarray, window_of: np.ndarray, world: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges [start, stop) per rank, cut at read-ahead window boundaries (so each
+    rank computes exactly the batches a single process would), with about equal token counts."""
+    n_tokens = np.asarray(n_tokens, dtype=np.int64)
+    n = len(n_tokens)
+    bounds = np.flatnonzero(np.r_[True, window_of[1:] != window_of[:-1]]) if n else np.zeros(0, np.int64)
+    starts = (np.cumsum(n_tokens) - n_tokens)[bounds]  # first token of each window
+    total = int(n_tokens.sum())
+    # a window belongs to the rank whose share of the token stream it starts in
+    cut_windows = [int(np.searchsorted(starts, total * r / world, side="left")) for r in range(1, world)]
+    cuts = [0] + [int(bounds[w]) if w < len(bounds) else n for w in cut_windows] + [n]
+    return [(cuts[r], cuts[r + 1]) for r in range(world)]
+
+
+def shard_path(output: Path, rank: int, world: int) -> Path:
+    """Where rank `rank` writes its shard, next to the output."""
+    return output.with_name(f"{output.stem}.shard-{rank:03d}-of-{world:03d}{output.suffix or '.h5'}")
+
+
+def find_shards(output: Path) -> list[Path]:
+    """The shard files of an output, in rank order; StoreError when a rank's file is missing."""
+    found = sorted(output.parent.glob(f"{output.stem}.shard-*-of-*{output.suffix or '.h5'}"))
+    if not found:
+        raise StoreError(f"{output}: no shard files ({shard_path(output, 0, 1).name} ...) beside it")
+    world = int(found[0].stem.rsplit("-of-", 1)[1])
+    expected = [shard_path(output, r, world) for r in range(world)]
+    missing = [p.name for p in expected if not p.exists()]
+    if missing:
+        raise StoreError(f"{output}: shard files missing: {', '.join(missing)}")
+    return expected
+
+
+def _check_shards(shards: list[Path]) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """Shared settings of complete, contiguous shards; StoreError naming the first problem."""
+    settings: dict[str, Any] | None = None
+    ranges = []
+    for path in shards:
+        with h5py.File(path, "r") as h5:
+            attrs = {k: plain(v) for k, v in h5.attrs.items()}
+            if attrs.get("format") != FORMAT:
+                raise StoreError(f"{path}: not a protembed embeddings file")
+            if not attrs.get("complete"):
+                done = int(np.count_nonzero(h5["written"][...]))
+                todo = int(np.count_nonzero(~h5["skipped"][...]))
+                raise StoreError(
+                    f"{path}: shard is unfinished ({done} of {todo} records); rerun the same command "
+                    "(torchrun ...) to finish every shard before merging"
+                )
+        if any(k not in attrs for k in SHARD_ATTRS):
+            raise StoreError(f"{path}: not a shard of a torchrun job (no shard_start/shard_stop attributes)")
+        ranges.append((int(attrs["shard_start"]), int(attrs["shard_stop"])))
+        mine = {k: v for k, v in attrs.items() if k not in (*SHARD_ATTRS, *WRITER_ATTRS)}
+        if settings is None:
+            settings = mine
+        elif mine != settings:
+            differ = sorted(k for k in set(mine) | set(settings) if mine.get(k) != settings.get(k))
+            raise StoreError(f"{path}: made with other settings than {shards[0].name} ({', '.join(differ)})")
+    starts = [a for a, _ in ranges]
+    if starts[0] != 0 or any(ranges[i][1] != starts[i + 1] for i in range(len(ranges) - 1)):
+        raise StoreError(f"{shards[0].parent}: shards do not cover consecutive rows: {ranges}")
+    assert settings is not None
+    return settings, ranges
+
+
+def merge_shards(output: Path, shards: list[Path], overwrite: bool = False) -> Path:
+    """Join complete shards into one plain output, identical to a single-process run."""
+    settings, _ = _check_shards(shards)
+    files = [open_embeddings(p) for p in shards]
+    try:
+        first = files[0]
+        ids = [i for f in files for i in f.ids]
+        writer = EmbeddingWriter.open(
+            output, attrs=settings, ids=ids, descriptions=[d for f in files for d in f.descriptions],
+            lengths=np.concatenate([f.lengths for f in files]),
+            truncated=np.concatenate([f.h5["truncated"][...] for f in files]),
+            skipped=np.concatenate([f.skipped for f in files]),
+            skip_reasons={i: r for i, r in enumerate(r for f in files for r in f.skip_reasons) if r},
+            n_layers=len(first.layers), d_model=first.h5[first.poolings[0]].shape[-1],
+            poolings=first.poolings, per_residue="residues" in first.h5,
+            store_dtype=str(first.attrs["store_dtype"]), compression=None, overwrite=overwrite,
+        )  # fmt: skip
+        with writer:
+            base = 0
+            for f in files:
+                _copy_rows(f, writer, base)
+                base += len(f)
+            writer.close(complete=True)
+    finally:
+        for f in files:
+            f.close()
+    return output
+
+
+def _copy_rows(f: Any, writer: EmbeddingWriter, base: int) -> None:
+    for start in range(0, len(f), COPY_ROWS):
+        stop = min(start + COPY_ROWS, len(f))
+        rows = np.arange(start, stop)[~f.skipped[start:stop]]
+        if not rows.size:
+            continue
+        pooled = {}
+        for name in f.poolings:
+            block = f.h5[name][start:stop][rows - start].astype(np.float32)
+            pooled[name] = block if block.ndim == 3 else block[:, None, :]
+        residues = None
+        if "residues" in f.h5:
+            block, offs = f.residue_block(start, stop)
+            block = block.astype(np.float32)
+            block = block if block.ndim == 3 else block[:, None, :]
+            residues = [block[offs[r - start] : offs[r - start + 1]] for r in rows]
+        writer.write(rows + base, pooled, residues)
+
+
+def write_virtual(output: Path, shards: list[Path], overwrite: bool = False) -> Path:
+    """Write OUTPUT as an HDF5 virtual-dataset file over complete shards (names relative to it)."""
+    settings, _ = _check_shards(shards)
+    if output.exists() and not overwrite:
+        raise StoreError(f"{output}: exists; pass --overwrite to replace it")
+    with h5py.File(shards[0], "r") as h5:
+        names = [k for k in h5 if k != "offsets"]
+        attrs = {k: h5.attrs[k] for k in h5.attrs if k not in SHARD_ATTRS}
+    sizes, lengths = [], []
+    for path in shards:
+        with h5py.File(path, "r") as h5:
+            sizes.append({k: h5[k].shape for k in names})
+            lengths.append(h5["lengths"][...].astype(np.int64))
+    tmp = output.with_name(output.name + ".partial")
+    with h5py.File(tmp, "w", libver="latest") as out:
+        for name in names:
+            with h5py.File(shards[0], "r") as h5:
+                dtype, tail = h5[name].dtype, h5[name].shape[1:]
+            total = sum(s[name][0] for s in sizes)
+            layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
+            at = 0
+            for path, s in zip(shards, sizes):
+                n = s[name][0]
+                layout[at : at + n] = h5py.VirtualSource(path.name, name, shape=s[name])
+                at += n
+            out.create_virtual_dataset(name, layout, fillvalue=None)
+        if "residues" in names:
+            all_lengths = np.concatenate(lengths)
+            out.create_dataset("offsets", data=np.concatenate([[0], np.cumsum(all_lengths)]).astype(np.int64))
+        for key, value in attrs.items():
+            out.attrs[key] = value
+        out.attrs["n_sequences"] = sum(s["ids"][0] for s in sizes)
+        out.attrs["virtual_shards"] = np.array([p.name for p in shards], dtype=h5py.string_dtype())
+        out.attrs["complete"] = True
+    tmp.replace(output)
+    return output

@@ -1,0 +1,145 @@
+"""Several devices on one machine: one worker process per device, pulling from a shared queue.
+
+`--device` takes `cpu`, `cpu:N` (N CPU workers sharing the cores), `cuda`, `cuda:0,1`, `0,1,3`
+(CUDA indices) or `all` (every visible GPU; `CUDA_VISIBLE_DEVICES` is honoured). Workers pull
+units (longest batches first) from one queue, so no device idles at the end while another works
+through a backlog; results go back to the single writer in the main process, which places every
+row at its input position, so the output does not depend on the number of devices or on timing.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from protembed.compute import JobSpec, SequenceTooLargeError, compute_unit
+from protembed.errors import BackendError, ProtembedError
+from protembed.pipeline import Unit
+
+POLL_SECONDS = 0.5
+
+
+def parse_devices(spec: str | None) -> list[str]:
+    """Device strings for `--device` (None: every GPU when there are several, else one GPU or CPU)."""
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec is None:
+        return [f"cuda:{i}" for i in range(n_gpu)] if n_gpu > 1 else (["cuda:0"] if n_gpu else ["cpu"])
+    text = spec.strip().lower()
+    if text == "cpu":
+        return ["cpu"]
+    if text.startswith("cpu:"):
+        count = text[4:]
+        if not count.isdigit() or int(count) < 1:
+            raise BackendError(f"--device {spec}: cpu:N needs a worker count N >= 1")
+        return ["cpu"] * int(count)
+    if text == "all":
+        if not n_gpu:
+            raise BackendError("--device all: no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
+        return [f"cuda:{i}" for i in range(n_gpu)]
+    if text == "cuda":
+        text = "cuda:0"
+    indices = text.removeprefix("cuda:").split(",")
+    if not all(i.strip().isdigit() for i in indices):
+        raise BackendError(f"--device {spec}: use cpu, cpu:N, cuda, cuda:0,1, 0,1,3 or all")
+    wanted = [int(i) for i in indices]
+    if not n_gpu:
+        raise BackendError(f"--device {spec}: no CUDA device is visible (this machine runs on cpu)")
+    missing = [i for i in wanted if i >= n_gpu]
+    if missing:
+        raise BackendError(f"--device {spec}: only {n_gpu} CUDA device(s) visible, no cuda:{missing[0]}")
+    return [f"cuda:{i}" for i in wanted]
+
+
+class WorkerPool:
+    """An executor (see `pipeline.Executor`) running one process per device."""
+
+    def __init__(self, devices: list[str], spec: JobSpec) -> None:
+        self.devices, self.spec = devices, spec
+        n_cpu = sum(1 for d in devices if d == "cpu")
+        self.cpu_threads = max(1, (os.cpu_count() or 1) // max(n_cpu, 1))
+
+    def serve(self, get: Callable[[], Unit | None], put: Callable[[Any], None]) -> None:
+        ctx = mp.get_context("spawn")
+        tasks, results = ctx.Queue(), ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(dev, self.spec, self.cpu_threads, tasks, results),
+                name=f"protembed-{dev}-{i}",
+                daemon=True,
+            )  # fmt: skip
+            for i, dev in enumerate(self.devices)
+        ]
+        for p in procs:
+            p.start()
+        in_flight, reading, limit = 0, True, 2 * len(procs)
+        try:
+            while reading or in_flight:
+                while reading and in_flight < limit:
+                    unit = get()
+                    if unit is None:
+                        reading = False
+                        break
+                    tasks.put(unit)
+                    in_flight += 1
+                if not in_flight:
+                    continue
+                try:
+                    kind, payload = results.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    _check_alive(procs, self.devices)
+                    continue
+                if kind == "error":
+                    raise ProtembedError(payload)
+                if kind == "too-large":
+                    raise SequenceTooLargeError(0, payload[1], payload[2], row=payload[0])
+                put(payload)
+                in_flight -= 1
+        finally:
+            for _ in procs:
+                tasks.put(None)
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.terminate()
+
+
+def _check_alive(procs: list, devices: list[str]) -> None:
+    for p, dev in zip(procs, devices):
+        if p.exitcode is not None:
+            raise BackendError(
+                f"the worker on {dev} stopped (exit code {p.exitcode}); rows finished so far are kept, "
+                "run the same command again to resume"
+            )
+
+
+def _worker(device: str, spec: JobSpec, cpu_threads: int, tasks: Any, results: Any) -> None:
+    """Worker process: load the model on `device`, compute units until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops workers
+    from protembed.embed import COMPUTE_DTYPES
+    from protembed.models.checkpoints import load_checkpoint
+
+    if device == "cpu":
+        torch.set_num_threads(cpu_threads)
+    try:
+        encoder = load_checkpoint(Path(spec.model_path), dtype=COMPUTE_DTYPES[spec.dtype], device=device)
+        while (unit := tasks.get()) is not None:
+            reps, tokens, starts = unit
+            try:
+                results.put(("ok", (reps, compute_unit(encoder, spec, tokens, starts))))
+            except SequenceTooLargeError as exc:
+                results.put(
+                    ("too-large", (int(reps[min(exc.position, reps.size - 1)]), exc.n_tokens, device))
+                )
+                return
+    except ProtembedError as exc:
+        results.put(("error", f"{device}: {exc}"))
+    except Exception as exc:  # a bug or a driver error: report it with its type, then stop
+        results.put(("error", f"{device}: worker failed: {type(exc).__name__}: {exc}"))

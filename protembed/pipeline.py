@@ -1,0 +1,210 @@
+"""The streaming part of `embed`: reader thread -> compute -> writer thread, bounded queues.
+
+Rows are grouped into read-ahead windows of consecutive records fixed by the input alone (about
+`window_tokens` tokens each); each window is length-sorted and cut into token-budget batches.
+Batches are formed over every row, not only the rows still to compute, so a resumed run, or a
+torchrun shard (shards hold whole windows), computes exactly the batches an uninterrupted
+single-process run would: results are bitwise equal. Batches whose rows are all written already
+are not computed again.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from protembed.alphabet import Alphabet
+from protembed.batching import token_batches
+from protembed.compute import BatchResult, JobSpec, SequenceTooLargeError, compute_unit
+from protembed.errors import ProtembedError
+from protembed.fasta import FastaIndex, iter_records
+from protembed.models.encoder import Encoder
+from protembed.store import EmbeddingWriter
+from protembed.windows import split
+
+MAX_WINDOW_TOKENS = 1 << 21  # tokens read ahead and length-sorted together (bounded memory)
+MIN_WINDOW_TOKENS = 1 << 16
+
+Unit = tuple[np.ndarray, list[np.ndarray], list[int] | None]  # representative rows, tokens, window starts
+Progress = Callable[[int, int, int], None]
+DONE = None  # end-of-stream marker on every queue
+
+
+@dataclass
+class Work:
+    """The rows of one output: which to compute, and where they go in the writer.
+
+    Rows are global FASTA rows; the writer's row is `row - row_offset` (non-zero for a shard).
+    """
+
+    index: FastaIndex
+    alphabet: Alphabet
+    members: dict[int, np.ndarray]  # representative row -> rows holding the same sequence
+    pending: np.ndarray  # bool [N], rows still to write
+    lengths: np.ndarray  # int [N], residues stored per row
+    limit: int
+    window: bool
+    window_of: np.ndarray  # int [N], read-ahead window of each row (see `read_windows`)
+    row_offset: int = 0
+
+
+def window_tokens(total_tokens: int) -> int:
+    """Tokens per read-ahead window: 1/256 of the input, within [2^16, 2^21]."""
+    return int(min(MAX_WINDOW_TOKENS, max(MIN_WINDOW_TOKENS, total_tokens // 256)))
+
+
+def read_windows(n_tokens: np.ndarray) -> np.ndarray:
+    """Window index of each row: rows whose first token falls in the same window_tokens span."""
+    n_tokens = np.asarray(n_tokens, dtype=np.int64)
+    starts = np.cumsum(n_tokens) - n_tokens
+    return starts // window_tokens(int(n_tokens.sum()))
+
+
+class Executor(Protocol):
+    """Takes units from `get` until it returns DONE and hands `(reps, result)` to `put`."""
+
+    def serve(self, get: Callable[[], Unit | None], put: Callable[[Any], None]) -> None: ...
+
+
+class LocalExecutor:
+    """Computes on this thread with an already-loaded encoder."""
+
+    def __init__(self, encoder: Encoder, spec: JobSpec) -> None:
+        self.encoder, self.spec = encoder, spec
+
+    def serve(self, get: Callable[[], Unit | None], put: Callable[[Any], None]) -> None:
+        while (unit := get()) is not None:
+            reps, tokens, starts = unit
+            try:
+                put((reps, compute_unit(self.encoder, self.spec, tokens, starts)))
+            except SequenceTooLargeError as exc:
+                exc.row = int(reps[min(exc.position, reps.size - 1)])
+                raise
+
+
+def plan_members(rows: np.ndarray, first_row_of: np.ndarray) -> dict[int, np.ndarray]:
+    """Representative row -> every row (of `rows`) holding the same sequence."""
+    reps = first_row_of[rows]
+    order = np.argsort(reps, kind="stable")
+    reps, rows = reps[order], rows[order]
+    starts = np.flatnonzero(np.r_[True, reps[1:] != reps[:-1]]) if reps.size else np.zeros(0, np.int64)
+    return {int(reps[s]): g for s, g in zip(starts, np.split(rows, starts[1:]))}
+
+
+def run_pipeline(
+    work: Work, spec: JobSpec, executor: Executor, writer: EmbeddingWriter, progress: Progress | None
+) -> None:
+    """Stream every pending row through `executor` into `writer`; the first error stops all."""
+    units: queue.Queue = queue.Queue(maxsize=8)
+    results: queue.Queue = queue.Queue(maxsize=8)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for unit in units_to_compute(work, spec.budget):
+                while not stop.is_set():
+                    try:
+                        units.put(unit, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the main thread, which re-raises it
+            errors.append(exc)
+        units.put(DONE)
+
+    def write() -> None:
+        rows_done = res_done = 0
+        total = int(work.pending.sum())
+        try:
+            while (item := results.get()) is not DONE:
+                rows, pooled, residues = expand(work, *item)
+                writer.write(rows - work.row_offset, pooled, residues)
+                rows_done += rows.size
+                res_done += int(work.lengths[rows].sum())
+                if progress is not None:
+                    progress(rows_done, res_done, total)
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+            while results.get() is not DONE:  # drain so the compute side never blocks
+                pass
+
+    def get() -> Unit | None:
+        return None if errors else units.get()
+
+    reader = threading.Thread(target=read, name="protembed-reader", daemon=True)
+    writer_thread = threading.Thread(target=write, name="protembed-writer", daemon=True)
+    reader.start()
+    writer_thread.start()
+    try:
+        executor.serve(get, results.put)
+    except SequenceTooLargeError as exc:
+        row = exc.row if exc.row is not None else -1
+        name = work.index.ids[row] if row >= 0 else "?"
+        raise ProtembedError(
+            f"{work.index.source}: record '{name}' ({exc.n_tokens - 2} residues) does not fit in the memory "
+            f"of {exc.device} even alone; use --max-length or --long window"
+        ) from None
+    finally:
+        stop.set()
+        results.put(DONE)
+        writer_thread.join()
+        reader.join(timeout=5)
+    if errors:
+        raise errors[0]
+
+
+def units_to_compute(work: Work, budget: int) -> Iterator[Unit]:
+    """Length-sorted token-budget batches (and long-protein windows) with rows still pending."""
+    rows: list[int] = []
+    tokens: list[np.ndarray] = []
+    current = -1
+    for row, seq in iter_records(work.index):
+        if row not in work.members:
+            continue
+        if work.window_of[row] != current:
+            yield from _sorted(work, rows, tokens, budget)
+            rows, tokens, current = [], [], int(work.window_of[row])
+        ids = work.alphabet.encode(seq, record=work.index.ids[row])
+        if ids.size - 2 > work.limit:
+            if work.window:
+                if work.pending[work.members[row]].any():
+                    pieces, starts = split(ids, work.limit)
+                    yield np.array([row]), pieces, starts
+                continue
+            ids = np.concatenate([ids[: work.limit + 1], ids[-1:]])
+        rows.append(row)
+        tokens.append(ids)
+    yield from _sorted(work, rows, tokens, budget)
+
+
+def _sorted(work: Work, rows: list[int], tokens: list[np.ndarray], budget: int) -> Iterator[Unit]:
+    if not rows:
+        return
+    row_arr = np.array(rows, dtype=np.int64)
+    for idx in token_batches(np.array([t.size for t in tokens]), budget):
+        reps = row_arr[idx]
+        if any(work.pending[work.members[int(r)]].any() for r in reps):
+            yield reps, [tokens[i] for i in idx], None
+
+
+def expand(
+    work: Work, reps: np.ndarray, result: BatchResult
+) -> tuple[np.ndarray, dict[str, np.ndarray], list[np.ndarray] | None]:
+    """Rows to write for computed representatives: every pending row with the same sequence."""
+    groups = [g[work.pending[g]] for g in (work.members[int(r)] for r in reps)]
+    counts = np.array([g.size for g in groups])
+    rows = np.concatenate(groups)
+    pooled = {k: np.repeat(v, counts, axis=0) for k, v in result.pooled.items()}
+    residues = None
+    if result.residues is not None:
+        residues = [arr for arr, c in zip(result.residues, counts) for _ in range(c)]
+    return rows, pooled, residues

@@ -1,0 +1,215 @@
+"""Several devices and torchrun: the output equals a single-process run; failures are survived.
+
+All of it runs on CPU (`--device cpu:N`, torchrun with the gloo backend on 127.0.0.1); the same
+code drives one process per GPU on CUDA machines.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from protembed.errors import BackendError, StoreError
+from protembed.merge import find_shards, merge_shards, shard_ranges
+from protembed.parallel import parse_devices
+from protembed.pipeline import read_windows
+from tests.helpers import fixture_dir
+
+ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
+PROTEMBED = [sys.executable, "-m", "protembed"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~1200 random proteins (~190k tokens: several read-ahead windows)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("par") / "many.fa"
+    with path.open("w") as fh:
+        for i in range(1200):
+            seq = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), int(rng.integers(20, 300))))
+            fh.write(f">p{i} protein {i}\n{seq}\n")
+    return path
+
+
+def embed_args(fasta: Path, out: Path, *extra: str) -> list[str]:
+    return ["embed", str(fasta), "-o", str(out), "--model", ESM, "--per-residue", "--quiet",
+            "--tokens-per-batch", "2000", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single(many: Path) -> Path:
+    out = many.with_name("single.h5")
+    subprocess.run([*PROTEMBED, *embed_args(many, out), "--device", "cpu"], check=True, env=ENV)
+    return out
+
+
+def assert_same_file(a: Path, b: Path) -> None:
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        assert bool(fb.attrs["complete"])
+        for name in ("ids", "descriptions", "lengths", "offsets", "truncated", "skipped"):
+            assert np.array_equal(fa[name][:], fb[name][:]), name
+        for name in ("mean", "residues"):
+            assert np.abs(fa[name][:] - fb[name][:]).max() <= 1e-6, name
+
+
+def test_two_cpu_workers_equal_one_process(many: Path, single: Path) -> None:
+    out = many.with_name("cpu2.h5")
+    subprocess.run([*PROTEMBED, *embed_args(many, out), "--device", "cpu:2"], check=True, env=ENV)
+    assert_same_file(single, out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_torchrun_two_ranks_equal_one_process(many: Path, single: Path, merge: bool, tmp_path: Path) -> None:
+    fasta = tmp_path / many.name
+    shutil.copy(many, fasta)
+    out = tmp_path / "tr.h5"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    cmd = [*launcher, *rendezvous, "-m", "protembed", *embed_args(fasta, out)]
+    if not merge:
+        cmd.append("--no-merge")
+    subprocess.run(cmd, check=True, env=ENV, capture_output=True)
+    shards = sorted(tmp_path.glob("tr.shard-*"))
+    assert len(shards) == (0 if merge else 2)
+    with h5py.File(out, "r") as f:
+        assert ("virtual_shards" in f.attrs) != merge
+    other_dir = tmp_path / "elsewhere"
+    other_dir.mkdir()
+    cwd = os.getcwd()
+    os.chdir(other_dir)  # the virtual file finds its shards beside it, from any directory
+    try:
+        assert_same_file(single, out)
+    finally:
+        os.chdir(cwd)
+
+
+def test_shard_ranges_cover_every_row_at_window_boundaries() -> None:
+    rng = np.random.default_rng(3)
+    n_tokens = rng.integers(30, 1000, 5000)
+    windows = read_windows(n_tokens)
+    for world in (1, 2, 3, 7):
+        ranges = shard_ranges(n_tokens, windows, world)
+        assert ranges[0][0] == 0 and ranges[-1][1] == n_tokens.size
+        assert all(ranges[i][1] == ranges[i + 1][0] for i in range(world - 1))
+        for start, _ in ranges[1:]:
+            assert start == n_tokens.size or windows[start] != windows[start - 1]
+        shares = [n_tokens[a:b].sum() for a, b in ranges]
+        assert max(shares) - min(shares) <= 2 * (1 << 16) + 1000
+
+
+def test_parse_devices() -> None:
+    assert parse_devices("cpu") == ["cpu"]
+    assert parse_devices("cpu:3") == ["cpu", "cpu", "cpu"]
+    for bad in ("cpu:0", "cpu:x", "gpu", "cuda:a"):
+        with pytest.raises(BackendError):
+            parse_devices(bad)
+    if not (__import__("torch").cuda.is_available()):
+        with pytest.raises(BackendError, match="no CUDA device"):
+            parse_devices("all")
+        with pytest.raises(BackendError, match="no CUDA device"):
+            parse_devices("0,1")
+
+
+def _written(path: Path) -> int:
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["written"][:].sum())
+    except (OSError, KeyError):
+        return 0
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append((int(entry.name), cmdline))
+    return out
+
+
+def _start_and_wait(cmd: list[str], out: Path) -> subprocess.Popen:
+    child = "import sys, protembed.embed as e; e.FLUSH_SECONDS = 0.0; from protembed.cli import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", child, *cmd], env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _written(out) < 20 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def test_killed_worker_stops_cleanly_and_rerun_completes(many: Path, single: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed.h5"
+    proc = _start_and_wait(embed_args(many, out, "--device", "cpu:2"), out)
+    workers = [pid for pid, cmd in _children(proc.pid) if "spawn_main" in cmd]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 15
+    assert proc.returncode == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "worker on cpu stopped" in lines[0] and "resume" in lines[0], err
+    kept = _written(out)
+    assert kept > 0
+    subprocess.run([*PROTEMBED, *embed_args(many, out, "--device", "cpu:2")], check=True, env=ENV)
+    assert_same_file(single, out)
+
+
+def test_ctrl_c_leaves_a_resumable_file(many: Path, single: Path, tmp_path: Path) -> None:
+    out = tmp_path / "interrupted.h5"
+    proc = _start_and_wait(embed_args(many, out, "--device", "cpu"), out)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert 0 < _written(out) < 1200
+    subprocess.run([*PROTEMBED, *embed_args(many, out)], check=True, env=ENV)
+    assert_same_file(single, out)
+
+
+def test_merge_refuses_partial_shards(single: Path, tmp_path: Path) -> None:
+    out = tmp_path / "job.h5"
+    with pytest.raises(StoreError, match="no shard files"):
+        find_shards(out)
+    shard0, shard1 = tmp_path / "job.shard-000-of-002.h5", tmp_path / "job.shard-001-of-002.h5"
+    shutil.copy(single, shard0)
+    with pytest.raises(StoreError, match="shard files missing: job.shard-001-of-002.h5"):
+        find_shards(out)
+    shutil.copy(single, shard1)
+    with pytest.raises(StoreError, match="not a shard of a torchrun job"):
+        merge_shards(out, find_shards(out))
+    n = 1200
+    for rank, path in enumerate((shard0, shard1)):  # two shards as a killed job leaves them
+        with h5py.File(path, "r+") as f:
+            f.attrs.update(
+                shard_start=rank * n, shard_stop=(rank + 1) * n, shard_rank=rank, shard_world_size=2
+            )
+            f.attrs["complete"] = rank == 0
+    with pytest.raises(StoreError, match="unfinished"):
+        merge_shards(out, find_shards(out))
+    r = subprocess.run([*PROTEMBED, "merge", str(out)], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "unfinished" in r.stderr, r.stderr
+    assert not out.exists()
