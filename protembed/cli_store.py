@@ -1,0 +1,50 @@
+"""`protembed export`: rewrite an embeddings file in another layout."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from protembed.cli import err_console, handle_errors
+from protembed.export import export_per_protein
+
+
+class Layout(str, Enum):
+    per_protein = "per-protein"
+
+
+class What(str, Enum):
+    mean = "mean"
+    cls = "cls"
+    residues = "residues"
+
+
+@handle_errors
+def export(
+    source: Annotated[
+        Path, typer.Argument(help="Embeddings file written by `protembed embed`.", show_default=False)
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.", show_default=False)],
+    layout: Annotated[
+        Layout,
+        typer.Option(help="per-protein: one dataset per record, named by its id ('/' -> %2F, '%' -> %25)."),
+    ] = Layout.per_protein,
+    what: Annotated[
+        What, typer.Option(help="Pooled vector per record, or its per-residue matrix.")
+    ] = What.mean,
+    layer: Annotated[
+        int | None, typer.Option(help="Model layer to export; needed when the file holds several.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Export embeddings to the per-protein layout (bio_embeddings / ProtTrans convention).
+
+    One dataset per record, named by its FASTA id (repeats get #2, #3, ...); skipped records are left out.
+    """
+    summary = export_per_protein(source, output, what=what.value, layer=layer, overwrite=overwrite)
+    skipped = f" ({summary.n_skipped} skipped records left out)" if summary.n_skipped else ""
+    err_console.print(f"exported {summary.n_written} records{skipped}", highlight=False)
+    typer.echo(str(summary.path))

@@ -1,0 +1,150 @@
+"""Rewriting embeddings files: the per-protein export, and the compressed copy of a finished output.
+
+Per-protein layout: one HDF5 dataset per record, named by its FASTA id.
+
+This is the bio_embeddings / ProtTrans convention: the value is the pooled vector (D,) or the
+per-residue matrix (L, D) of one record. HDF5 names cannot hold '/', so ids are escaped: '%'
+becomes '%25' and then '/' becomes '%2F' (an id that is exactly '.' becomes '%2E'). A name
+already taken gets the first free suffix '#2', '#3', ... in input order, so duplicate ids are
+all kept. Every dataset carries the unescaped id in its `original_id` attribute. Skipped
+records have no embedding and are left out.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from protembed.errors import OutputExistsError, StoreError
+from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings
+
+LAYOUTS = ("per-protein",)
+CHUNK_BYTES = 1 << 18  # target chunk size of compressed embedding datasets
+_BLOCK_BYTES = 64 << 20  # read this much of the source at a time
+
+
+@dataclass
+class ExportSummary:
+    """What an export wrote."""
+
+    path: Path
+    n_written: int
+    n_skipped: int
+
+
+def escape_id(record_id: str) -> str:
+    """An id as an HDF5 dataset name: '%' -> '%25', '/' -> '%2F', '.' alone -> '%2E'."""
+    name = record_id.replace("%", "%25").replace("/", "%2F")
+    return "%2E" if name == "." else name
+
+
+def dataset_names(ids: list[str]) -> list[str]:
+    """Escaped, unique dataset names for ids in input order (repeats get '#2', '#3', ...)."""
+    used: set[str] = set()
+    names = []
+    for record_id in ids:
+        base = name = escape_id(record_id)
+        k = 1
+        while name in used:
+            k += 1
+            name = f"{base}#{k}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def export_per_protein(
+    source: Path, output: Path, what: str = "mean", layer: int | None = None, overwrite: bool = False
+) -> ExportSummary:
+    """Write one dataset per record of a complete embeddings file.
+
+    Args:
+        what: a stored pooling ("mean", "cls") or "residues".
+        layer: the model layer to export; needed when the file holds several.
+
+    Raises:
+        StoreError: the source cannot be read as asked (incomplete, no such pooling or layer).
+        OutputExistsError: the output exists and not `overwrite`.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output}: already exists; pass --overwrite to replace it")
+    with open_embeddings(source) as emb:
+        if len(emb.layers) > 1 and layer is None:
+            raise StoreError(f"{source}: holds layers {emb.layers}; pick one with --layer")
+        tmp = output.with_name(output.name + ".partial")
+        try:
+            with h5py.File(tmp, "w") as out:
+                for key in emb.h5.attrs:
+                    out.attrs.create(key, emb.h5.attrs[key], dtype=emb.h5.attrs.get_id(key).dtype)
+                out.attrs.update(format="protembed-per-protein", layout="per-protein", what=what)
+                if layer is not None or emb.layers:
+                    out.attrs["layer"] = layer if layer is not None else emb.layers[0]
+                n = _write_records(emb, out, what, layer)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"{output}: cannot write output: {exc.strerror or exc}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, output)
+        return ExportSummary(output, n, int(np.count_nonzero(emb.skipped)))
+
+
+def _write_records(emb: EmbeddingFile, out: h5py.File, what: str, layer: int | None) -> int:
+    """Copy every non-skipped record into its own dataset, reading the source in large blocks."""
+    names, ids = dataset_names(emb.ids), emb.ids
+    keep = ~emb.skipped
+    n = len(emb)
+    if what != "residues":
+        if what not in emb.poolings:
+            raise StoreError(f"{emb.path}: no {what!r} embeddings (stored: {', '.join(emb.poolings)})")
+        pooled = emb.pooled(what, layer)  # (N, D) after picking the layer
+        for row in np.flatnonzero(keep).tolist():
+            out.create_dataset(names[row], data=pooled[row]).attrs["original_id"] = ids[row]
+        return int(keep.sum())
+    if not emb.attrs.get("per_residue"):
+        raise StoreError(f"{emb.path}: no per-residue embeddings (embed with --per-residue)")
+    ds = emb.h5["residues"]
+    budget = max(1, _BLOCK_BYTES // (int(np.prod(ds.shape[1:])) * ds.dtype.itemsize))  # residues per read
+    ends = np.cumsum(emb.lengths, dtype=np.int64)
+    start = 0
+    while start < n:
+        # Rows start..stop-1: about _BLOCK_BYTES of residues (at least one row), read in one slice.
+        done = int(ends[start - 1]) if start else 0
+        stop = min(n, max(start + 1, int(np.searchsorted(ends, done + budget, side="right"))))
+        block, offsets = emb.residue_block(start, stop, layer)
+        for row in range(start, stop):
+            if keep[row]:
+                part = block[offsets[row - start] : offsets[row - start + 1]]
+                out.create_dataset(names[row], data=part).attrs["original_id"] = ids[row]
+        start = stop
+    return int(keep.sum())
+
+
+def compressed_copy(source: Path, output: Path, compression: str) -> None:
+    """Copy a fully written output into chunked, compressed embedding datasets, marked complete.
+
+    Chunks are `rows` rows of one layer (about CHUNK_BYTES), so one record or one layer is
+    cheap to read; the other datasets are copied as they are.
+    """
+    with h5py.File(source, "r") as src, h5py.File(output, "w") as dst:
+        for key in src.attrs:
+            dst.attrs.create(key, src.attrs[key], dtype=src.attrs.get_id(key).dtype)
+        dst.attrs["complete"] = True
+        for name, ds in src.items():
+            if name in (*RECORD_DATASETS, "offsets") or ds.size == 0:
+                src.copy(ds, dst, name=name)
+                continue
+            rows = min(ds.shape[0], max(1, CHUNK_BYTES // (ds.dtype.itemsize * ds.shape[-1])))
+            chunks = (rows, *([1] if ds.ndim == 3 else []), ds.shape[-1])
+            out = dst.create_dataset(
+                name, ds.shape, ds.dtype, chunks=chunks, compression=compression, shuffle=True
+            )
+            step = max(1, _BLOCK_BYTES // (ds.dtype.itemsize * int(np.prod(ds.shape[1:]))) // rows) * rows
+            for a in range(0, ds.shape[0], step):  # whole chunks at a time
+                out[a : a + step] = ds[a : a + step]

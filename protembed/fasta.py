@@ -1,0 +1,396 @@
+"""FASTA input: one validating pass that indexes the file, then a second pass that yields sequences.
+
+Input is plain or gzip-compressed FASTA (gzip is recognised by its magic bytes, whatever the
+suffix) or ``-`` for stdin, which is spooled to a temporary file so that it can be read twice;
+`FastaIndex.cleanup` deletes that file (an ``atexit`` hook does too). Parsing uses Biopython's
+`SimpleFastaParser`; sequences are checked in batches with one table lookup through the model's
+`Alphabet`, so memory holds only ids, descriptions and a few numbers per record.
+
+`FastaIndex.sha256` is the SHA-256 of the *decompressed* input bytes, so a file, its gzip copy
+and the same bytes piped through stdin share one hash. `FastaIndex.seq_hash` is the first 8 bytes
+of BLAKE2b over a record's token ids: records that embed identically share it. Two distinct
+sequences collide with probability about N^2 / 2^65 (1e-8 for a million records, 3e-4 for a
+hundred million), so `duplicate_groups` trusts equal hashes without comparing sequences.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gzip
+import hashlib
+import io
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, NoReturn
+
+import numpy as np
+from Bio.SeqIO.FastaIO import SimpleFastaParser
+
+from protembed.alphabet import Alphabet
+from protembed.errors import FastaError, InvalidSequenceError
+
+_BATCH_CHARS = 1 << 22  # residues checked per vectorised batch
+_BATCH_RECORDS = 1 << 15
+_INVALID, _DROP = 255, 254  # byte-table codes; token ids are < 254
+_MAGIC = {
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ": "xz-compressed",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed",
+    b"PK\x03\x04": "a zip archive",
+    b"\x89HDF": "an HDF5 file",
+}
+
+
+@dataclass
+class FastaIndex:
+    """What the first pass learned; rows are records in file order (duplicate ids allowed)."""
+
+    source: str  # what the user passed, for messages ("proteins.fa", "<stdin>")
+    path: Path  # the file the second pass re-reads (a temporary spool for stdin)
+    ids: list[str]  # first word of each header
+    descriptions: list[str]  # full header line without '>'
+    n_residues: np.ndarray  # int64 [N] residue tokens per record; 0 for skipped rows
+    skipped: np.ndarray  # bool [N]
+    skip_reasons: dict[int, str]  # row -> one-line reason
+    seq_hash: np.ndarray  # uint64 [N] BLAKE2b-64 of the token ids; 0 for skipped rows
+    sha256: str  # SHA-256 of the decompressed input bytes
+    temporary: bool = False  # path is a spool of stdin that `cleanup` deletes
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def cleanup(self) -> None:
+        """Delete the stdin spool, if any (safe to call more than once)."""
+        if self.temporary:
+            self.path.unlink(missing_ok=True)
+
+
+def scan_fasta(path: str | Path, alphabet: Alphabet, on_invalid: str = "error") -> FastaIndex:
+    """Validate and index a FASTA file in one pass, before any model is loaded.
+
+    Args:
+        path: a FASTA file (plain or gzip) or "-" for stdin.
+        alphabet: decides which characters are valid and how residues are counted.
+        on_invalid: "error" raises on the first invalid or empty record; "skip" keeps its row,
+            marked skipped, with a reason.
+
+    Raises:
+        FastaError: unreadable input, not FASTA, no records, a header without an id, or (with
+            on_invalid="error") an invalid character or an empty record.
+    """
+    if on_invalid not in ("error", "skip"):
+        raise ValueError(f"on_invalid must be 'error' or 'skip', not {on_invalid!r}")
+    source, file, temporary = _resolve(path)
+    try:
+        index = _scan(source, file, alphabet, on_invalid)
+    except BaseException:
+        if temporary:
+            file.unlink(missing_ok=True)
+        raise
+    index.temporary = temporary
+    return index
+
+
+def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> FastaIndex:
+    table = _byte_table(alphabet)
+    ids: list[str] = []
+    descriptions: list[str] = []
+    counts: list[np.ndarray] = []
+    hashes: list[np.ndarray] = []
+    bad: dict[int, tuple[int, str]] = {}  # row -> (position, reason); position 0 = header line
+    seqs: list[str] = []
+    n_chars = 0
+
+    def check() -> None:
+        first = len(ids) - len(seqs)
+        n_res, digest, problems = _check_batch(seqs, table, alphabet)
+        counts.append(n_res)
+        hashes.append(digest)
+        for j, pos, reason in problems:
+            bad[first + j] = (pos, reason)
+            if on_invalid == "error":
+                break
+        seqs.clear()
+
+    with _reading(file, source) as (handle, digest):
+        for title, seq in SimpleFastaParser(handle):
+            try:
+                ids.append(title.split(None, 1)[0])
+            except IndexError:  # '>' with nothing after it
+                if seqs:
+                    check()  # an earlier bad record in this batch comes first
+                if not (bad and on_invalid == "error"):
+                    _fail(file, source, len(ids), 0, None, "header without an id")
+                break
+            descriptions.append(title)
+            seqs.append(seq)
+            n_chars += len(seq)
+            if n_chars >= _BATCH_CHARS or len(seqs) >= _BATCH_RECORDS:
+                check()
+                n_chars = 0
+                if bad and on_invalid == "error":
+                    break
+        if seqs:
+            check()
+        sha = digest.hexdigest()
+    if bad and on_invalid == "error":
+        row, (pos, reason) = next(iter(bad.items()))
+        _fail(file, source, row, pos, ids[row], reason)
+    if not ids:
+        raise FastaError(source, None, None, "empty file: no FASTA records")
+
+    n_residues = np.concatenate(counts)
+    seq_hash = np.concatenate(hashes)
+    skipped = np.zeros(len(ids), dtype=bool)
+    reasons: dict[int, str] = {}
+    if bad:
+        lines = _locate(file, {row: pos for row, (pos, _) in bad.items()})
+        for row, (_, reason) in sorted(bad.items()):
+            reasons[row] = f"{source}:{lines[row]}: {reason}"
+        rows = np.fromiter(bad, dtype=np.int64, count=len(bad))
+        skipped[rows], n_residues[rows], seq_hash[rows] = True, 0, 0
+    return FastaIndex(source, file, ids, descriptions, n_residues, skipped, reasons, seq_hash, sha)
+
+
+def iter_records(index: FastaIndex) -> Iterator[tuple[int, str]]:
+    """Second pass: (row, sequence) in file order, skipped rows left out.
+
+    Raises:
+        FastaError: the file cannot be read or no longer matches the index.
+    """
+    row = -1
+    with _reading(index.path, index.source) as (handle, _):
+        for row, (title, seq) in enumerate(SimpleFastaParser(handle)):
+            if row >= len(index.ids) or (title.split(None, 1) or [""])[0] != index.ids[row]:
+                raise FastaError(
+                    index.source, None, None, f"input changed since it was scanned (record {row + 1})"
+                )
+            if not index.skipped[row]:
+                yield row, seq
+    if row + 1 != len(index.ids):
+        raise FastaError(index.source, None, None, "input changed since it was scanned (fewer records)")
+
+
+def duplicate_groups(seq_hash: np.ndarray, skipped: np.ndarray) -> np.ndarray:
+    """For every row, the first row with the same sequence (itself if first); -1 for skipped rows.
+
+    Rows `r` with `first_row_of[r] == r` are the distinct sequences to compute; the others copy
+    row `first_row_of[r]`.
+    """
+    first_row_of = np.full(seq_hash.shape[0], -1, dtype=np.int64)
+    rows = np.flatnonzero(~skipped)
+    if rows.size == 0:
+        return first_row_of
+    order = rows[np.argsort(seq_hash[rows], kind="stable")]  # stable: rows ascending within a group
+    h = seq_hash[order]
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    sizes = np.diff(np.r_[starts, order.size])
+    first_row_of[order] = np.repeat(order[starts], sizes)
+    return first_row_of
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def _byte_table(alphabet: Alphabet) -> np.ndarray:
+    """Byte -> token id (uint8) of a residue anywhere in a sequence; 255 where not valid there."""
+    table = np.full(256, _INVALID, dtype=np.uint8)
+    for b in range(256):
+        try:
+            ids = alphabet.residue_ids(chr(b))
+        except InvalidSequenceError:
+            continue
+        if ids.size == 1:  # '*' is valid only as the last character; handled per record
+            table[b] = ids[0]
+    return table
+
+
+def _check_batch(
+    seqs: list[str], table: np.ndarray, alphabet: Alphabet
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, str]]]:
+    """Residue counts, token hashes and (record, position, reason) of the bad ones, for a batch."""
+    n = len(seqs)
+    joined = "".join(seqs)
+    # latin-1 keeps one byte per character; anything beyond it becomes '?', which is invalid.
+    data = joined.encode("latin-1", errors="replace")
+    raw = np.frombuffer(data, dtype=np.uint8)
+    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=n)
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    tok = table[raw]  # [chars] uint8 token ids
+    nonempty = np.flatnonzero(lens)
+    stars = nonempty[raw[ends[nonempty] - 1] == ord("*")]
+    tok[ends[stars] - 1] = _DROP
+    n_res = lens.copy()
+    n_res[stars] -= 1
+    special: dict[int, np.ndarray | tuple[int, str]] = {}
+    if b"<" in data:  # `<mask>` is one token: leave those records to the alphabet itself
+        for j in np.unique(np.searchsorted(ends, np.flatnonzero(raw == ord("<")), side="right")).tolist():
+            tok[starts[j] : ends[j]] = _DROP
+            try:
+                ids = alphabet.residue_ids(seqs[j])
+                special[j], n_res[j] = ids, ids.size
+            except InvalidSequenceError as exc:
+                special[j] = (exc.position, exc.char)
+    problems: dict[int, tuple[int, str]] = {}
+    bad_at = np.flatnonzero(tok == _INVALID)
+    if bad_at.size:
+        bad_rows, first = np.unique(np.searchsorted(ends, bad_at, side="right"), return_index=True)
+        for j, at in zip(bad_rows.tolist(), bad_at[first].tolist()):
+            problems[j] = (at - int(starts[j]) + 1, joined[at])
+    problems.update({j: v for j, v in special.items() if isinstance(v, tuple)})
+    reasons = {j: (pos, f"invalid residue {char!r} at position {pos}") for j, (pos, char) in problems.items()}
+    for j in np.flatnonzero(n_res == 0).tolist():
+        reasons.setdefault(j, (0, "empty sequence"))
+
+    # A valid ordinary record's tokens are exactly tok[start : start + n_res].
+    buf = tok.tobytes()
+    digests = [_blake(buf[a:b]) for a, b in zip(starts.tolist(), (starts + n_res).tolist(), strict=True)]
+    for j, found in special.items():
+        if isinstance(found, np.ndarray):
+            digests[j] = _blake(found.astype(np.uint8).tobytes())
+    seq_hash = np.frombuffer(b"".join(digests), dtype="<u8").astype(np.uint64)
+    return n_res, seq_hash, [(j, *reasons[j]) for j in sorted(reasons)]
+
+
+def _blake(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+class _Hashing(io.RawIOBase):
+    """A raw stream that feeds every byte it reads to a SHA-256."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self.inner, self.sha = inner, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        n = self.inner.readinto(buffer)  # type: ignore[attr-defined]
+        if n:
+            self.sha.update(memoryview(buffer)[:n])
+        return n
+
+
+def _resolve(path: str | Path) -> tuple[str, Path, bool]:
+    """(name for messages, file to read, whether that file is a stdin spool)."""
+    if str(path) != "-":
+        return str(path), Path(path), False
+    fd, name = tempfile.mkstemp(prefix="protembed-stdin-", suffix=".fasta")
+    atexit.register(Path(name).unlink, missing_ok=True)
+    with os.fdopen(fd, "wb") as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+    return "<stdin>", Path(name), True
+
+
+@contextmanager
+def _reading(file: Path, source: str) -> Iterator[tuple[Iterator[str], hashlib._Hash]]:
+    """Text lines of a plain or gzip file, starting at the first header, plus a running hash.
+
+    Every failure to read becomes a one-line `FastaError`.
+    """
+    try:
+        raw = open(file, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise FastaError(source, None, None, f"cannot read input: {exc.strerror or exc}") from None
+    binary: BinaryIO = raw
+    try:
+        magic = raw.read(6)
+        raw.seek(0)
+        if magic[:2] == b"\x1f\x8b":
+            binary = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+        else:
+            for sig, what in _MAGIC.items():
+                if magic.startswith(sig):
+                    raise FastaError(
+                        source, None, None, f"not FASTA: input is {what}; use plain or gzip FASTA"
+                    )
+        hashing = _Hashing(binary)
+        text = io.TextIOWrapper(io.BufferedReader(hashing, 1 << 20), encoding="utf-8-sig", newline=None)
+        yield itertools.chain(_first_header(text, source), text), hashing.sha
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise FastaError(source, None, None, f"corrupt gzip input: {exc}") from None
+    except UnicodeDecodeError:
+        line = _bad_utf8_line(file)
+        raise FastaError(source, line, None, "text is not UTF-8") from None
+    except OSError as exc:
+        raise FastaError(source, None, None, f"cannot read input: {exc.strerror or exc}") from None
+    finally:
+        binary.close()
+        raw.close()
+
+
+def _first_header(text: Iterator[str], source: str) -> list[str]:
+    """The lines up to the first header; blank lines before it are fine, anything else is not FASTA."""
+    head: list[str] = []
+    for line in text:
+        head.append(line)
+        if not line.strip():
+            continue
+        if line[0] != ">":
+            snippet = line.strip()[:30]
+            raise FastaError(
+                source, len(head), None, f"not FASTA: expected a '>' header line, found {snippet!r}"
+            )
+        break
+    return head
+
+
+def _locate(file: Path, targets: dict[int, int]) -> dict[int, int]:
+    """File line of each (row -> residue position) target; position 0 means the header line.
+
+    Counts residues per line exactly as `SimpleFastaParser` joins them (trailing whitespace,
+    spaces and carriage returns removed). Only runs on the error path.
+    """
+    found: dict[int, int] = {}
+    row, done, count = -1, len(targets), 0
+    with _reading(file, str(file)) as (lines, _):
+        lineno = 0
+        for lineno, line in enumerate(lines, 1):  # noqa: B007 - lineno is used after the loop
+            if line[0] == ">":
+                if len(found) == done:
+                    break
+                row, count = row + 1, 0
+                if targets.get(row) == 0:
+                    found[row] = lineno
+                continue
+            want = targets.get(row, 0)
+            if want > count:
+                count += len(line.rstrip().replace(" ", "").replace("\r", ""))
+                if count >= want:
+                    found[row] = lineno
+    return {row: found.get(row, lineno) for row in targets}
+
+
+def _fail(file: Path, source: str, row: int, pos: int, record: str | None, reason: str) -> NoReturn:
+    line = _locate(file, {row: pos})[row]
+    raise FastaError(source, line, record, reason)
+
+
+def _bad_utf8_line(file: Path) -> int | None:
+    """Line number of the first line that is not UTF-8 (error path only)."""
+    try:
+        with open(file, "rb") as raw:
+            head = raw.read(2)
+            raw.seek(0)
+            stream: BinaryIO = gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw  # type: ignore[assignment]
+            for lineno, line in enumerate(stream, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return lineno
+    except (OSError, EOFError, zlib.error):
+        return None
+    return None

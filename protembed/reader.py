@@ -1,0 +1,223 @@
+"""Reading embeddings files (HDF5 layout version 1) written by `protembed embed`.
+
+>>> from protembed.reader import open_embeddings
+>>> with open_embeddings("out.h5") as emb:
+...     X = emb.pooled("mean")            # (N, D), or (N, K, D) with several layers
+...     r = emb.residues("sp|P69905")     # (L, D) per-residue states of one record, read lazily
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from protembed.errors import OutputExistsError, ResumeMismatchError, StoreError
+
+FORMAT, FORMAT_VERSION = "protembed-embeddings", 1
+RECORD_DATASETS = ("ids", "descriptions", "lengths", "truncated", "skipped", "skip_reasons", "written")
+PER_RESIDUE_DATASETS = ("residues", "offsets")
+NOT_COMPARED = ("protembed_version", "created")  # every other root attribute must match to resume
+
+
+class EmbeddingFile:
+    """An open embeddings file; rows are FASTA records in input order (ids may repeat)."""
+
+    def __init__(self, h5: h5py.File, path: Path) -> None:
+        self._h5, self.path = h5, path
+        self.attrs: dict[str, Any] = {key: plain(value) for key, value in h5.attrs.items()}
+        self.lengths: np.ndarray = h5["lengths"][...]
+        self.skipped: np.ndarray = h5["skipped"][...]
+        self.layers: list[int] = [int(x) for x in np.atleast_1d(self.attrs.get("layers", [])).tolist()]
+        self.poolings = [k for k in h5 if k not in (*RECORD_DATASETS, *PER_RESIDUE_DATASETS)]
+
+    @property
+    def h5(self) -> h5py.File:
+        """The underlying h5py file, open read-only."""
+        return self._h5
+
+    @cached_property
+    def ids(self) -> list[str]:
+        """FASTA ids (first word of each header), one per row."""
+        return self._h5["ids"].asstr()[...].tolist()
+
+    @cached_property
+    def descriptions(self) -> list[str]:
+        """Full header lines without '>', one per row."""
+        return self._h5["descriptions"].asstr()[...].tolist()
+
+    @cached_property
+    def skip_reasons(self) -> list[str]:
+        """Why each skipped row was skipped ('' for the others)."""
+        return self._h5["skip_reasons"].asstr()[...].tolist()
+
+    @cached_property
+    def _first_row(self) -> dict[str, int]:
+        first: dict[str, int] = {}
+        for row, key in enumerate(self.ids):
+            first.setdefault(key, row)
+        return first
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def index(self, key: str) -> int:
+        """The first row whose FASTA id is `key`."""
+        try:
+            return self._first_row[key]
+        except KeyError:
+            raise StoreError(f"{self.path}: no record with id {key!r}") from None
+
+    def pooled(self, kind: str = "mean", layer: int | None = None) -> np.ndarray:
+        """All rows of one pooling, as stored (float32 or float16); skipped rows are NaN.
+
+        Returns (N, D) with one stored layer or when `layer` (a model layer index) is given,
+        else (N, K, D).
+        """
+        if kind not in self.poolings:
+            raise StoreError(f"{self.path}: no {kind!r} embeddings (stored: {', '.join(self.poolings)})")
+        ds = self._h5[kind]
+        if layer is None or ds.ndim == 2:
+            self._layer_axis(layer)
+            return ds[...]
+        return ds[:, self._layer_axis(layer)]
+
+    def residues(self, key: int | str, layer: int | None = None) -> np.ndarray:
+        """Per-residue embeddings of one record (by row or id): (L, D), or (L, K, D) without `layer`."""
+        if "residues" not in self._h5:
+            raise StoreError(f"{self.path}: no per-residue embeddings (embed with --per-residue)")
+        row = self.index(key) if isinstance(key, str) else int(key)
+        if not 0 <= row < len(self):
+            raise StoreError(f"{self.path}: row {row} out of range (0..{len(self) - 1})")
+        a, b = (int(x) for x in self._h5["offsets"][row : row + 2])
+        ds = self._h5["residues"]
+        if layer is None or ds.ndim == 2:
+            self._layer_axis(layer)
+            return ds[a:b]
+        return ds[a:b, self._layer_axis(layer)]
+
+    def residue_block(self, start: int, stop: int, layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-residue embeddings of rows start..stop-1 in one read, and their offsets into it."""
+        offsets = self._h5["offsets"][start : stop + 1].astype(np.int64)
+        ds = self._h5["residues"]
+        a, b = int(offsets[0]), int(offsets[-1])
+        block = ds[a:b] if layer is None or ds.ndim == 2 else ds[a:b, self._layer_axis(layer)]
+        return block, offsets - a
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> EmbeddingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _layer_axis(self, layer: int | None) -> int:
+        """Position of a model layer on the K axis (0 when only one layer is stored)."""
+        if layer is None:
+            return 0
+        if layer not in self.layers:
+            raise StoreError(f"{self.path}: layer {layer} is not stored (stored layers: {self.layers})")
+        return self.layers.index(layer)
+
+
+def open_embeddings(path: str | Path, allow_incomplete: bool = False) -> EmbeddingFile:
+    """Open an embeddings file for reading.
+
+    Raises:
+        StoreError: not a readable protembed embeddings file, or unfinished (unless
+            `allow_incomplete`, in which case rows with `written` false hold no data).
+    """
+    path = Path(path)
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as exc:
+        why = "no such file" if not path.exists() else f"not a readable HDF5 file ({exc})"
+        raise StoreError(f"{path}: {why}") from None
+    try:
+        fmt, version = plain(h5.attrs.get("format")), plain(h5.attrs.get("format_version"))
+        if fmt != FORMAT or not all(k in h5 for k in RECORD_DATASETS):
+            raise StoreError(f"{path}: not a protembed embeddings file")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{path}: layout version {version} is not supported (this protembed reads 1)")
+        if not plain(h5.attrs.get("complete")) and not allow_incomplete:
+            done = int(np.count_nonzero(h5["written"][...]))
+            todo = int(np.count_nonzero(~h5["skipped"][...]))
+            raise StoreError(
+                f"{path}: unfinished output ({done} of {todo} records written); rerun the same "
+                f"embed command to finish it, or pass allow_incomplete=True"
+            )
+        return EmbeddingFile(h5, path)
+    except BaseException:
+        h5.close()
+        raise
+
+
+def plain(value: Any) -> Any:
+    """An HDF5 attribute value as plain Python (lists, ints, floats, bools, str)."""
+    if isinstance(value, np.ndarray):
+        return [plain(v) for v in value.tolist()] if value.ndim else plain(value.item())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def check_resumable(
+    path: Path,
+    attrs: dict[str, Any],
+    big: dict[str, tuple[int, ...]],
+    lengths: np.ndarray,
+    skipped: np.ndarray,
+) -> None:
+    """Check that an existing output is an unfinished one made with these settings.
+
+    `attrs` are the new root attributes and `big` the shapes of the embedding datasets.
+
+    Raises:
+        OutputExistsError: not a protembed file of this layout version, or already complete.
+        ResumeMismatchError: made with other settings; names each one, file vs now.
+    """
+    hint = "pass --overwrite to replace it"
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError:
+        raise OutputExistsError(f"{path}: exists and is not a readable HDF5 file; {hint}") from None
+    with h5:
+        old = {k: plain(v) for k, v in h5.attrs.items()}
+        if old.get("format") != FORMAT or not all(k in h5 for k in RECORD_DATASETS):
+            raise OutputExistsError(f"{path}: exists and is not a protembed embeddings file; {hint}")
+        if old.get("format_version") != FORMAT_VERSION:
+            raise OutputExistsError(f"{path}: written in layout version {old.get('format_version')}; {hint}")
+        if old.get("complete"):
+            raise OutputExistsError(f"{path}: a complete output already exists; {hint}")
+        new = {k: plain(v) for k, v in attrs.items()}
+        diffs = [
+            f"{key} {_show(old.get(key))} (file) vs {_show(new.get(key))} (now)"
+            for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and key not in NOT_COMPARED
+        ]
+        have = {k: h5[k].shape for k in h5 if k not in RECORD_DATASETS and k != "offsets"}
+        if have != big:
+            diffs.append(f"datasets {_show(have)} (file) vs {_show(big)} (now)")
+        if not np.array_equal(h5["skipped"][...], skipped):
+            diffs.append("skipped records differ")
+        elif not np.array_equal(h5["lengths"][...], lengths):
+            diffs.append("record lengths differ")
+    if diffs:
+        raise ResumeMismatchError(
+            f"{path}: an unfinished output with other settings exists: {'; '.join(diffs)}; "
+            f"rerun with the same settings to resume, or {hint}"
+        )
+
+
+def _show(value: Any) -> str:
+    text = "(unset)" if value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

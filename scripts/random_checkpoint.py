@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Write a random-weight checkpoint of a registry model's shape in the Hub file layout.
+
+Speed does not depend on weight values, so this is what the README's performance figures run on
+when the real weights cannot be downloaded:
+
+    python scripts/random_checkpoint.py esm2-35m /tmp/esm2-35m
+    protembed embed proteins.fasta --model /tmp/esm2-35m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from protembed.models import amplify, esm2
+from protembed.models.checkpoints import random_model, registry_config
+from protembed.registry import MODELS
+
+
+def hub_config(name: str) -> dict:
+    """A `config.json` like the published one for a registry model."""
+    info = MODELS[name]
+    common = {
+        "hidden_size": info.d_model,
+        "num_hidden_layers": info.n_layers,
+        "num_attention_heads": info.n_heads,
+    }
+    if info.family == "esm2":
+        return {"architectures": ["EsmForMaskedLM"], "model_type": "esm", "intermediate_size": info.d_ffn,
+                "vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32, "position_embedding_type": "rotary",
+                "token_dropout": True, "emb_layer_norm_before": False, "layer_norm_eps": 1e-5,
+                "max_position_embeddings": 1026, "torch_dtype": "float32", **common}  # fmt: skip
+    return {"architectures": ["AMPLIFY"], "model_type": "AMPLIFY", "intermediate_size": 4 * info.d_model,
+            "vocab_size": 27, "pad_token_id": 0, "mask_token_id": 2, "bos_token_id": 3, "eos_token_id": 4,
+            "unk_token_id": 1, "rms_norm": True, "norm_eps": 1e-5, "hidden_act": "SwiGLU", "att_bias": False,
+            "ffn_bias": False, "layer_norm_after_embedding": False, "layer_norm_before_last_layer": True,
+            "max_length": 2048, "torch_dtype": "float32", **common}  # fmt: skip
+
+
+def hub_state(name: str, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights under the Hub key names (fused tensors split back as the Hub stores them)."""
+    config = registry_config(name)
+    ours = random_model(config, seed=seed).state_dict()
+    module = esm2 if config.family == "esm2" else amplify
+    mapping = module.key_map(config.n_layers)
+    state = {}
+    for dst, srcs in mapping.items():
+        parts = ours[dst].chunk(len(srcs), dim=0)
+        for src, part in zip(srcs, parts):
+            state[src] = part.contiguous()
+    if config.family == "esm2":
+        inv = (1.0 / 10000 ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)).half().float()
+        for i in range(config.n_layers):
+            state[f"esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq"] = inv.clone()
+    return state
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=list(MODELS))
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "config.json").write_text(json.dumps(hub_config(a.model), indent=2))
+    save_file(hub_state(a.model, a.seed), str(a.out / "model.safetensors"))
+    print(a.out)
+
+
+if __name__ == "__main__":
+    main()

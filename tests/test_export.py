@@ -1,0 +1,102 @@
+"""`protembed export --layout per-protein`: one dataset per record, ids escaped and made unique."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from protembed.cli import app
+from protembed.errors import OutputExistsError, StoreError
+from protembed.export import dataset_names, escape_id, export_per_protein
+from protembed.store import EmbeddingWriter
+
+IDS = ["sp|P1|A", "tr/Q2", "50%/x", "sp|P1|A", "skipped", "sp|P1|A#2", "."]
+LENGTHS = np.array([3, 4, 2, 3, 0, 5, 1])
+D = 4
+
+
+def make_file(path: Path, layers: list[int], complete: bool = True) -> None:
+    n, k = len(IDS), len(layers)
+    skipped = np.array([i == 4 for i in range(n)])
+    writer = EmbeddingWriter.open(
+        path,
+        attrs={"model": "tiny", "layers": layers, "pooling": ["mean", "cls"]},
+        ids=IDS,
+        descriptions=IDS,
+        lengths=LENGTHS,
+        truncated=np.zeros(n, dtype=bool),
+        skipped=skipped,
+        skip_reasons={4: "x.fa:9: empty sequence"},
+        n_layers=k,
+        d_model=D,
+        poolings=["mean", "cls"],
+        per_residue=True,
+        store_dtype="float32",
+        compression=None,
+        overwrite=True,
+    )
+    rows = writer.pending if complete else writer.pending[:2]
+    pooled = rows[:, None, None] + np.arange(k)[None, :, None] / 10 + np.zeros((1, 1, D), np.float32)
+    residues = [pooled[j] + np.arange(LENGTHS[r])[:, None, None] / 100 for j, r in enumerate(rows)]
+    writer.write(rows, {"mean": pooled, "cls": -pooled}, residues)
+    writer.close(complete=complete)
+
+
+def test_escape_and_unique_names() -> None:
+    assert escape_id("a/b%c") == "a%2Fb%25c" and escape_id(".") == "%2E" and escape_id("..") == ".."
+    assert dataset_names(["x", "x", "x#2", "x", "a/b"]) == ["x", "x#2", "x#2#2", "x#3", "a%2Fb"]
+
+
+def test_export_pooled_one_layer(tmp_path: Path) -> None:
+    make_file(tmp_path / "in.h5", layers=[6])
+    summary = export_per_protein(tmp_path / "in.h5", tmp_path / "out.h5")
+    assert (summary.n_written, summary.n_skipped) == (6, 1)
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        assert sorted(h5) == sorted(["sp|P1|A", "tr%2FQ2", "50%25%2Fx", "sp|P1|A#2", "sp|P1|A#2#2", "%2E"])
+        assert h5["tr%2FQ2"].shape == (D,) and np.allclose(h5["tr%2FQ2"][...], 1.0)
+        assert np.allclose(h5["sp|P1|A#2"][...], 3.0) and np.allclose(h5["sp|P1|A#2#2"][...], 5.0)
+        assert h5["50%25%2Fx"].attrs["original_id"] == "50%/x"
+        assert h5.attrs["layout"] == "per-protein" and h5.attrs["what"] == "mean" and h5.attrs["layer"] == 6
+        assert h5.attrs["model"] == "tiny" and list(h5.attrs["pooling"]) == ["mean", "cls"]
+
+
+def test_export_residues_of_one_layer(tmp_path: Path) -> None:
+    make_file(tmp_path / "in.h5", layers=[2, 5])
+    with pytest.raises(StoreError, match=r"holds layers \[2, 5\]; pick one with --layer"):
+        export_per_protein(tmp_path / "in.h5", tmp_path / "out.h5", what="residues")
+    export_per_protein(tmp_path / "in.h5", tmp_path / "out.h5", what="residues", layer=5)
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        assert h5["tr%2FQ2"].shape == (4, D) and "skipped" not in h5
+        expected = 1 + 0.1 + np.arange(4)[:, None] / 100 + np.zeros((1, D))
+        assert np.allclose(h5["tr%2FQ2"][...], expected)
+        assert h5["%2E"].shape == (1, D)
+    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
+        export_per_protein(tmp_path / "in.h5", tmp_path / "out.h5", what="cls", layer=2)
+    export_per_protein(tmp_path / "in.h5", tmp_path / "out.h5", what="cls", layer=2, overwrite=True)
+    with h5py.File(tmp_path / "out.h5", "r") as h5:
+        assert np.allclose(h5["tr%2FQ2"][...], -1.0)
+
+
+def test_export_cli(tmp_path: Path) -> None:
+    runner = CliRunner()
+    make_file(tmp_path / "in.h5", layers=[6])
+    args = ["export", str(tmp_path / "in.h5"), "--layout", "per-protein", "-o", str(tmp_path / "out.h5")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert str(tmp_path / "out.h5") in result.stdout
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert "out.h5: already exists; pass --overwrite to replace it" in result.stderr
+    result = runner.invoke(app, [*args, "--what", "residues", "--layer", "6", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*args, "--layer", "3", "--overwrite"])
+    assert result.exit_code == 1 and "layer 3 is not stored (stored layers: [6])" in result.stderr
+
+    make_file(tmp_path / "part.h5", layers=[6], complete=False)
+    result = runner.invoke(app, ["export", str(tmp_path / "part.h5"), "-o", str(tmp_path / "p.h5")])
+    assert result.exit_code == 1 and "unfinished output (2 of 6 records written)" in result.stderr
+    assert not (tmp_path / "p.h5").exists() and not (tmp_path / "p.h5.partial").exists()

@@ -1,0 +1,238 @@
+"""FASTA input: indexing pass, validation messages, second pass, hashes and duplicates."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from protembed import fasta
+from protembed.alphabet import AMPLIFY, ESM2
+from protembed.errors import FastaError, InvalidSequenceError
+from protembed.fasta import duplicate_groups, iter_records, scan_fasta
+
+BAD = Path(__file__).parent / "data" / "bad"
+
+TEXT = "\n>sp|P1 first protein\nMKT AYI\r\nak*\n>p2\nMK<mask>T\n>p3 same tokens as p1\nmktayiak\n"
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # messages name the relative path the test passes
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "in.fasta") -> Path:
+    (tmp_path / name).write_bytes(text.encode() if isinstance(text, str) else text)
+    return Path(name)
+
+
+def test_index_fields(tmp_path: Path) -> None:
+    index = scan_fasta(write(tmp_path, TEXT), ESM2)
+    assert index.ids == ["sp|P1", "p2", "p3"]
+    assert index.descriptions == ["sp|P1 first protein", "p2", "p3 same tokens as p1"]
+    assert index.n_residues.tolist() == [8, 4, 8]  # spaces and trailing '*' dropped, <mask> is one
+    assert index.n_residues.dtype == np.int64 and index.seq_hash.dtype == np.uint64
+    assert not index.skipped.any() and index.skip_reasons == {}
+    assert index.seq_hash[0] == index.seq_hash[2] != index.seq_hash[1]
+    assert list(iter_records(index)) == [(0, "MKTAYIak*"), (1, "MK<mask>T"), (2, "mktayiak")]
+    assert len(index.sha256) == 64 and not index.temporary
+
+
+def test_gzip_by_magic_and_same_hash(tmp_path: Path) -> None:
+    plain = scan_fasta(write(tmp_path, TEXT), ESM2)
+    packed = scan_fasta(write(tmp_path, gzip.compress(TEXT.encode()), "named_plain.fa"), ESM2)
+    assert packed.ids == plain.ids and packed.sha256 == plain.sha256
+    assert np.array_equal(packed.seq_hash, plain.seq_hash)
+    assert [s for _, s in iter_records(packed)] == [s for _, s in iter_records(plain)]
+
+
+def test_stdin_is_spooled_and_cleaned_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(gzip.compress(TEXT.encode()))))
+    index = scan_fasta("-", ESM2)
+    assert index.source == "<stdin>" and index.temporary and index.path.exists()
+    assert index.sha256 == scan_fasta(write(tmp_path, TEXT), ESM2).sha256
+    assert [row for row, _ in iter_records(index)] == [0, 1, 2]
+    index.cleanup()
+    assert not index.path.exists()
+
+
+def test_stdin_spool_removed_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(b">a\nMK1\n")))
+    spooled: list[Path] = []
+    real = fasta._resolve
+
+    def resolve(path: str | Path) -> tuple[str, Path, bool]:
+        found = real(path)
+        spooled.append(found[1])
+        return found
+
+    monkeypatch.setattr(fasta, "_resolve", resolve)
+    with pytest.raises(FastaError, match=r"^<stdin>:2: record 'a': invalid residue '1' at position 3$"):
+        scan_fasta("-", ESM2)
+    assert spooled and not spooled[0].exists()
+
+
+BAD_CASES = {
+    "empty_file.fasta": ("empty_file.fasta: empty file: no FASTA records", False),
+    "not_fasta.fasta": (
+        "not_fasta.fasta:1: not FASTA: expected a '>' header line, found 'ID   HBA_HUMAN   ",
+        False,
+    ),
+    "empty_record.fasta": ("empty_record.fasta:5: record 'sp|EMPTY1': empty sequence", True),
+    "invalid_residue.fasta": (
+        "invalid_residue.fasta:7: record 'sp|P68871|HBB_HUMAN': invalid residue '8' at position 65",
+        True,
+    ),
+    "stop_inside_sequence.fasta": (
+        "stop_inside_sequence.fasta:2: record 'orf1': invalid residue '*' at position 31",
+        True,
+    ),
+    "tab_in_sequence.fasta": (
+        "tab_in_sequence.fasta:2: record 'pasted_from_a_table': invalid residue '\\t' at position 11",
+        True,
+    ),
+    "header_without_id.fasta": ("header_without_id.fasta:5: header without an id", False),
+    "not_utf8.fasta": ("not_utf8.fasta:5: text is not UTF-8", False),
+    "truncated_gzip.fasta": ("truncated_gzip.fasta: corrupt gzip input: Compressed file ended", False),
+    "bzip2_compressed.fasta": ("bzip2_compressed.fasta: not FASTA: input is bzip2-compressed", False),
+}
+
+
+def test_every_bad_fixture_has_a_case() -> None:
+    assert sorted(p.name for p in BAD.glob("*.fasta")) == sorted(BAD_CASES)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CASES))
+def test_bad_fixture(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(BAD)  # messages name the path as given
+    message, skippable = BAD_CASES[name]
+    with pytest.raises(FastaError) as err:
+        scan_fasta(name, ESM2)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    if not skippable:
+        with pytest.raises(FastaError):
+            scan_fasta(name, ESM2, on_invalid="skip")
+        return
+    index = scan_fasta(name, ESM2, on_invalid="skip")
+    (row,) = np.flatnonzero(index.skipped).tolist()
+    where, record, reason = message.split(": ", 2)
+    assert record == f"record '{index.ids[row]}'"
+    assert index.skip_reasons == {row: f"{where}: {reason}"}
+    assert index.n_residues[row] == 0 and index.seq_hash[row] == 0
+    assert [r for r, _ in iter_records(index)] == [r for r in range(len(index)) if r != row]
+
+
+def test_skip_keeps_rows_in_place(tmp_path: Path) -> None:
+    text = ">a\nMK\n>b\nMJK\n>c\n>d\nM-\n>a\nQQ\n"  # J is <unk>; c is empty; '-' is invalid
+    index = scan_fasta(write(tmp_path, text), ESM2, on_invalid="skip")
+    assert index.ids == ["a", "b", "c", "d", "a"]
+    assert index.skipped.tolist() == [False, False, True, True, False]
+    assert index.skip_reasons == {
+        2: "in.fasta:5: empty sequence",
+        3: "in.fasta:7: invalid residue '-' at position 2",
+    }
+    assert index.n_residues.tolist() == [2, 3, 0, 0, 2]
+    assert [row for row, _ in iter_records(index)] == [0, 1, 4]
+
+
+def test_error_in_a_later_batch_names_the_right_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fasta, "_BATCH_RECORDS", 7)
+    lines = [f">r{i}\nMKTA\nYIAK" for i in range(40)]
+    lines[31] = ">r31\nMKTA\nYI#K"
+    path = write(tmp_path, "\n\n" + "\n".join(lines) + "\n")
+    with pytest.raises(FastaError, match=r"^in.fasta:98: record 'r31': invalid residue '#' at position 7$"):
+        scan_fasta(path, ESM2)
+    index = scan_fasta(path, ESM2, on_invalid="skip")
+    assert np.flatnonzero(index.skipped).tolist() == [31] and len(index) == 40
+
+
+def test_missing_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(FastaError, match=r"^nope.fa: cannot read input: No such file or directory$"):
+        scan_fasta("nope.fa", ESM2)
+    with pytest.raises(FastaError, match="cannot read input: Is a directory"):
+        scan_fasta(tmp_path, ESM2)
+
+
+def test_other_text_problems(tmp_path: Path) -> None:
+    cases = {
+        "\n\n  \n": "in.fasta: empty file: no FASTA records",
+        ">a\nMKÄT\n": "in.fasta:2: record 'a': invalid residue 'Ä' at position 3",
+        ">a\nMK\u4e00T\n": "in.fasta:2: record 'a': invalid residue '\u4e00' at position 3",
+        ">a\nMK<mask\n": "in.fasta:2: record 'a': invalid residue '<' at position 3",
+        ">a\nMKT**\n": "in.fasta:2: record 'a': invalid residue '*' at position 4",
+        ">a\n*\n": "in.fasta:1: record 'a': empty sequence",
+    }
+    for text, message in cases.items():
+        with pytest.raises(FastaError) as err:
+            scan_fasta(write(tmp_path, text), ESM2)
+        assert str(err.value) == message
+
+
+def test_validation_matches_the_alphabet(tmp_path: Path) -> None:
+    """The vectorised batch check agrees with Alphabet.residue_ids, record by record."""
+    rng = np.random.default_rng(0)
+    pieces = list("ACDEFGHIKLMNPQRSTVWYXBUZOJacdxy.-") + ["<mask>", "<MASK>", "1", "_", "é"]
+    weights = np.array([30.0] * 33 + [1, 1, 0.2, 0.2, 0.2])
+    for alphabet in (ESM2, AMPLIFY):
+        seqs = []
+        for _ in range(300):
+            n = int(rng.integers(1, 40))
+            seq = "".join(rng.choice(pieces, n, p=weights / weights.sum()))
+            seqs.append(seq + ("*" if rng.random() < 0.2 else ""))
+        text = "".join(f">s{i}\n{seq}\n" for i, seq in enumerate(seqs))
+        index = scan_fasta(write(tmp_path, text), alphabet, on_invalid="skip")
+        for i, seq in enumerate(seqs):
+            try:
+                ids = alphabet.residue_ids(seq)
+            except InvalidSequenceError as exc:
+                assert index.skipped[i]
+                assert index.skip_reasons[i].endswith(
+                    f"invalid residue {exc.char!r} at position {exc.position}"
+                )
+                continue
+            assert index.skipped[i] == (ids.size == 0)
+            assert index.n_residues[i] == ids.size
+            if ids.size:
+                assert index.seq_hash[i] == int.from_bytes(
+                    fasta._blake(ids.astype(np.uint8).tobytes()), "little"
+                )
+
+
+def test_hash_follows_tokens_not_text(tmp_path: Path) -> None:
+    text = ">a\nMKTJ\n>b\nmktx*\n>c\nMKTX\n"  # AMPLIFY: J and X are both <unk>; ESM-2 has an X token
+    amp = scan_fasta(write(tmp_path, text), AMPLIFY)
+    esm = scan_fasta(write(tmp_path, text), ESM2)
+    assert amp.seq_hash[0] == amp.seq_hash[1] == amp.seq_hash[2]
+    assert esm.seq_hash[0] != esm.seq_hash[1] == esm.seq_hash[2]
+
+
+def test_duplicate_groups() -> None:
+    seq_hash = np.array([5, 7, 5, 9, 7, 5], dtype=np.uint64)
+    skipped = np.array([False, False, False, True, False, False])
+    assert duplicate_groups(seq_hash, skipped).tolist() == [0, 1, 0, -1, 1, 0]
+    skipped[0] = True
+    assert duplicate_groups(seq_hash, skipped).tolist() == [-1, 1, 2, -1, 1, 2]
+    assert duplicate_groups(seq_hash, np.ones(6, dtype=bool)).tolist() == [-1] * 6
+
+
+def test_second_pass_notices_a_changed_file(tmp_path: Path) -> None:
+    path = write(tmp_path, TEXT)
+    index = scan_fasta(path, ESM2)
+    path.write_text(TEXT.replace(">p2", ">other"))
+    with pytest.raises(FastaError, match="input changed since it was scanned"):
+        list(iter_records(index))
+    path.write_text(TEXT + ">extra\nMK\n")
+    with pytest.raises(FastaError, match="input changed since it was scanned"):
+        list(iter_records(index))
+
+
+def test_sha256_is_stable_and_content_based(tmp_path: Path) -> None:
+    a = scan_fasta(write(tmp_path, TEXT, "a.fa"), ESM2)
+    b = scan_fasta(write(tmp_path, TEXT, "b.fa"), ESM2)
+    c = scan_fasta(write(tmp_path, TEXT + "\n", "c.fa"), ESM2)
+    assert a.sha256 == b.sha256 != c.sha256
