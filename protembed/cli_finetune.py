@@ -1,0 +1,259 @@
+"""`protembed finetune` and `protembed predict`: FLIP heads on frozen features, from the command line."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from protembed.cli import err_console, handle_errors, out_console, print_json
+from protembed.errors import OutputExistsError
+from protembed.finetune import check_head, check_output, plot, predict_fasta, require_matplotlib, save
+from protembed.finetune import finetune as run_finetune
+from protembed.flip import get_task, load_task
+from protembed.flip_fetch import FLIP_URL, default_cache_dir
+from protembed.registry import DEFAULT_MODEL
+
+
+class TaskName(str, Enum):
+    meltome = "flip-meltome"
+    gb1 = "flip-gb1"
+    secondary_structure = "flip-secondary-structure"
+    ss3 = "flip-ss3"
+    conservation = "flip-conservation"
+    scl = "flip-scl"
+    bind = "flip-bind"
+
+
+class FeatureKind(str, Enum):
+    model = "model"
+    onehot = "onehot"
+
+
+class HeadName(str, Enum):
+    linear = "linear"
+    mlp = "mlp"
+    ridge = "ridge"
+    cnn = "cnn"
+
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Folder in the FLIP FASTA layout (<dir>/<task>/<file>.fasta[.gz]); default: download once "
+        "from the FLIP server into the cache.",
+    ),
+]
+CacheDir = Annotated[
+    Path | None,
+    typer.Option("--cache-dir", help="Cache for downloads and features (default: $PROTEMBED_CACHE or "
+                 "~/.cache/protembed)."),
+]  # fmt: skip
+Device = Annotated[str | None, typer.Option("--device", help="Torch device. Default: cuda if available.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+        transient=True,
+    )
+
+
+@handle_errors
+def finetune(
+    task: Annotated[TaskName, typer.Argument(help="FLIP task.", show_default=False)],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help=f"Registry name, Hub repo id or checkpoint folder. Default: {DEFAULT_MODEL}.",
+        ),
+    ] = None,  # fmt: skip
+    features: Annotated[
+        FeatureKind, typer.Option("--features", help="Language-model embeddings or the one-hot baseline.")
+    ] = FeatureKind.model,
+    split: Annotated[
+        str | None, typer.Option("--split", help="Split file Default: the task's card split.")
+    ] = None,
+    head: Annotated[
+        HeadName | None, typer.Option("--head", help="Head Default: mlp per sequence, cnn per residue.")
+    ] = None,
+    layer: Annotated[
+        int,
+        typer.Option(
+            "--layer", help="Layer to embed: 0 is the token embedding, negative counts from the end."
+        ),
+    ] = -1,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Maximum training epochs.")] = 20,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per step.")] = 32,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation and shuffling.")] = 0,
+    patience: Annotated[
+        int, typer.Option("--patience", min=1, help="Epochs without improvement to stop.")
+    ] = 5,
+    data_dir: DataDir = None,
+    cache_dir: CacheDir = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Save head, config, predictions.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")
+    ] = False,
+    device: Device = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
+    plot_png: Annotated[
+        bool, typer.Option("--plot", help="Also write a PNG of the test predictions.")
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a small head on frozen features for a FLIP task and report test metrics."""
+    if features is FeatureKind.onehot and model is not None:
+        raise typer.BadParameter("--model and --features onehot exclude each other", param_hint="--model")
+    spec = get_task(task.value)
+    head_name = check_head(spec, head.value if head else None)
+    if output is not None:
+        check_output(output, overwrite)
+    if plot_png:
+        require_matplotlib()
+    cache = cache_dir or default_cache_dir()
+    model_ref = None if features is FeatureKind.onehot else model or DEFAULT_MODEL
+    with _progress(quiet) as bar:
+        dl: dict[str, TaskID] = {}
+
+        def on_download(name: str, done: int, total: int | None) -> None:
+            if name not in dl:
+                dl[name] = bar.add_task(f"downloading {name}.fasta", total=total)
+            bar.update(dl[name], completed=done)
+
+        data = load_task(
+            spec, split, data_dir, cache, os.environ.get("PROTEMBED_FLIP_URL", FLIP_URL), on_download
+        )
+        emb = bar.add_task("embedding", total=None, visible=False)
+        ep = bar.add_task("training", total=epochs, visible=False)
+
+        def on_embed(done: int, total: int) -> None:
+            bar.update(emb, completed=done, total=total, visible=True)
+
+        def on_epoch(epoch: int, loss: float, val: dict[str, float]) -> None:
+            shown = ", ".join(f"val {k} {v:.4g}" for k, v in val.items() if k != "n")
+            bar.update(
+                ep, completed=epoch, visible=True, description=f"epoch {epoch} loss {loss:.4f} {shown}"
+            )
+
+        run = run_finetune(data, model=model_ref, head=head_name, layer=layer, epochs=epochs, lr=lr,
+                           batch_size=batch_size, seed=seed, patience=patience, device=device,
+                           cache_dir=cache, on_embed=on_embed, on_epoch=on_epoch)  # fmt: skip
+    cfg = run.config
+    if output is not None:
+        save(run, output, overwrite)
+    plot_path = None
+    if plot_png:
+        plot_path = (output / "test.png") if output else Path(f"{spec.name}_{data.split}_{head_name}.png")
+        plot(run, plot_path)
+    if cfg["truncated_sequences"] and not quiet:
+        n, dropped = cfg["truncated_sequences"], cfg["dropped_residue_labels"]
+        err_console.print(f"note: {n} sequences were longer than the features cover and were truncated "
+                          f"({dropped} labelled residues not scored)")  # fmt: skip
+    if json_out:
+        print_json({**{k: v for k, v in cfg.items() if k != "history"}, "output": output, "plot": plot_path})
+        return
+    out_console.print(results_table(cfg))
+    for label, path in (("saved", output), ("plot", plot_path)):
+        if path is not None:
+            out_console.print(f"{label}: {path}", highlight=False)
+
+
+def results_table(cfg: dict[str, Any]) -> Table:
+    """Test, validation and floor rows with the task's metrics."""
+    m = cfg["metrics"]
+    feats = (
+        "one-hot"
+        if cfg["features"] == "onehot"
+        else f"{cfg['model']['name']} layer {cfg['model']['layer_index']}"
+    )
+    tr = cfg["training"]
+    epochs = "" if tr["best_epoch"] is None else f"; best epoch {tr['best_epoch']} of {tr['epochs_run']}"
+    c = cfg["counts"]
+    table = Table(
+        title=f"{cfg['task']} / {cfg['split']}: {feats} + {cfg['head']} head",
+        caption=f"train {c['train']}, validation {c['validation']}, test {c['test']} sequences{epochs}; "
+        f"fit on {tr['fit_on']}; {cfg['seconds']['total']:.1f} s",
+    )
+    table.add_column("")
+    unit = f" ({cfg['unit']})" if cfg["unit"] else ""
+    if cfg["kind"] == "regression":
+        cols = [("rmse", f"RMSE{unit}"), ("spearman", "Spearman")]
+    else:
+        cols = [("accuracy", "accuracy %")]
+        if cfg["level"] == "residue":
+            cols.append(("accuracy_per_sequence", "per-sequence accuracy %"))
+    for _, title in cols:
+        table.add_column(title, justify="right")
+    table.add_column("n", justify="right")
+    rows = [
+        ("test", m["test"]),
+        ("validation", m["validation"]),
+        (f"floor ({m['floor_kind']}, test)", m["floor"]),
+    ]
+    for name, metrics in rows:
+        if metrics is not None:
+            table.add_row(name, *[_num(metrics.get(k)) for k, _ in cols], str(metrics.get("n", "")))
+    return table
+
+
+def _num(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.2f}" if abs(v) >= 10 else f"{v:.3f}"
+
+
+@handle_errors
+def predict(
+    head_dir: Annotated[
+        Path, typer.Argument(help="Folder written by `finetune --output`.", show_default=False)
+    ],
+    fasta: Annotated[Path, typer.Argument(help="Sequences to predict.", show_default=False)],
+    out: Annotated[Path | None, typer.Option("--output", "-o", help="CSV file Default: stdout.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    cache_dir: CacheDir = None,
+    device: Device = None,
+    quiet: Quiet = False,
+) -> None:
+    """Apply a saved FLIP head to new sequences: CSV of id and prediction."""
+    if out is not None and out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
+    with _progress(quiet) as bar:
+        emb = bar.add_task("embedding", total=None, visible=False)
+
+        def on_embed(done: int, total: int) -> None:
+            bar.update(emb, completed=done, total=total, visible=True)
+
+        rows, truncated = predict_fasta(head_dir, fasta, device, cache_dir, on_embed)
+    if truncated and not quiet:
+        err_console.print(f"note: {truncated} sequences were truncated to the features' maximum length")
+    fh = open(out, "w", newline="") if out is not None else sys.stdout
+    try:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "prediction"])
+        writer.writerows(rows)
+    finally:
+        if out is not None:
+            fh.close()
+    if out is not None and not quiet:
+        err_console.print(f"wrote {len(rows)} predictions to {out}", highlight=False)

@@ -1,0 +1,143 @@
+"""The FLIP FASTA server: pinned files, a checked download into the cache.
+
+Files live at `<FLIP_URL>/<folder>/<file>.fasta`. Each downloadable file is pinned by the sha256 of
+its content (where we hold a copy to hash) and by its record counts; a download that does not
+match is deleted and reported, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from protembed.errors import HubError
+
+FLIP_URL = "http://data.bioembeddings.com/public/FLIP/fasta/"
+
+Progress = Callable[[str, int, "int | None"], None]  # (file, bytes done, bytes total)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """What a file from the FLIP server must be: sha256 of the uncompressed file (when we have a
+    copy to hash) and its record counts, (train, validation, test) or (records,)."""
+
+    sha256: str | None
+    counts: tuple[int, ...]
+
+
+# sha256 values are of the gunzipped files in shared/data/flip/fasta_layout; meltome and scl could
+# not be obtained, so those two are pinned only by the record counts the FLIP READMEs publish.
+PINS: dict[str, Pin] = {
+    "gb1/one_vs_rest": Pin(
+        "3af259abd9cafd843d264d41fc17c46542392b26cd063eb5a6cdd4f3d9a68188", (25, 3, 8705)),
+    "gb1/two_vs_rest": Pin(
+        "c36a5694467b322060f0a766e3cb40ebb8a727a39d41ddd104a814f833b327e1", (381, 43, 8309)),
+    "gb1/three_vs_rest": Pin(
+        "276a9d37342b3ffa50c5f5ee1e11f45975d179b784806e6dea8076c8a498a0ec", (2691, 299, 5743)),
+    "gb1/low_vs_high": Pin(
+        "15dc7b8090cf1e4963e4a6bdfb1c531c9b9894eeef33221981fb1d5c67408516", (4580, 509, 3644)),
+    "gb1/sampled": Pin(
+        "2259bafa03b87134502a77c47107210d41ca07e5dae3b4a1374ac0e3f81f6090", (6289, 699, 1745)),
+    "secondary_structure/sequences": Pin(
+        "ad3d62d1a3fcd44cb59b3eff2c8f7ffdbf68ad5ba540fc7e0ee6851377e436ae", (11440,)),
+    "secondary_structure/sampled": Pin(
+        "4c98e70930134df6458142ccda36ef8a3a32623f580861c03f0c48f8e252242a", (9712, 1080, 648)),
+    "secondary_structure/resolved": Pin(
+        "5aad80ab3e045c589f6ee740b321519b8e5fcdccb9642c3422e1ec383eecdb7d", (11440,)),
+    "conservation/sequences": Pin(
+        "efc86819cd06167e5c34e7f6377d90f30a1636121e588a115f53a9ad4bf39a64", (10507,)),
+    "conservation/sampled": Pin(
+        "fe7621ff1c49e6e0f20ca974f27749c4f88c34f33a978c45847fe801cf5af59d", (9392, 555, 519)),
+    "bind/sequences": Pin(
+        "09487b43f207164acef3c491bf59e9ba83f3fcc2d19f011f2bab1ddfc0b9d924", (1360,)),
+    "bind/from_publication": Pin(
+        "8b000abee7f98633cdf3683aa9ef9311ddddd41c1be9845992c2af5f8a550e4d", (954, 106, 300)),
+    "bind/one_vs_many": Pin(
+        "00c885369dcb92f2c9cee4a645ed4b8a23a135cf9a05ef5760916592133a3226", (996, 114, 250)),
+    "bind/two_vs_many": Pin(
+        "9002f9c5735d772a35b97cca8756194fc04446297dfd56ec5e3241a7db2bd235", (1201, 140, 19)),
+    "bind/one_vs_sm": Pin(
+        "a6716a11fcf5ba3431dacf0a8b7ead2a7a27b31ea0e75ffde2a38e35f896140c", (999, 111, 134)),
+    "bind/one_vs_mn": Pin(
+        "bfb89809e662e7fcff2d3861da8668be4174bfbe55dc8e80645fa41bb04a2ed1", (254, 31, 32)),
+    "bind/one_vs_sn": Pin(
+        "0a11de0c900bfeea3e9f58ffc88d48f92ba9c44eada85df5e769324d753d8f5c", (254, 31, 53)),
+    "meltome/mixed_split": Pin(None, (22335, 2482, 3134)),
+    "scl/mixed_soft": Pin(None, (9503, 1158, 2768)),
+}  # fmt: skip
+
+
+def default_cache_dir() -> Path:
+    """`$PROTEMBED_CACHE`, else `$XDG_CACHE_HOME/protembed`, else `~/.cache/protembed`."""
+    env = os.environ.get("PROTEMBED_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "protembed"
+
+
+def fetch(
+    folder: str, name: str, cache_dir: Path, base_url: str = FLIP_URL, progress: Progress | None = None
+) -> Path:
+    """A pinned FLIP file from the cache, downloading and checking it first if needed."""
+    key = f"{folder}/{name}"
+    if key not in PINS:
+        raise HubError(f"{key}.fasta is not a pinned FLIP file; download it yourself and pass --data-dir")
+    dest = cache_dir / "flip" / folder / f"{name}.fasta"
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    url = f"{base_url.rstrip('/')}/{key}.fasta"
+    part = dest.with_suffix(".fasta.part")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            done = 0
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(key, done, total)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        part.unlink(missing_ok=True)
+        raise HubError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from None
+    try:
+        check_pin(part, PINS[key], digest.hexdigest(), url)
+    except HubError:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(dest)
+    return dest
+
+
+def check_pin(path: Path, pin: Pin, sha256: str, url: str) -> None:
+    """HubError unless a downloaded file has the pinned checksum and record counts."""
+    if pin.sha256 is not None and sha256 != pin.sha256:
+        raise HubError(f"{url}: sha256 {sha256[:12]}... does not match the pinned {pin.sha256[:12]}...")
+    counts = record_counts(path)
+    got = counts[:3] if len(pin.counts) == 3 else counts[3:]
+    if got != pin.counts:
+        raise HubError(f"{url}: record counts {got} do not match the pinned {pin.counts}")
+
+
+def record_counts(path: Path) -> tuple[int, int, int, int]:
+    """(train, validation, test, all) header counts from the SET= and VALIDATION= annotations.
+
+    A quick check of a download, not validation: the task readers parse every record later.
+    """
+    counts = [0, 0, 0, 0]
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.startswith(b">"):
+                fields = line.split()
+                test, val = b"SET=test" in fields, b"VALIDATION=True" in fields
+                counts[2 if test else 1 if val else 0] += 1
+                counts[3] += 1
+    return counts[0], counts[1], counts[2], counts[3]

@@ -1,0 +1,302 @@
+"""FLIP data: tasks, header and label parsing, joins and masks, malformed files, the checked downloader."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protembed.errors import FastaError, HubError
+from protembed.flip import (
+    IGNORE,
+    TASKS,
+    FlipError,
+    find_file,
+    get_task,
+    load_task,
+    read_residue_task,
+    read_sequence_task,
+)
+from protembed.flip_fetch import PINS, Pin, check_pin, fetch
+from tests.helpers import SHARED
+
+FLIP = SHARED / "data" / "flip"
+TINY, LAYOUT = FLIP / "tiny", FLIP / "fasta_layout"
+TINY_SPLITS = {
+    "flip-meltome": "SYNTHETIC_mixed_split",
+    "flip-gb1": "two_vs_rest",
+    "flip-secondary-structure": "sampled",
+    "flip-conservation": "sampled",
+    "flip-scl": "SYNTHETIC_mixed_soft",
+    "flip-bind": "from_publication",
+}
+
+
+def test_task_table_and_alias() -> None:
+    assert get_task("flip-ss3") is TASKS["flip-secondary-structure"]
+    assert get_task("FLIP-GB1").default_split == "two_vs_rest"
+    assert {t.default_split for t in TASKS.values()} >= {
+        "mixed_split",
+        "two_vs_rest",
+        "sampled",
+        "mixed_soft",
+    }
+    with pytest.raises(FlipError, match="unknown task 'flip-aav'"):
+        get_task("flip-aav")
+
+
+@pytest.mark.parametrize("task", sorted(TINY_SPLITS))
+def test_tiny_counts_match_expected(task: str) -> None:
+    spec = get_task(task)
+    data = load_task(spec, TINY_SPLITS[task], data_dir=TINY)
+    expected = json.loads((TINY / "expected_counts.json").read_text())[f"{spec.folder}/{TINY_SPLITS[task]}"]
+    assert data.counts() == {
+        "train": expected["train"],
+        "validation": expected["val"],
+        "test": expected["test"],
+    }
+    assert len(data.ids) == len(data.seqs) == len(data.part)
+
+
+def test_sequence_targets_parsed() -> None:
+    gb1 = load_task(get_task("flip-gb1"), "two_vs_rest", data_dir=TINY)
+    assert gb1.ids[:2] == ["Sequence0", "Sequence1"]
+    assert gb1.targets is not None and gb1.targets.dtype == np.float32
+    assert gb1.targets[1] == pytest.approx(1.4459050863)
+    scl = load_task(get_task("flip-scl"), "SYNTHETIC_mixed_soft", data_dir=TINY)
+    assert scl.targets is not None and scl.targets.dtype == np.int64
+    assert [scl.task.classes[int(t)] for t in scl.targets[:3]] == [
+        "Extracellular",
+        "Cytoplasm",
+        "Mitochondrion",
+    ]
+
+
+def test_residue_labels_and_resolved_mask() -> None:
+    ss = load_task(get_task("flip-ss3"), data_dir=TINY)
+    assert ss.labels is not None and ss.ids[0] == "2a6h-E"
+    first = ss.labels[0]
+    assert len(first) == len(ss.seqs[0])
+    mask = (TINY / "secondary_structure" / "resolved.fasta").read_text().split("\n")[1]
+    unresolved = np.array([c == "0" for c in mask])
+    assert (first[unresolved] == IGNORE).all() and (first[~unresolved] >= 0).all()
+    assert "".join("CEH"[v] for v in first[1:6]) == "CCCCH" and first[0] == IGNORE
+    cons = load_task(get_task("flip-conservation"), data_dir=TINY)
+    assert cons.labels is not None and int(cons.labels[0][0]) == 6 - 1  # '6' is class index 5
+
+
+def test_gzipped_layout_counts() -> None:
+    data = load_task(get_task("flip-gb1"), "two_vs_rest", data_dir=LAYOUT)
+    assert data.counts() == {"train": 381, "validation": 43, "test": 8309}
+    assert {len(s) for s in data.seqs} == {265}
+
+
+def test_pins_match_shared_copies() -> None:
+    for key, pin in PINS.items():
+        path = LAYOUT / f"{key}.fasta.gz"
+        if pin.sha256 is None:
+            assert not path.exists()
+            continue
+        assert hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest() == pin.sha256, key
+
+
+def test_unknown_split_and_missing_file() -> None:
+    with pytest.raises(FlipError, match="unknown split 'nope' for flip-gb1"):
+        load_task(get_task("flip-gb1"), "nope")
+    with pytest.raises(
+        FlipError, match=r"no nope.fasta\[.gz\] in .*gb1 \(found: sampled.fasta, two_vs_rest.fasta\)"
+    ):
+        find_file(TINY, "gb1", "nope")
+
+
+# --- malformed files: one defect each, one-line messages with path:line -------------------------
+
+SEQ_OK = ">s1 TARGET=1.5 SET=train VALIDATION=False\nMKV\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("MKV\n" + SEQ_OK, r"bad.fasta:1: text before the first '>' header"),
+        (">s1 SET=train VALIDATION=False\nMKV\n", r"bad.fasta:1: record 's1': missing TARGET= annotation"),
+        (">s1 TARGET=x SET=train\nMKV\n", r"record 's1': TARGET 'x' is not a number"),
+        (">s1 TARGET=1 SET=dev\nMKV\n", r"record 's1': SET must be train or test, got 'dev'"),
+        (">s1 TARGET=1 SET=train VALIDATION=maybe\nMKV\n", r"VALIDATION must be True or False, got 'maybe'"),
+        (">s1 TARGET=1 SET=train oops\nMKV\n", r"malformed annotation 'oops' \(expected KEY=VALUE\)"),
+        (SEQ_OK + ">s2 TARGET=1 SET=test\n", r"bad.fasta:3: record 's2': empty record"),
+        (">s1 TARGET=1 SET=test\nMK1V\n", r"record 's1': invalid residue '1' at position 3"),
+        ("", r"no FASTA records"),
+    ],
+)
+def test_malformed_sequence_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.fasta"
+    path.write_text(text)
+    with pytest.raises(FastaError, match=message) as info:
+        read_sequence_task(get_task("flip-gb1"), "x", path)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_class(tmp_path: Path) -> None:
+    path = tmp_path / "scl.fasta"
+    path.write_text(">s1 TARGET=Cell membrane SET=train\nMKV\n")  # the FASTA spelling uses underscores
+    with pytest.raises(FastaError, match="malformed annotation 'membrane'"):
+        read_sequence_task(get_task("flip-scl"), "x", path)
+    path.write_text(">s1 TARGET=Moon SET=train\nMKV\n")
+    with pytest.raises(FastaError, match="unknown class 'Moon' \\(expected one of Cytoplasm, Nucleus"):
+        read_sequence_task(get_task("flip-scl"), "x", path)
+
+
+@pytest.mark.parametrize(
+    ("labels", "mask", "message"),
+    [
+        (">a SET=train\nCCH\n", None, r"labels.fasta:1: record 'a': 3 labels for a sequence of 4 residues"),
+        (
+            ">a SET=train\nCCXH\n",
+            None,
+            r"record 'a': invalid label 'X' at position 3 \(expected one of CEH\)",
+        ),
+        (">zz SET=test\nCCHH\n", None, r"record 'zz': no sequence with this id in sequences.fasta"),
+        (">a SET=train\nCCHH\n>a SET=test\nCCHH\n", None, r"labels.fasta:3: record 'a': duplicate id"),
+        (
+            ">a SET=train\nCCHH\n",
+            ">a\n011\n",
+            r"mask.fasta:1: record 'a': mask of 3 positions for a sequence of 4",
+        ),
+        (">a SET=train\nCCHH\n", ">a\n0121\n", r"mask must contain only 0 and 1"),
+        (">a SET=train\nCCHH\n", ">b\n0111\n", r"mask.fasta: record 'a': no mask record for this id"),
+    ],
+)
+def test_malformed_residue_files(tmp_path: Path, labels: str, mask: str | None, message: str) -> None:
+    (tmp_path / "sequences.fasta").write_text(">a\nMKVL\n>b\nMKVL\n")
+    (tmp_path / "labels.fasta").write_text(labels)
+    mask_path = None
+    if mask is not None:
+        mask_path = tmp_path / "mask.fasta"
+        mask_path.write_text(mask)
+    with pytest.raises(FastaError, match=message):
+        read_residue_task(
+            get_task("flip-ss3"), "x", tmp_path / "sequences.fasta", tmp_path / "labels.fasta", mask_path
+        )
+
+
+def test_sequences_without_labels_are_skipped(tmp_path: Path) -> None:
+    (tmp_path / "sequences.fasta").write_text(">a\nMKVL\n>b\nMK\n>c\nMKV\n")
+    (tmp_path / "labels.fasta").write_text(">c SET=test\n111\n>a SET=train VALIDATION=True\n9999\n")
+    data = read_residue_task(
+        get_task("flip-conservation"), "x", tmp_path / "sequences.fasta", tmp_path / "labels.fasta", None
+    )
+    assert data.ids == ["c", "a"] and data.seqs == ["MKV", "MKVL"]
+    assert data.part.tolist() == [2, 1]
+    assert data.labels is not None and data.labels[1].tolist() == [8, 8, 8, 8]
+
+
+# --- downloader against a local server ----------------------------------------------------------
+
+
+class _Server:
+    """Serves fasta_layout the way the FLIP server does: `<folder>/<file>.fasta`, uncompressed."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self.tamper = False
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                owner.requests.append(self.path)
+                rel = self.path.removeprefix("/public/FLIP/fasta/")
+                gz = LAYOUT / f"{rel}.gz"
+                if not rel.endswith(".fasta") or not gz.is_file():
+                    self.send_error(404)
+                    return
+                body = gzip.decompress(gz.read_bytes())
+                if owner.tamper:
+                    body = body.replace(b"SET=test", b"SET=train", 1)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/public/FLIP/fasta/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[_Server]:
+    s = _Server()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def test_download_checks_and_caches(server: _Server, tmp_path: Path) -> None:
+    seen: list[tuple[str, int, int | None]] = []
+    path = fetch("gb1", "two_vs_rest", tmp_path, server.url, lambda *a: seen.append(a))
+    assert path == tmp_path / "flip" / "gb1" / "two_vs_rest.fasta"
+    assert seen and seen[-1] == ("gb1/two_vs_rest", path.stat().st_size, path.stat().st_size)
+    n = len(server.requests)
+    again = load_task(get_task("flip-gb1"), cache_dir=tmp_path, base_url=server.url)
+    assert len(server.requests) == n  # served from the cache
+    assert again.counts() == {"train": 381, "validation": 43, "test": 8309}
+
+
+def test_download_residue_task(server: _Server, tmp_path: Path) -> None:
+    data = load_task(get_task("flip-bind"), cache_dir=tmp_path, base_url=server.url)
+    assert data.counts() == {"train": 954, "validation": 106, "test": 300}
+    assert sorted(p.name for p in (tmp_path / "flip" / "bind").iterdir()) == [
+        "from_publication.fasta",
+        "sequences.fasta",
+    ]
+
+
+def test_download_rejects_tampered_file(server: _Server, tmp_path: Path) -> None:
+    server.tamper = True
+    try:
+        with pytest.raises(HubError, match=r"gb1/sampled.fasta: sha256 .* does not match the pinned"):
+            fetch("gb1", "sampled", tmp_path, server.url)
+    finally:
+        server.tamper = False
+    assert not list((tmp_path / "flip" / "gb1").iterdir())  # nothing half-written is left
+
+
+def test_download_errors(server: _Server, tmp_path: Path) -> None:
+    with pytest.raises(HubError, match="gb1/nope.fasta is not a pinned FLIP file"):
+        fetch("gb1", "nope", tmp_path, server.url)
+    with pytest.raises(HubError, match="cannot download .*meltome/mixed_split.fasta"):
+        fetch("meltome", "mixed_split", tmp_path, server.url)  # not in fasta_layout: 404
+
+
+def test_cli_downloads_once(server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from protembed.cli import app
+
+    monkeypatch.setenv("PROTEMBED_FLIP_URL", server.url)
+    args = ["finetune", "flip-gb1", "--features", "onehot", "--head", "ridge", "--cache-dir", str(tmp_path)]
+    before = len(server.requests)
+    for _ in range(2):
+        result = CliRunner().invoke(app, [*args, "--json", "-q"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["counts"] == {"train": 381, "validation": 43, "test": 8309}
+    assert server.requests[before:] == ["/public/FLIP/fasta/gb1/two_vs_rest.fasta"]
+
+
+def test_record_counts_checked(tmp_path: Path) -> None:
+    path = tmp_path / "m.fasta"
+    path.write_text(">a TARGET=1 SET=train VALIDATION=False\nMK\n>b TARGET=2 SET=test VALIDATION=False\nMK\n")
+    check_pin(path, Pin(None, (1, 0, 1)), "", "u")
+    with pytest.raises(HubError, match=r"u: record counts \(1, 0, 1\) do not match the pinned \(1, 1, 1\)"):
+        check_pin(path, Pin(None, (1, 1, 1)), "", "u")
+    with pytest.raises(HubError, match=r"record counts \(2,\) do not match the pinned \(3,\)"):
+        check_pin(path, Pin(None, (3,)), "", "u")
