@@ -94,8 +94,9 @@ class WorkerPool:
                 try:
                     kind, payload = results.get(timeout=POLL_SECONDS)
                 except queue.Empty:
-                    _check_alive(procs, self.devices)
                     continue
+                finally:
+                    _check_alive(procs, self.devices)
                 if kind == "error":
                     raise ProtembedError(payload)
                 if kind == "too-large":
