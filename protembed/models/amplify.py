@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protembed.models.encoder import Encoder, EncoderConfig
+from protembed.models.layers import Linear
 
 MAX_RESIDUES = 2046  # rotary table of 2048 positions: <bos> + 2046 residues + <eos>
 
@@ -22,7 +23,7 @@ class AMPLIFYHead(nn.Module):
 
     def __init__(self, d_model: int, vocab_size: int) -> None:
         super().__init__()
-        self.decoder = nn.Linear(d_model, vocab_size)
+        self.decoder = Linear(d_model, vocab_size)
 
     def forward(self, x_TD: torch.Tensor, embed_VD: torch.Tensor) -> torch.Tensor:
         return F.linear(x_TD, self.decoder.weight, self.decoder.bias)

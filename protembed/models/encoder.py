@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from protembed.models.layers import Block, Packing, Rotary, make_norm
+from protembed.models.layers import Block, Embedding, Packing, Rotary, make_norm
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Encoder(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
+        self.embed = Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
         self.rotary = Rotary(c.head_dim, interleaved=c.rotary_interleaved)
         self.blocks = nn.ModuleList(
             Block(

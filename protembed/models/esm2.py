@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protembed.models.encoder import Encoder, EncoderConfig
+from protembed.models.layers import LayerNorm, Linear
 
 MAX_RESIDUES = 1022  # trained on crops of 1024 tokens: <cls> + 1022 residues + <eos>
 
@@ -16,9 +17,9 @@ class ESM2Head(nn.Module):
 
     def __init__(self, d_model: int, vocab_size: int, eps: float) -> None:
         super().__init__()
-        self.dense = nn.Linear(d_model, d_model)
-        self.norm = nn.LayerNorm(d_model, eps=eps)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.dense = Linear(d_model, d_model)
+        self.norm = LayerNorm(d_model, eps=eps)
+        self.bias = nn.Parameter(torch.empty(vocab_size))
 
     def forward(self, x_TD: torch.Tensor, embed_VD: torch.Tensor) -> torch.Tensor:
         h = self.norm(F.gelu(self.dense(x_TD)))

@@ -68,12 +68,34 @@ class Packing:
         )
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` without initialisation: weights are always loaded or set explicitly, and
+    skipping the random init keeps building a model (on the meta device too) instant."""
+
+    def reset_parameters(self) -> None:
+        return None
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` without initialisation (see `Linear`)."""
+
+    def reset_parameters(self) -> None:
+        return None
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` without initialisation (see `Linear`)."""
+
+    def reset_parameters(self) -> None:
+        return None
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale and no bias (AMPLIFY)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +105,7 @@ class RMSNorm(nn.Module):
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     """`LayerNorm` (with bias) or `RMSNorm` (no bias)."""
     if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
+        return LayerNorm(dim, eps=eps)
     if kind == "rmsnorm":
         return RMSNorm(dim, eps)
     raise ValueError(f"unknown norm {kind!r}")
@@ -232,12 +254,12 @@ class Block(nn.Module):
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.activation = activation
         self.attn_norm = make_norm(norm, d_model, norm_eps)
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)  # rows: [q; k; v]
-        self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.qkv = Linear(d_model, 3 * d_model, bias=bias)  # rows: [q; k; v]
+        self.out = Linear(d_model, d_model, bias=bias)
         self.ffn_norm = make_norm(norm, d_model, norm_eps)
         up_rows = 2 * d_ffn if activation == "swiglu" else d_ffn
-        self.up = nn.Linear(d_model, up_rows, bias=bias)
-        self.down = nn.Linear(d_ffn, d_model, bias=bias)
+        self.up = Linear(d_model, up_rows, bias=bias)
+        self.down = Linear(d_ffn, d_model, bias=bias)
         self.rotary = [rotary]  # a list keeps the shared module out of this block's state dict
 
     def forward(self, x_TD: torch.Tensor, packing: Packing) -> torch.Tensor:
