@@ -14,7 +14,7 @@ _protembed_paths() {  # complete $cur as a file (-f) or directory (-d) name
 
 _protembed_takes_value() {  # $1: command ("" at the top level), $2: option
     case $1 in
-        embed) case $2 in -o|--output|-m|--model|--revision|-l|--layer|--pool|--dtype|--store-dtype|--tokens-per-batch|--max-length|--long|--device|--on-invalid|--compression) return 0 ;; esac ;;
+        embed) case $2 in -o|--output|-m|--model|--revision|-l|--layer|--pool|--dtype|--store-dtype|--tokens-per-batch|--max-length|--long|--device|--backend|--on-invalid|--compression) return 0 ;; esac ;;
         download) case $2 in --revision|--cache-dir) return 0 ;; esac ;;
         models) case $2 in --cache-dir) return 0 ;; esac ;;
         finetune) case $2 in -m|--model|--features|--split|--head|--layer|--epochs|--lr|--batch-size|--seed|--patience|--data-dir|--cache-dir|-o|--output|--device) return 0 ;; esac ;;
@@ -73,7 +73,7 @@ _protembed() {
     if [[ $cur == -?* ]]; then
         case $cmd in
             '') _protembed_words '--version --debug --install-completion --show-completion --help' ;;
-            embed) _protembed_words '-o --output -m --model --revision -l --layer --pool --per-residue --dtype --store-dtype --tokens-per-batch --max-length --long --device --resume --overwrite --on-invalid --compression --merge --no-merge -q --quiet --json --help' ;;
+            embed) _protembed_words '-o --output -m --model --revision -l --layer --pool --per-residue --dtype --store-dtype --tokens-per-batch --max-length --long --device --backend --compile --resume --overwrite --on-invalid --compression --merge --no-merge -q --quiet --json --help' ;;
             merge) _protembed_words '--virtual --overwrite --help' ;;
             download) _protembed_words '--revision --cache-dir --force -q --quiet --help' ;;
             models) _protembed_words '--json --cache-dir --help' ;;

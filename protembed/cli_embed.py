@@ -72,7 +72,9 @@ def embed(
     per_residue: Annotated[
         bool, typer.Option("--per-residue", help="Also store every residue's vector.")
     ] = False,
-    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="Compute dtype: float32, bfloat16, float16, or fp8 (--backend te on Hopper+).")
+    ] = "float32",
     store_dtype: Annotated[str, typer.Option(help="Stored dtype: float32 or float16.")] = "float32",
     tokens_per_batch: Annotated[
         int | None,
@@ -86,7 +88,16 @@ def embed(
         str,
         typer.Option("--long", help="Longer sequences: truncate (flagged) or window (overlapping windows)."),
     ] = "truncate",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: the GPU if any).")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="cpu, cpu:N, cuda, cuda:0,1, 0,1,3 or all (default: every GPU, else the CPU)."),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
+    ] = "auto",
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the model (torch backend).")
+    ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Require an unfinished output to continue.")
     ] = False,
@@ -141,7 +152,8 @@ def embed(
             poolings=[p.strip() for p in pool.split(",") if p.strip()], per_residue=per_residue,
             dtype=dtype, store_dtype=store_dtype, tokens_per_batch=tokens_per_batch, max_length=max_length,
             long_policy=long, device=device, overwrite=overwrite, on_invalid=on_invalid,
-            compression=compression, merge=merge, progress=progress, started=started,
+            compression=compression, merge=merge, backend=backend, compile=compile, progress=progress,
+            started=started,
         )  # fmt: skip
     if as_json:
         print_json(summary.as_dict())
@@ -159,7 +171,7 @@ def _print_summary(s: EmbedSummary) -> None:
         ("duplicates", f"{s.duplicates:,} rows copied from identical sequences"),
         ("truncated", f"{s.truncated:,}"),
         ("skipped", f"{s.skipped:,}"),
-        ("model / device", f"{s.model} / {s.device}, layers {','.join(map(str, s.layers))}"),
+        ("model / device", f"{s.model} / {s.device} ({s.backend}), layers {','.join(map(str, s.layers))}"),
         ("elapsed", f"{s.elapsed_s:.1f} s ({s.residues_per_s:,.0f} residues/s)"),
         ("output", f"{s.output} ({decimal(s.output_bytes)})"),
     ]

@@ -29,6 +29,8 @@ class JobSpec:
     poolings: list[str]
     per_residue: bool
     budget: int
+    backend: str = "torch"  # resolved: "torch" or "te"
+    compile: bool = False
 
 
 @dataclass

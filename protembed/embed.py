@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from protembed.alphabet import ALPHABETS, Alphabet
+from protembed.backends import describe, prepare, resolve_backend
 from protembed.batching import default_token_budget
 from protembed.compute import JobSpec
 from protembed.errors import OptionError, OutputExistsError
@@ -48,7 +49,9 @@ from protembed.store import EmbeddingWriter
 FLUSH_SECONDS = 5.0  # rows reach the disk at least this often
 LONG_POLICIES = ("truncate", "window")
 STORE_DTYPES = ("float32", "float16")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# fp8 computes the Transformer Engine matrix products in FP8 around bfloat16 weights/activations
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "fp8": torch.bfloat16}  # fmt: skip
 
 
 @dataclass
@@ -58,6 +61,7 @@ class EmbedSummary:
     output: str
     model: str
     device: str
+    backend: str
     layers: list[int]
     records: int
     residues: int
@@ -143,6 +147,8 @@ class _Plan:
     device: str | None
     overwrite: bool
     compression: str | None
+    backend: str = "torch"
+    compile: bool = False
 
 
 def embed_fasta(
@@ -164,6 +170,8 @@ def embed_fasta(
     on_invalid: str = "error",
     compression: str | None = None,
     merge: bool = True,
+    backend: str = "auto",
+    compile: bool = False,
     progress: Progress | None = None,
     started: Callable[[int, int], None] | None = None,
 ) -> EmbedSummary:
@@ -185,9 +193,11 @@ def embed_fasta(
     limit = max_length or cfg.max_residues
     if not 1 <= limit <= cfg.max_residues:
         raise OptionError(f"--max-length {limit} is outside 1..{cfg.max_residues} for {ref.name}")
+    devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
+    resolved = resolve_backend(backend, devices[0], dtype, compile)
     plan = _Plan(ref, ALPHABETS[cfg.family], layer_idx, list(poolings), per_residue, dtype, store_dtype,
-                 tokens_per_batch, limit, long_policy, device, overwrite, compression)  # fmt: skip
-    parse_devices(device)  # a bad --device fails before the input is read
+                 tokens_per_batch, limit, long_policy, device, overwrite, compression, resolved,
+                 compile)  # fmt: skip
     index = scan_fasta(input_path, plan.alphabet, on_invalid)
     try:
         dist = distributed_env()
@@ -284,7 +294,7 @@ def _embed_rows(
         "model": plan.ref.name, "model_source": plan.ref.source, "model_revision": plan.ref.revision,
         "layers": np.array(plan.layers, dtype=np.int64), "pooling": ",".join(plan.poolings),
         "compute_dtype": plan.dtype, "max_length": int(plan.limit), "long_policy": plan.long_policy,
-        "input_sha256": index.sha256, "backend": "torch",
+        "input_sha256": index.sha256, "backend": describe(plan.backend, plan.dtype, plan.compile),
         "window_stride": int(max(plan.limit // 2, 1)) if window else None, **extra_attrs,
     }  # fmt: skip
     writer = EmbeddingWriter.open(
@@ -311,11 +321,12 @@ def _embed_rows(
         torch_dtype = COMPUTE_DTYPES[plan.dtype]
         first = torch.device(devices[0])
         budget = plan.tokens_per_batch or default_token_budget(plan.ref.config, first, torch_dtype)
-        spec = JobSpec(str(plan.ref.path), plan.dtype, plan.layers, plan.poolings, plan.per_residue, budget)
+        spec = JobSpec(str(plan.ref.path), plan.dtype, plan.layers, plan.poolings, plan.per_residue, budget,
+                       plan.backend, plan.compile)  # fmt: skip
         executor: Executor
         if len(devices) == 1:
             encoder = checkpoints.load_checkpoint(plan.ref.path, dtype=torch_dtype, device=first)
-            executor = LocalExecutor(encoder, spec)
+            executor = LocalExecutor(prepare(encoder, plan.backend, plan.dtype, plan.compile), spec)
         else:
             executor = WorkerPool(devices, spec)
         if pending.any():
@@ -325,7 +336,8 @@ def _embed_rows(
     computed = sum(1 for g in members.values() if pending[g].any())
     done_res = int(lengths[pending].sum())
     return EmbedSummary(
-        output=str(output), model=plan.ref.name, device=",".join(devices), layers=plan.layers,
+        output=str(output), model=plan.ref.name, device=",".join(devices),
+        backend=describe(plan.backend, plan.dtype, plan.compile), layers=plan.layers,
         records=stop - start, residues=int(lengths[scope].sum()), computed=computed, resumed=resumed,
         duplicates=int(pending.sum()) - computed, truncated=int(truncated[in_range].sum()),
         skipped=int(skipped[in_range].sum()), elapsed_s=round(elapsed, 3),

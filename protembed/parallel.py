@@ -124,13 +124,15 @@ def _check_alive(procs: list, devices: list[str]) -> None:
 def _worker(device: str, spec: JobSpec, cpu_threads: int, tasks: Any, results: Any) -> None:
     """Worker process: load the model on `device`, compute units until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops workers
+    from protembed.backends import prepare
     from protembed.embed import COMPUTE_DTYPES
     from protembed.models.checkpoints import load_checkpoint
 
     if device == "cpu":
         torch.set_num_threads(cpu_threads)
     try:
-        encoder = load_checkpoint(Path(spec.model_path), dtype=COMPUTE_DTYPES[spec.dtype], device=device)
+        loaded = load_checkpoint(Path(spec.model_path), dtype=COMPUTE_DTYPES[spec.dtype], device=device)
+        encoder = prepare(loaded, spec.backend, spec.dtype, spec.compile)
         while (unit := tasks.get()) is not None:
             reps, tokens, starts = unit
             try:

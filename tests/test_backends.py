@@ -1,0 +1,59 @@
+"""Backend selection and `--compile`: explicit backends never fall back; compiled == eager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from protembed.backends import describe, resolve_backend
+from protembed.cli import app
+from protembed.errors import BackendError, OptionError
+from tests.helpers import fixture_dir
+
+ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
+runner = CliRunner()
+
+
+def test_auto_is_torch_on_cpu_and_explicit_choices_are_checked() -> None:
+    assert resolve_backend("auto", "cpu", "float32", False) == "torch"
+    assert resolve_backend("auto", "cpu", "bfloat16", False) == "torch"
+    assert describe("torch", "float32", True) == "torch+compile"
+    assert describe("te", "fp8", False) == "te+fp8"
+    with pytest.raises(OptionError, match="needs --backend te"):
+        resolve_backend("torch", "cpu", "fp8", False)
+    with pytest.raises(OptionError, match="not one of"):
+        resolve_backend("tensorrt", "cpu", "float32", False)
+    with pytest.raises(OptionError, match="--dtype bfloat16"):
+        resolve_backend("te", "cpu", "float32", False)
+
+
+def test_te_requested_without_te_is_an_error_with_the_install_hint(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    with pytest.raises(BackendError, match=r"pip install 'protembed\[te\]'"):
+        resolve_backend("te", "cpu", "bfloat16", False)
+    fasta = tmp_path / "a.fa"
+    fasta.write_text(">a\nMKTAYIAK\n")
+    r = runner.invoke(app, ["embed", str(fasta), "--model", ESM, "--backend", "te", "--dtype", "bfloat16"])
+    assert r.exit_code == 1
+    assert "protembed[te]" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "a.h5").exists()
+
+
+def test_compiled_embedding_equals_eager(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    fasta = tmp_path / "c.fa"
+    fasta.write_text("".join(f">s{i}\n{''.join(rng.choice(list('ACDEFGHIKLMNPQRSTVWY'), n))}\n"
+                             for i, n in enumerate([150, 140, 90, 60, 33, 20])))  # fmt: skip
+    eager, compiled = tmp_path / "e.h5", tmp_path / "c.h5"
+    common = ["--model", ESM, "--per-residue", "--tokens-per-batch", "400", "--quiet"]
+    assert runner.invoke(app, ["embed", str(fasta), "-o", str(eager), *common]).exit_code == 0
+    r = runner.invoke(app, ["embed", str(fasta), "-o", str(compiled), *common, "--compile"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(eager, "r") as a, h5py.File(compiled, "r") as b:
+        assert a.attrs["backend"] == "torch" and b.attrs["backend"] == "torch+compile"
+        assert np.abs(a["mean"][:] - b["mean"][:]).max() <= 1e-5
+        assert np.abs(a["residues"][:] - b["residues"][:]).max() <= 1e-5
