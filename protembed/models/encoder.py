@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from protembed.models.layers import Block, Embedding, Packing, Rotary, make_norm
+from protembed.models.layers import Block, Embedding, Packing, Rotary, Workspace, make_norm
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class Encoder(nn.Module):
         self.config = c
         self.embed = Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
         self.rotary = Rotary(c.head_dim, interleaved=c.rotary_interleaved)
+        self.workspace = Workspace()
         self.blocks = nn.ModuleList(
             Block(
                 c.d_model,
@@ -101,6 +102,7 @@ class Encoder(nn.Module):
                 activation=c.activation,
                 bias=c.bias,
                 rotary=self.rotary,
+                workspace=self.workspace,
             )
             for _ in range(c.n_layers)
         )

@@ -12,6 +12,7 @@ sees each sequence's own tokens only (`Packing` tells where sequences start and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -158,15 +159,36 @@ class Rotary(nn.Module):
             self._cache[device] = cached
         return cached[0][:n_pos], cached[1][:n_pos]
 
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the last dim of `x` given tables broadcastable to it; computed in float32."""
-        head_dim = x.shape[-1]
-        xf = x.float()
+    def rotate(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rotate the last dim of `x` given `tables()` broadcastable to it; computed in float32.
+
+        Works on the two members of every pair as strided views (first halves / second halves,
+        or even / odd dims), four passes with no temporaries; `out` may be a reused buffer.
+        """
+        first, second = self._pairs(x.float())
+        c, s = self._pairs(cos)[0], self._pairs(sin)[1]  # cos is the same for both; sin = +sin
+        work = out if out is not None and x.dtype == torch.float32 else None
+        if work is None:
+            work = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        out_first, out_second = self._pairs(work)
+        torch.mul(first, c, out=out_first)
+        out_first.addcmul_(second, s, value=-1.0)
+        torch.mul(second, c, out=out_second)
+        out_second.addcmul_(first, s)
+        if x.dtype == torch.float32:
+            return work
+        if out is not None:
+            return out.copy_(work)
+        return work.to(x.dtype)
+
+    def _pairs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two members of every rotated pair, as views of `t`."""
         if self.interleaved:
-            swapped = xf.unflatten(-1, (head_dim // 2, 2)).flip(-1).flatten(-2)
-        else:
-            swapped = xf.unflatten(-1, (2, head_dim // 2)).flip(-2).flatten(-2)
-        return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
+            return t[..., 0::2], t[..., 1::2]
+        half = t.shape[-1] // 2
+        return t[..., :half], t[..., half:]
 
     def forward(self, x_TNK: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
         """Rotate packed [T, ..., K] states by their positions."""
@@ -176,7 +198,33 @@ class Rotary(nn.Module):
         return self.rotate(x_TNK, cos_PK[positions_T].view(shape), sin_PK[positions_T].view(shape))
 
 
-def packed_attention(qkv_T3NK: torch.Tensor, packing: Packing, rotary: Rotary, scale: float) -> torch.Tensor:
+class Workspace:
+    """Reusable scratch buffers for the large per-layer intermediates (CPU only).
+
+    A fresh tensor of tens of MB costs a page fault per 4 KiB page on every allocation (the C
+    allocator hands such blocks back to the OS when freed); reusing a few buffers keeps them
+    mapped. On CUDA, PyTorch's caching allocator already does this, so plain tensors are used.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of `shape`, dtype and device of `like`, valid until the next get(name)."""
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        stale = buf is not None and buf.is_inference() != torch.is_inference_mode_enabled()
+        if buf is None or stale or buf.numel() < numel or buf.dtype != like.dtype:
+            buf = torch.empty(numel, dtype=like.dtype)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def packed_attention(
+    qkv_T3NK: torch.Tensor, packing: Packing, rotary: Rotary, scale: float, ws: Workspace
+) -> torch.Tensor:
     """Rotary + attention of every sequence over its own tokens only; returns [T, N*K].
 
     On CUDA in half precision this runs PyTorch's variable-length flash attention directly on
@@ -197,19 +245,27 @@ def packed_attention(qkv_T3NK: torch.Tensor, packing: Packing, rotary: Rotary, s
     if packing.key_mask_B11L is None:
         padded = qkv_T3NK.view(n_seqs, max_len, 3, n_heads, head_dim)
     else:
-        flat = qkv_T3NK.new_empty(n_seqs * max_len, 3, n_heads, head_dim)
-        flat[packing.pad_index] = qkv_T3NK
+        flat = ws.get("padded", (n_seqs * max_len, 3, n_heads, head_dim), qkv_T3NK)
+        flat.index_copy_(0, packing.pad_index, qkv_T3NK)
         flat[packing.pad_slots] = 0.0  # masked keys, but must be finite
         padded = flat.view(n_seqs, max_len, 3, n_heads, head_dim)
     cos_LK, sin_LK = rotary.tables(max_len, qkv_T3NK.device)
     shape = (1, max_len, 1, 1, head_dim)
-    qk_BL2NK = rotary.rotate(padded[:, :, :2], cos_LK.view(shape), sin_LK.view(shape))
+    qk_out = ws.get("rotated", (n_seqs, max_len, 2, n_heads, head_dim), qkv_T3NK)
+    qk_BL2NK = rotary.rotate(padded[:, :, :2], cos_LK.view(shape), sin_LK.view(shape), out=qk_out)
     q, k, v = (t.transpose(1, 2) for t in (qk_BL2NK[:, :, 0], qk_BL2NK[:, :, 1], padded[:, :, 2]))
     out_BNLK = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask_B11L, scale=scale)
     out_BLD = out_BNLK.transpose(1, 2).reshape(n_seqs * max_len, n_heads * head_dim)
     if packing.key_mask_B11L is None:
         return out_BLD
     return out_BLD[packing.pad_index]
+
+
+def linear_into(x: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` written into `out` (bias folded into the matrix product)."""
+    if layer.bias is None:
+        return torch.mm(x, layer.weight.t(), out=out)
+    return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
 
 
 _VARLEN: bool | None = None
@@ -236,6 +292,7 @@ class Block(nn.Module):
         norm: "layernorm" or "rmsnorm"; activation: "gelu" (exact erf) or "swiglu".
         bias: biases on every projection (ESM-2) or none (AMPLIFY).
         rotary: the model's shared `Rotary` module (its layout decides rotate-half/interleaved).
+        workspace: the model's shared scratch buffers.
     """
 
     def __init__(
@@ -249,6 +306,7 @@ class Block(nn.Module):
         activation: str,
         bias: bool,
         rotary: Rotary,
+        workspace: Workspace,
     ) -> None:
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
@@ -260,16 +318,22 @@ class Block(nn.Module):
         up_rows = 2 * d_ffn if activation == "swiglu" else d_ffn
         self.up = Linear(d_model, up_rows, bias=bias)
         self.down = Linear(d_ffn, d_model, bias=bias)
-        self.rotary = [rotary]  # a list keeps the shared module out of this block's state dict
+        self.rotary = [rotary]  # lists keep shared helpers out of this block's state dict
+        self.workspace = [workspace]
 
     def forward(self, x_TD: torch.Tensor, packing: Packing) -> torch.Tensor:
-        qkv_T3NK = self.qkv(self.attn_norm(x_TD)).unflatten(-1, (3, self.n_heads, self.head_dim))
-        a_TD = packed_attention(qkv_T3NK, packing, self.rotary[0], scale=self.head_dim**-0.5)
-        x_TD = self.out(a_TD).add_(x_TD)  # new tensor: x_TD may be kept as a requested layer
-        h = self.up(self.ffn_norm(x_TD))
+        ws = self.workspace[0]
+        n_tok = x_TD.shape[0]
+        qkv = ws.get("qkv", (n_tok, self.qkv.out_features), x_TD)
+        linear_into(self.attn_norm(x_TD), self.qkv, qkv)
+        qkv_T3NK = qkv.unflatten(-1, (3, self.n_heads, self.head_dim))
+        a_TD = packed_attention(qkv_T3NK, packing, self.rotary[0], self.head_dim**-0.5, ws)
+        x_TD = self.out(a_TD).add_(x_TD)  # a new tensor: the old x_TD may be kept as a requested layer
+        h = ws.get("ffn", (n_tok, self.up.out_features), x_TD)
+        linear_into(self.ffn_norm(x_TD), self.up, h)
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate).mul_(up)
+            h = F.silu(gate, inplace=True).mul_(up)
         else:
-            h = F.gelu(h)
+            h = torch.ops.aten.gelu_(h)  # exact erf GELU, in place
         return self.down(h).add_(x_TD)
