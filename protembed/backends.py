@@ -57,6 +57,7 @@ def prepare(encoder: Encoder, backend: str, dtype: str, compile: bool) -> Encode
 
         return build_te_encoder(encoder, fp8=dtype == "fp8")
     if compile:
+        encoder.workspace.enabled = False  # out= variants and reused buffers are for eager mode
         try:  # the compiled module forwards attributes and calls to the encoder it wraps
             return cast(Encoder, torch.compile(encoder, dynamic=True))
         except RuntimeError as exc:  # e.g. no C++ compiler for inductor on CPU

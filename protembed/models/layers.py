@@ -169,19 +169,18 @@ class Rotary(nn.Module):
         """
         first, second = self._pairs(x.float())
         c, s = self._pairs(cos)[0], self._pairs(sin)[1]  # cos is the same for both; sin = +sin
-        work = out if out is not None and x.dtype == torch.float32 else None
-        if work is None:
-            work = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        if out is None:  # out-of-place (also what torch.compile traces)
+            new_first, new_second = first * c - second * s, second * c + first * s
+            if self.interleaved:
+                return torch.stack([new_first, new_second], dim=-1).flatten(-2).to(x.dtype)
+            return torch.cat([new_first, new_second], dim=-1).to(x.dtype)
+        work = out if x.dtype == torch.float32 else torch.empty(x.shape, dtype=torch.float32, device=x.device)
         out_first, out_second = self._pairs(work)
         torch.mul(first, c, out=out_first)
         out_first.addcmul_(second, s, value=-1.0)
         torch.mul(second, c, out=out_second)
         out_second.addcmul_(first, s)
-        if x.dtype == torch.float32:
-            return work
-        if out is not None:
-            return out.copy_(work)
-        return work.to(x.dtype)
+        return work if work is out else out.copy_(work)
 
     def _pairs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two members of every rotated pair, as views of `t`."""
@@ -199,20 +198,23 @@ class Rotary(nn.Module):
 
 
 class Workspace:
-    """Reusable scratch buffers for the large per-layer intermediates (CPU only).
+    """Reusable scratch buffers for the large per-layer intermediates (eager CPU only).
 
     A fresh tensor of tens of MB costs a page fault per 4 KiB page on every allocation (the C
     allocator hands such blocks back to the OS when freed); reusing a few buffers keeps them
-    mapped. On CUDA, PyTorch's caching allocator already does this, so plain tensors are used.
+    mapped. `get` returns None, and callers allocate as usual, on CUDA (PyTorch's caching
+    allocator already reuses memory) and when disabled (under torch.compile, which plans its
+    own buffers).
     """
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self.enabled = True
 
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
         """An uninitialised tensor of `shape`, dtype and device of `like`, valid until the next get(name)."""
-        if like.device.type != "cpu":
-            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        if not self.enabled or like.device.type != "cpu":
+            return None
         numel = math.prod(shape)
         buf = self._buffers.get(name)
         stale = buf is not None and buf.is_inference() != torch.is_inference_mode_enabled()
@@ -245,7 +247,10 @@ def packed_attention(
     if packing.key_mask_B11L is None:
         padded = qkv_T3NK.view(n_seqs, max_len, 3, n_heads, head_dim)
     else:
-        flat = ws.get("padded", (n_seqs * max_len, 3, n_heads, head_dim), qkv_T3NK)
+        pad_shape = (n_seqs * max_len, 3, n_heads, head_dim)
+        flat = ws.get("padded", pad_shape, qkv_T3NK)
+        if flat is None:
+            flat = qkv_T3NK.new_empty(pad_shape)
         flat.index_copy_(0, packing.pad_index, qkv_T3NK)
         flat[packing.pad_slots] = 0.0  # masked keys, but must be finite
         padded = flat.view(n_seqs, max_len, 3, n_heads, head_dim)
@@ -261,8 +266,10 @@ def packed_attention(
     return out_BLD[packing.pad_index]
 
 
-def linear_into(x: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` written into `out` (bias folded into the matrix product)."""
+def linear_into(x: torch.Tensor, layer: nn.Linear, out: torch.Tensor | None) -> torch.Tensor:
+    """`layer(x)`, written into `out` when given (bias folded into the matrix product)."""
+    if out is None:
+        return layer(x)
     if layer.bias is None:
         return torch.mm(x, layer.weight.t(), out=out)
     return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
@@ -272,6 +279,7 @@ _VARLEN: bool | None = None
 
 
 def _has_varlen() -> bool:
+    """Whether this PyTorch has variable-length flash attention (torch.nn.attention.varlen)."""
     global _VARLEN  # noqa: PLW0603 - memoised capability probe, set once
     if _VARLEN is None:
         try:
@@ -324,13 +332,11 @@ class Block(nn.Module):
     def forward(self, x_TD: torch.Tensor, packing: Packing) -> torch.Tensor:
         ws = self.workspace[0]
         n_tok = x_TD.shape[0]
-        qkv = ws.get("qkv", (n_tok, self.qkv.out_features), x_TD)
-        linear_into(self.attn_norm(x_TD), self.qkv, qkv)
+        qkv = linear_into(self.attn_norm(x_TD), self.qkv, ws.get("qkv", (n_tok, self.qkv.out_features), x_TD))
         qkv_T3NK = qkv.unflatten(-1, (3, self.n_heads, self.head_dim))
         a_TD = packed_attention(qkv_T3NK, packing, self.rotary[0], self.head_dim**-0.5, ws)
         x_TD = self.out(a_TD).add_(x_TD)  # a new tensor: the old x_TD may be kept as a requested layer
-        h = ws.get("ffn", (n_tok, self.up.out_features), x_TD)
-        linear_into(self.ffn_norm(x_TD), self.up, h)
+        h = linear_into(self.ffn_norm(x_TD), self.up, ws.get("ffn", (n_tok, self.up.out_features), x_TD))
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate, inplace=True).mul_(up)
