@@ -27,7 +27,7 @@ complete -c protembed -n '__fish_seen_subcommand_from embed' -l pool -x -d 'Pool
 complete -c protembed -n '__fish_seen_subcommand_from embed' -l per-residue -d 'Also store every residue\'s vector.'
 complete -c protembed -n '__fish_seen_subcommand_from embed' -l dtype -x -d 'Compute dtype: float32, bfloat16, float16, or fp8 (--backend te on Hopper+).'
 complete -c protembed -n '__fish_seen_subcommand_from embed' -l store-dtype -x -d 'Stored dtype: float32 or float16.'
-complete -c protembed -n '__fish_seen_subcommand_from embed' -l tokens-per-batch -x -d 'Tokens per packed batch (default: 8192 on CPU, from free memory on GPU).'
+complete -c protembed -n '__fish_seen_subcommand_from embed' -l tokens-per-batch -x -d 'Tokens per packed batch (default: 4096 on CPU, from free memory on GPU).'
 complete -c protembed -n '__fish_seen_subcommand_from embed' -l max-length -x -d 'Residues per sequence (default and maximum: the model\'s, 1022 / 2046).'
 complete -c protembed -n '__fish_seen_subcommand_from embed' -l long -x -d 'Longer sequences: truncate (flagged) or window (overlapping windows).'
 complete -c protembed -n '__fish_seen_subcommand_from embed' -l device -x -d 'cpu, cpu:N, cuda, cuda:0,1, 0,1,3 or all (default: every GPU, else the CPU).'

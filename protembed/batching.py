@@ -52,13 +52,13 @@ def pack(token_arrays: list[np.ndarray], device: torch.device | str = "cpu") -> 
     return PackedBatch(tokens, Packing.from_lengths([len(a) for a in token_arrays], device=device))
 
 
-CPU_TOKEN_BUDGET = 8192
+CPU_TOKEN_BUDGET = 4096
 
 
 def default_token_budget(config: EncoderConfig, device: torch.device, dtype: torch.dtype) -> int:
     """Tokens per batch when the user gives none.
 
-    CPU: 8192 (large enough for efficient matrix products, small enough for caches and RAM).
+    CPU: 4096 (large enough for efficient matrix products, small enough for caches and RAM).
     CUDA: 40% of the free device memory divided by an estimate of the activation bytes one token
     needs in a layer (about 4*D + 2*F values for the residual, QKV, attention output and FFN,
     doubled for temporaries), capped at 131072 tokens.

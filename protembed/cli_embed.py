@@ -78,7 +78,7 @@ def embed(
     store_dtype: Annotated[str, typer.Option(help="Stored dtype: float32 or float16.")] = "float32",
     tokens_per_batch: Annotated[
         int | None,
-        typer.Option(help="Tokens per packed batch (default: 8192 on CPU, from free memory on GPU)."),
+        typer.Option(help="Tokens per packed batch (default: 4096 on CPU, from free memory on GPU)."),
     ] = None,
     max_length: Annotated[
         int | None,

@@ -19,6 +19,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ATTENTION_SLACK = 1.02  # a padded attention group computes at most 2% more than its sequences
+
+
+@dataclass
+class PadGroup:
+    """Consecutive sequences of a packed batch whose attention runs as one padded SDPA call.
+
+    Attributes:
+        tokens: slice of the packed tokens the group covers.
+        n_seqs, max_len: the padded layout [n_seqs, max_len].
+        pad_index: int64 [t] flat index of each of the group's tokens in that layout.
+        pad_slots: int64 flat indices of the layout's padding slots.
+        key_mask_B11L: bool [n_seqs, 1, 1, max_len], True for real keys; None without padding.
+    """
+
+    tokens: slice
+    n_seqs: int
+    max_len: int
+    pad_index: torch.Tensor
+    pad_slots: torch.Tensor
+    key_mask_B11L: torch.Tensor | None
+
 
 @dataclass
 class Packing:
@@ -28,18 +50,15 @@ class Packing:
         cu_seqlens: int32 [B+1] cumulative token counts starting at 0.
         max_len: longest sequence, in tokens.
         positions: int64 [T] position of each token inside its own sequence.
-        pad_index: int64 [T] flat index of each token in a [B, L] padded layout.
-        key_mask_B11L: bool [B, 1, 1, L], True where a key is a real token; None when all
-            sequences have the same length (no padding needed).
-        pad_slots: int64 flat indices of the padding slots of the [B, L] layout.
+        groups: runs of consecutive sequences of similar length; attention pads each run only to
+            its own longest sequence (see `attention_groups`), so a batch mixing lengths wastes
+            little attention work on padding.
     """
 
     cu_seqlens: torch.Tensor
     max_len: int
     positions: torch.Tensor
-    pad_index: torch.Tensor
-    key_mask_B11L: torch.Tensor | None
-    pad_slots: torch.Tensor
+    groups: list[PadGroup]
 
     @property
     def n_seqs(self) -> int:
@@ -51,22 +70,44 @@ class Packing:
         lens = torch.tensor(lengths, dtype=torch.int64)
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
         torch.cumsum(lens, 0, out=cu[1:])
-        max_len = int(lens.max())
         seq_of_token = torch.repeat_interleave(torch.arange(len(lengths)), lens)
         positions = torch.arange(int(cu[-1])) - cu[:-1][seq_of_token]
-        pad_index = seq_of_token * max_len + positions
-        key_mask = None
-        valid = torch.arange(max_len)[None, :] < lens[:, None]
-        if int(lens.min()) != max_len:
-            key_mask = valid[:, None, None, :].to(device)
+        groups = [
+            _pad_group(lengths, a, b, int(cu[a]), int(cu[b]), device) for a, b in attention_groups(lengths)
+        ]
         return cls(
             cu_seqlens=cu.to(torch.int32).to(device),
-            max_len=max_len,
+            max_len=int(lens.max()),
             positions=positions.to(device),
-            pad_index=pad_index.to(device),
-            key_mask_B11L=key_mask,
-            pad_slots=torch.nonzero(~valid.flatten()).squeeze(1).to(device),
+            groups=groups,
         )
+
+
+def attention_groups(lengths: list[int], slack: float = ATTENTION_SLACK) -> list[tuple[int, int]]:
+    """Split sequences into runs [a, b) whose padded attention (n * max_len^2) stays within
+    `slack` times their real attention (sum of len^2). Deterministic for a given batch."""
+    runs: list[tuple[int, int]] = []
+    start, longest, squares = 0, 0, 0
+    for i, n in enumerate(lengths):
+        top = max(longest, n)
+        if i > start and (i + 1 - start) * top * top > slack * (squares + n * n):
+            runs.append((start, i))
+            start, top, squares = i, n, 0
+        longest, squares = top, squares + n * n
+    runs.append((start, len(lengths)))
+    return runs
+
+
+def _pad_group(lengths: list[int], a: int, b: int, t0: int, t1: int, device: torch.device | str) -> PadGroup:
+    lens = torch.tensor(lengths[a:b], dtype=torch.int64)
+    max_len = int(lens.max())
+    starts = torch.cumsum(lens, 0) - lens
+    seq_of_token = torch.repeat_interleave(torch.arange(b - a), lens)
+    pad_index = seq_of_token * max_len + torch.arange(t1 - t0) - starts[seq_of_token]
+    valid = torch.arange(max_len)[None, :] < lens[:, None]
+    key_mask = valid[:, None, None, :].to(device) if int(lens.min()) != max_len else None
+    pad_slots = torch.nonzero(~valid.flatten()).squeeze(1)
+    return PadGroup(slice(t0, t1), b - a, max_len, pad_index.to(device), pad_slots.to(device), key_mask)
 
 
 class Linear(nn.Linear):
@@ -230,9 +271,9 @@ def packed_attention(
     """Rotary + attention of every sequence over its own tokens only; returns [T, N*K].
 
     On CUDA in half precision this runs PyTorch's variable-length flash attention directly on
-    the packed tokens. Elsewhere q/k/v are scattered once into a padded [B, L, 3, N, K] layout
-    (a free view when all lengths are equal) and run through fused SDPA with a key mask;
-    length-sorted batches keep that padding small.
+    the packed tokens. Elsewhere each group of consecutive, similar-length sequences (see
+    `attention_groups`) is scattered into a padded [B, L, 3, N, K] layout (a free view when its
+    lengths are equal) and run through fused SDPA with a key mask.
     """
     n_tok, _, n_heads, head_dim = qkv_T3NK.shape
     if qkv_T3NK.is_cuda and qkv_T3NK.dtype in (torch.float16, torch.bfloat16) and _has_varlen():
@@ -243,27 +284,41 @@ def packed_attention(
         out = varlen_attn(qk[:, 0], qk[:, 1], qkv_T3NK[:, 2], cu, cu, n, n, scale=scale)
         assert isinstance(out, torch.Tensor)
         return out.flatten(1)
-    n_seqs, max_len = packing.n_seqs, packing.max_len
-    if packing.key_mask_B11L is None:
-        padded = qkv_T3NK.view(n_seqs, max_len, 3, n_heads, head_dim)
+    out_TD = ws.get("attention", (n_tok, n_heads * head_dim), qkv_T3NK)
+    if out_TD is None:
+        out_TD = qkv_T3NK.new_empty(n_tok, n_heads * head_dim)
+    for group in packing.groups:
+        _group_attention(qkv_T3NK[group.tokens], group, rotary, scale, ws, out_TD[group.tokens])
+    return out_TD
+
+
+def _group_attention(
+    qkv_t3NK: torch.Tensor, group: PadGroup, rotary: Rotary, scale: float, ws: Workspace, out_tD: torch.Tensor
+) -> None:
+    """Padded SDPA over one group of consecutive sequences, written into `out_tD`."""
+    _, _, n_heads, head_dim = qkv_t3NK.shape
+    n_seqs, max_len = group.n_seqs, group.max_len
+    if group.key_mask_B11L is None:
+        padded = qkv_t3NK.view(n_seqs, max_len, 3, n_heads, head_dim)
     else:
         pad_shape = (n_seqs * max_len, 3, n_heads, head_dim)
-        flat = ws.get("padded", pad_shape, qkv_T3NK)
+        flat = ws.get("padded", pad_shape, qkv_t3NK)
         if flat is None:
-            flat = qkv_T3NK.new_empty(pad_shape)
-        flat.index_copy_(0, packing.pad_index, qkv_T3NK)
-        flat[packing.pad_slots] = 0.0  # masked keys, but must be finite
+            flat = qkv_t3NK.new_empty(pad_shape)
+        flat.index_copy_(0, group.pad_index, qkv_t3NK)
+        flat[group.pad_slots] = 0.0  # masked keys, but must be finite
         padded = flat.view(n_seqs, max_len, 3, n_heads, head_dim)
-    cos_LK, sin_LK = rotary.tables(max_len, qkv_T3NK.device)
+    cos_LK, sin_LK = rotary.tables(max_len, qkv_t3NK.device)
     shape = (1, max_len, 1, 1, head_dim)
-    qk_out = ws.get("rotated", (n_seqs, max_len, 2, n_heads, head_dim), qkv_T3NK)
+    qk_out = ws.get("rotated", (n_seqs, max_len, 2, n_heads, head_dim), qkv_t3NK)
     qk_BL2NK = rotary.rotate(padded[:, :, :2], cos_LK.view(shape), sin_LK.view(shape), out=qk_out)
     q, k, v = (t.transpose(1, 2) for t in (qk_BL2NK[:, :, 0], qk_BL2NK[:, :, 1], padded[:, :, 2]))
-    out_BNLK = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask_B11L, scale=scale)
+    out_BNLK = F.scaled_dot_product_attention(q, k, v, attn_mask=group.key_mask_B11L, scale=scale)
     out_BLD = out_BNLK.transpose(1, 2).reshape(n_seqs * max_len, n_heads * head_dim)
-    if packing.key_mask_B11L is None:
-        return out_BLD
-    return out_BLD[packing.pad_index]
+    if group.key_mask_B11L is None:
+        out_tD.copy_(out_BLD)
+    else:
+        torch.index_select(out_BLD, 0, group.pad_index, out=out_tD)
 
 
 def linear_into(x: torch.Tensor, layer: nn.Linear, out: torch.Tensor | None) -> torch.Tensor:
