@@ -107,12 +107,18 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device | None = None,
     revision: str | None = None,
+    backend: str = "auto",
+    compile: bool = False,
 ) -> Model:
     """Load a model by registry name (`esm2-650m`), Hub repo id or local checkpoint directory.
 
     A registry name or repo id that is not cached is downloaded first (unless HF_HUB_OFFLINE=1).
+    `backend` and `compile` choose how it runs (see `protembed.backends`).
     """
+    from protembed.backends import prepare, resolve_backend
+
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype_name = next(name for name, dt in DTYPES.items() if dt == torch_dtype)
     dev = torch.device(device or default_device())
     path = Path(model)
     if path.is_dir():
@@ -127,5 +133,7 @@ def load_model(
             resolved.revision,
             resolved.path,
         )
+    runs_on = resolve_backend(backend, str(dev), dtype_name, compile)
     encoder = load_checkpoint(ckpt, dtype=torch_dtype, device=dev)
+    encoder = prepare(encoder, runs_on, dtype_name, compile)
     return Model(encoder=encoder, name=name, source=source, revision=rev)

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from protembed import __version__, bench_hf
 from protembed.api import DTYPES, Model, default_device, load_model
+from protembed.backends import describe, prepare, resolve_backend
 from protembed.bench import (
     WARMUP_BATCHES,
     BenchError,
@@ -206,6 +207,12 @@ def bench(
     ] = DEFAULT_MODEL,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: the GPU if any).")] = None,
     dtype: Annotated[DType, typer.Option(help="Weights and compute dtype.")] = DType.float32,
+    backend: Annotated[
+        str, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
+    ] = "auto",
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the model (torch backend).")
+    ] = False,
     lengths: Annotated[
         list[str] | None,
         typer.Option(
@@ -263,10 +270,14 @@ def bench(
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
+    resolved = resolve_backend(backend, str(dev), dtype.value, compile)
     loaded = build_model(model, random_weights, DTYPES[dtype.value], dev, seed)
     config = loaded.encoder.config
     if compare is not None:
         bench_hf.require_transformers(config.family)
+    # the reference copies the canonical weights, so it is built before the backend wraps them
+    reference = bench_hf.hf_runner(loaded.encoder) if compare is not None else None
+    loaded.encoder = prepare(loaded.encoder, resolved, dtype.value, compile)
     too_long = [n for n in length_list if n > config.max_residues]
     if input is None and too_long:
         raise BenchError(
@@ -282,7 +293,6 @@ def bench(
     peak = device_peak(dev, DTYPES[dtype.value])
     say(f"peak {peak.tflops:.3f} TFLOP/s ({peak.source})")
     ours = protembed_runner(loaded)
-    reference = bench_hf.hf_runner(loaded.encoder) if compare is not None else None
     fasta = fasta_workload(input, loaded.alphabet, config.max_residues) if input is not None else None
     if fasta is not None and fasta.truncated:
         say(f"{fasta.truncated} sequences cut to {config.max_residues} residues (the model's maximum)")
@@ -305,6 +315,7 @@ def bench(
         "seed": seed,
         "input": str(input) if input else None,
         "compare": compare.value if compare else None,
+        "backend": describe(resolved, dtype.value, compile),
         "truncated": fasta.truncated if fasta else 0,
     }
     if as_json:

@@ -59,6 +59,9 @@ CacheDir = Annotated[
                  "~/.cache/protembed)."),
 ]  # fmt: skip
 Device = Annotated[str | None, typer.Option("--device", help="Torch device. Default: cuda if available.")]
+Backend = Annotated[
+    str, typer.Option("--backend", help="auto, torch or te (NVIDIA Transformer Engine) for the embeddings.")
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 
 
@@ -89,7 +92,7 @@ def finetune(
         FeatureKind, typer.Option("--features", help="Language-model embeddings or the one-hot baseline.")
     ] = FeatureKind.model,
     split: Annotated[
-        str | None, typer.Option("--split", help="Split file Default: the task's card split.")
+        str | None, typer.Option("--split", help="Split file. Default: the task's card split.")
     ] = None,
     head: Annotated[
         HeadName | None, typer.Option("--head", help="Head Default: mlp per sequence, cnn per residue.")
@@ -116,6 +119,7 @@ def finetune(
         bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")
     ] = False,
     device: Device = None,
+    backend: Backend = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
     plot_png: Annotated[
         bool, typer.Option("--plot", help="Also write a PNG of the test predictions.")
@@ -158,7 +162,8 @@ def finetune(
 
         run = run_finetune(data, model=model_ref, head=head_name, layer=layer, epochs=epochs, lr=lr,
                            batch_size=batch_size, seed=seed, patience=patience, device=device,
-                           cache_dir=cache, on_embed=on_embed, on_epoch=on_epoch)  # fmt: skip
+                           backend=backend, cache_dir=cache, on_embed=on_embed,
+                           on_epoch=on_epoch)  # fmt: skip
     cfg = run.config
     if output is not None:
         save(run, output, overwrite)
@@ -229,7 +234,7 @@ def predict(
         Path, typer.Argument(help="Folder written by `finetune --output`.", show_default=False)
     ],
     fasta: Annotated[Path, typer.Argument(help="Sequences to predict.", show_default=False)],
-    out: Annotated[Path | None, typer.Option("--output", "-o", help="CSV file Default: stdout.")] = None,
+    out: Annotated[Path | None, typer.Option("--output", "-o", help="CSV file. Default: stdout.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     cache_dir: CacheDir = None,
     device: Device = None,

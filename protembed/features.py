@@ -96,8 +96,9 @@ def onehot_flat(seqs: Sequence[str], length: int) -> Features:
 
 
 def cache_path(cache_dir: Path, model: Model, layer: int) -> Path:
-    """The cache file of one model (source + revision) and resolved layer."""
-    tag = hashlib.sha256(f"{model.source}@{model.revision}".encode()).hexdigest()[:12]
+    """The cache file of one model (source + revision + compute dtype) and resolved layer."""
+    dtype = str(model.encoder.embed.weight.dtype).removeprefix("torch.")
+    tag = hashlib.sha256(f"{model.source}@{model.revision}@{dtype}".encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name)[:40]
     return cache_dir / "features" / f"{slug}-{tag}-layer{layer}.h5"
 

@@ -88,6 +88,7 @@ def featurize(
     cache_dir: Path,
     device: str,
     progress: Callable[[int, int], None] | None = None,
+    backend: str = "auto",
 ) -> Features:
     """One-hot features, or the cached embeddings of the model described by `model_cfg`."""
     if model_cfg is None:
@@ -95,7 +96,10 @@ def featurize(
             return onehot_residues(seqs)
         assert onehot_length is not None
         return onehot_flat(seqs, onehot_length)
-    model = load_model(model_cfg["ref"], device=device, revision=model_cfg.get("revision"))
+    dtype = "bfloat16" if backend == "te" else "float32"  # Transformer Engine runs in half precision
+    model = load_model(
+        model_cfg["ref"], dtype=dtype, device=device, revision=model_cfg.get("revision"), backend=backend
+    )
     model_cfg.update(name=model.name, source=model.source, revision=model.revision)
     model_cfg["layer_index"] = model.layers([model_cfg["layer"]])[0]  # -1 resolved
     return model_features(
@@ -159,6 +163,7 @@ def finetune(
     patience: int = 5,
     ridge_alpha: float = 1.0,
     device: str | None = None,
+    backend: str = "auto",
     cache_dir: Path,
     on_embed: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[int, float, dict[str, float]], None] | None = None,
@@ -180,7 +185,7 @@ def finetune(
     if model is None and task.level == "sequence":  # pad to the longest sequence the head is fit on
         onehot_length = min(MAX_ONEHOT, max(len(data.seqs[i]) for i in np.flatnonzero(data.part != TEST)))
     model_cfg = None if model is None else {"ref": _model_ref(model), "layer": layer}
-    feats = featurize(data.seqs, task, model_cfg, onehot_length, cache_dir, dev, on_embed)
+    feats = featurize(data.seqs, task, model_cfg, onehot_length, cache_dir, dev, on_embed, backend)
     t_features = time.perf_counter() - t0
     x, y, dropped = inputs_and_targets(data, feats)
     scale = (0.0, 1.0)

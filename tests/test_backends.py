@@ -57,3 +57,38 @@ def test_compiled_embedding_equals_eager(tmp_path: Path) -> None:
         assert a.attrs["backend"] == "torch" and b.attrs["backend"] == "torch+compile"
         assert np.abs(a["mean"][:] - b["mean"][:]).max() <= 1e-5
         assert np.abs(a["residues"][:] - b["residues"][:]).max() <= 1e-5
+
+
+TINY = str(fixture_dir("esm2_t3_h64").parents[1] / "data" / "flip" / "tiny")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [
+            "bench",
+            "--model",
+            ESM,
+            "--lengths",
+            "16",
+            "--repeats",
+            "1",
+            "--backend",
+            "te",
+            "--dtype",
+            "bfloat16",
+        ],
+        ["finetune", "flip-gb1", "--model", ESM, "--data-dir", TINY, "--backend", "te"],
+    ],
+)
+def test_bench_and_finetune_refuse_te_without_it(args: list[str], tmp_path: Path) -> None:
+    r = runner.invoke(app, [*args, *(["--cache-dir", str(tmp_path)] if args[0] == "finetune" else [])])
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.output.splitlines() if line.strip() and line.startswith("error:")]
+    assert len(lines) == 1 and "protembed[te]" in lines[0], r.output
+
+
+def test_bench_records_the_backend(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["bench", "--model", ESM, "--lengths", "16", "--repeats", "1", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    assert '"backend": "torch"' in r.output
