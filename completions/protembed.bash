@@ -17,9 +17,9 @@ _protembed_takes_value() {  # $1: command ("" at the top level), $2: option
         embed) case $2 in -o|--output|-m|--model|--revision|-l|--layer|--pool|--dtype|--store-dtype|--tokens-per-batch|--max-length|--long|--device|--backend|--on-invalid|--compression) return 0 ;; esac ;;
         download) case $2 in --revision|--cache-dir) return 0 ;; esac ;;
         models) case $2 in --cache-dir) return 0 ;; esac ;;
-        finetune) case $2 in -m|--model|--features|--split|--head|--layer|--epochs|--lr|--batch-size|--seed|--patience|--data-dir|--cache-dir|-o|--output|--device) return 0 ;; esac ;;
+        finetune) case $2 in -m|--model|--features|--split|--head|--layer|--epochs|--lr|--batch-size|--seed|--patience|--data-dir|--cache-dir|-o|--output|--device|--backend) return 0 ;; esac ;;
         predict) case $2 in -o|--output|--cache-dir|--device) return 0 ;; esac ;;
-        bench) case $2 in -m|--model|--device|--dtype|--lengths|--tokens-per-batch|-i|--input|--compare|--repeats|--batches|--threads|--seed|--plot) return 0 ;; esac ;;
+        bench) case $2 in -m|--model|--device|--dtype|--backend|--lengths|--tokens-per-batch|-i|--input|--compare|--repeats|--batches|--threads|--seed|--plot) return 0 ;; esac ;;
         export) case $2 in -o|--output|--layout|--what|--layer) return 0 ;; esac ;;
     esac
     return 1
@@ -51,6 +51,11 @@ _protembed() {
     if _protembed_takes_value "$cmd" "$prev"; then
         case $cmd:$prev in
             embed:-o|embed:--output) _protembed_paths -f ;;
+            embed:--dtype) _protembed_words 'float32 bfloat16 float16 fp8' ;;
+            embed:--store-dtype) _protembed_words 'float32 float16' ;;
+            embed:--long) _protembed_words 'truncate window' ;;
+            embed:--on-invalid) _protembed_words 'error skip' ;;
+            embed:--compression) _protembed_words 'gzip lzf' ;;
             download:--cache-dir) _protembed_paths -f ;;
             models:--cache-dir) _protembed_paths -f ;;
             finetune:--features) _protembed_words 'model onehot' ;;
@@ -77,9 +82,9 @@ _protembed() {
             merge) _protembed_words '--virtual --overwrite --help' ;;
             download) _protembed_words '--revision --cache-dir --force -q --quiet --help' ;;
             models) _protembed_words '--json --cache-dir --help' ;;
-            finetune) _protembed_words '-m --model --features --split --head --layer --epochs --lr --batch-size --seed --patience --data-dir --cache-dir -o --output --overwrite --device --json --plot -q --quiet --help' ;;
+            finetune) _protembed_words '-m --model --features --split --head --layer --epochs --lr --batch-size --seed --patience --data-dir --cache-dir -o --output --overwrite --device --backend --json --plot -q --quiet --help' ;;
             predict) _protembed_words '-o --output --overwrite --cache-dir --device -q --quiet --help' ;;
-            bench) _protembed_words '-m --model --device --dtype --lengths --tokens-per-batch -i --input --random-weights --compare --repeats --batches --threads --seed --json --plot -q --quiet --help' ;;
+            bench) _protembed_words '-m --model --device --dtype --backend --compile --lengths --tokens-per-batch -i --input --random-weights --compare --repeats --batches --threads --seed --json --plot -q --quiet --help' ;;
             export) _protembed_words '-o --output --layout --what --layer --overwrite --help' ;;
         esac
         return

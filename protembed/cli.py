@@ -29,6 +29,12 @@ err_console = Console(stderr=True)
 out_console = Console()
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# options shared by several commands
+BackendOption = Annotated[
+    str, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
+]
+CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile the model (torch backend).")]
 _DEBUG = {"on": False}
 
 

@@ -30,7 +30,7 @@ from protembed.bench import (
     protembed_runner,
     synthetic_workload,
 )
-from protembed.cli import err_console, handle_errors, out_console, print_json
+from protembed.cli import BackendOption, CompileOption, err_console, handle_errors, out_console, print_json
 from protembed.errors import BackendError, UnknownModelError
 from protembed.models.checkpoints import random_model, read_config, registry_config
 from protembed.registry import DEFAULT_MODEL, MODELS, lookup
@@ -207,12 +207,8 @@ def bench(
     ] = DEFAULT_MODEL,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: the GPU if any).")] = None,
     dtype: Annotated[DType, typer.Option(help="Weights and compute dtype.")] = DType.float32,
-    backend: Annotated[
-        str, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
-    ] = "auto",
-    compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the model (torch backend).")
-    ] = False,
+    backend: BackendOption = "auto",
+    compile: CompileOption = False,
     lengths: Annotated[
         list[str] | None,
         typer.Option(

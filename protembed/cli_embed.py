@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from protembed.cli import err_console, handle_errors, print_json
+from protembed.cli import BackendOption, CompileOption, err_console, handle_errors, print_json
 from protembed.embed import EmbedSummary, embed_fasta
 from protembed.errors import OptionError
 from protembed.reader import FORMAT
@@ -25,6 +26,33 @@ Examples:
   protembed embed proteins.fa --per-residue --store-dtype float16 --long window
   zcat big.fa.gz | protembed embed - -o big.h5 --json    # stdin; JSON summary on stdout
 """
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    fp8 = "fp8"
+
+
+class StoreDType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+class LongPolicy(str, Enum):
+    truncate = "truncate"
+    window = "window"
+
+
+class OnInvalid(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+class Compression(str, Enum):
+    gzip = "gzip"
+    lzf = "lzf"
 
 
 def default_output(input_path: str) -> Path:
@@ -73,9 +101,9 @@ def embed(
         bool, typer.Option("--per-residue", help="Also store every residue's vector.")
     ] = False,
     dtype: Annotated[
-        str, typer.Option(help="Compute dtype: float32, bfloat16, float16, or fp8 (--backend te on Hopper+).")
-    ] = "float32",
-    store_dtype: Annotated[str, typer.Option(help="Stored dtype: float32 or float16.")] = "float32",
+        DType, typer.Option(help="Compute dtype (fp8: --backend te on a Hopper or newer GPU).")
+    ] = DType.float32,
+    store_dtype: Annotated[StoreDType, typer.Option(help="Stored dtype.")] = StoreDType.float32,
     tokens_per_batch: Annotated[
         int | None,
         typer.Option(help="Tokens per packed batch (default: 4096 on CPU, from free memory on GPU)."),
@@ -85,27 +113,23 @@ def embed(
         typer.Option(help="Residues per sequence (default and maximum: the model's, 1022 / 2046)."),
     ] = None,
     long: Annotated[
-        str,
+        LongPolicy,
         typer.Option("--long", help="Longer sequences: truncate (flagged) or window (overlapping windows)."),
-    ] = "truncate",
+    ] = LongPolicy.truncate,
     device: Annotated[
         str | None,
         typer.Option(help="cpu, cpu:N, cuda, cuda:0,1, 0,1,3 or all (default: every GPU, else the CPU)."),
     ] = None,
-    backend: Annotated[
-        str, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
-    ] = "auto",
-    compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the model (torch backend).")
-    ] = False,
+    backend: BackendOption = "auto",
+    compile: CompileOption = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Require an unfinished output to continue.")
     ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     on_invalid: Annotated[
-        str, typer.Option(help="Invalid or empty records: error (stop) or skip (recorded as skipped).")
-    ] = "error",
-    compression: Annotated[str | None, typer.Option(help="HDF5 compression: gzip or lzf.")] = None,
+        OnInvalid, typer.Option(help="Invalid or empty records: error (stop) or skip (recorded as skipped).")
+    ] = OnInvalid.error,
+    compression: Annotated[Compression | None, typer.Option(help="HDF5 compression.")] = None,
     merge: Annotated[
         bool,
         typer.Option(
@@ -150,10 +174,10 @@ def embed(
         summary = embed_fasta(
             input_path, out, model=model, revision=revision, layers=parse_layers(layer),
             poolings=[p.strip() for p in pool.split(",") if p.strip()], per_residue=per_residue,
-            dtype=dtype, store_dtype=store_dtype, tokens_per_batch=tokens_per_batch, max_length=max_length,
-            long_policy=long, device=device, overwrite=overwrite, on_invalid=on_invalid,
-            compression=compression, merge=merge, backend=backend, compile=compile, progress=progress,
-            started=started,
+            dtype=dtype.value, store_dtype=store_dtype.value, tokens_per_batch=tokens_per_batch,
+            max_length=max_length, long_policy=long.value, device=device, overwrite=overwrite,
+            on_invalid=on_invalid.value, compression=compression.value if compression else None,
+            merge=merge, backend=backend, compile=compile, progress=progress, started=started,
         )  # fmt: skip
     if as_json:
         print_json(summary.as_dict())

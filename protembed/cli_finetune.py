@@ -14,7 +14,7 @@ import typer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from protembed.cli import err_console, handle_errors, out_console, print_json
+from protembed.cli import BackendOption, err_console, handle_errors, out_console, print_json
 from protembed.errors import OutputExistsError
 from protembed.finetune import check_head, check_output, plot, predict_fasta, require_matplotlib, save
 from protembed.finetune import finetune as run_finetune
@@ -59,9 +59,6 @@ CacheDir = Annotated[
                  "~/.cache/protembed)."),
 ]  # fmt: skip
 Device = Annotated[str | None, typer.Option("--device", help="Torch device. Default: cuda if available.")]
-Backend = Annotated[
-    str, typer.Option("--backend", help="auto, torch or te (NVIDIA Transformer Engine) for the embeddings.")
-]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 
 
@@ -119,7 +116,7 @@ def finetune(
         bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")
     ] = False,
     device: Device = None,
-    backend: Backend = "auto",
+    backend: BackendOption = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
     plot_png: Annotated[
         bool, typer.Option("--plot", help="Also write a PNG of the test predictions.")

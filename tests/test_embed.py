@@ -251,7 +251,6 @@ def test_skip_policy_records_skipped_rows(tmp_path: Path) -> None:
         (["--model", "esm2-65m"], "esm2-650m"),
         (["--layer", "9"], "out of range"),
         (["--pool", "max"], "unknown pooling"),
-        (["--dtype", "int8"], "--dtype"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], expected: str) -> None:
@@ -260,3 +259,10 @@ def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], expect
     r = embed(str(fasta), "-o", str(tmp_path / "y.h5"), *full)
     assert r.exit_code == 1 and expected in r.output, r.output
     assert len([line for line in r.output.splitlines() if line.strip()]) == 1
+
+
+def test_unknown_choice_is_a_usage_error(tmp_path: Path) -> None:
+    fasta, _ = fixture_fasta(tmp_path, "esm2_t3_h64")
+    r = embed(str(fasta), "-o", str(tmp_path / "z.h5"), "--model", ESM, "--dtype", "int8")
+    assert r.exit_code == 2 and "int8" in r.output
+    assert not (tmp_path / "z.h5").exists()

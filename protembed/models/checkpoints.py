@@ -167,15 +167,21 @@ def _build(config: EncoderConfig) -> Encoder:
     return family_module(config.family).build(config)
 
 
-def verify_checkpoint(path: Path) -> EncoderConfig:
-    """Check architecture, every key and every shape of a checkpoint without loading the weights."""
+def _open_checked(path: Path) -> tuple[Encoder, WeightReader, dict[str, list[str]], str | None]:
+    """A meta-device model of the checkpoint's config, its weights opened lazily, and the plan
+    mapping every parameter to its source keys (architecture, keys and shapes checked)."""
     config = read_config(path)
     reader = WeightReader(weight_files(path))
-    plan, _ = _plan(reader, config, str(path))
+    plan, rotary_key = _plan(reader, config, str(path))
     with torch.device("meta"):
         model = _build(config)
     _check_shapes(reader, plan, model, str(path))
-    return config
+    return model, reader, plan, rotary_key
+
+
+def verify_checkpoint(path: Path) -> EncoderConfig:
+    """Check architecture, every key and every shape of a checkpoint without loading the weights."""
+    return _open_checked(Path(path))[0].config
 
 
 def iter_tensors(reader: WeightReader, plan: dict[str, list[str]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -188,13 +194,7 @@ def load_checkpoint(
     path: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> Encoder:
     """Load a checkpoint directory into an `Encoder` in eval mode, strictly and memory-mapped."""
-    path = Path(path)
-    config = read_config(path)
-    reader = WeightReader(weight_files(path))
-    plan, rotary_key = _plan(reader, config, str(path))
-    with torch.device("meta"):
-        model = _build(config)
-    _check_shapes(reader, plan, model, str(path))
+    model, reader, plan, rotary_key = _open_checked(Path(path))
     state = {}
     for name, tensor in iter_tensors(reader, plan):
         state[name] = tensor.to(device=device, dtype=dtype)
