@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from protembed.models.encoder import EncoderConfig
-from protembed.models.layers import Packing
+from protembed.models.packing import Packing
 
 
 def token_batches(n_tokens: np.ndarray, budget: int) -> list[np.ndarray]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from protembed.models.layers import Packing
+from protembed.models.packing import Packing
 
 POOLINGS = ("mean", "cls")
 

@@ -58,7 +58,7 @@ def test_every_reference_array_of_single_runs(name: str, fixture_model: dict[str
 
 
 def _packing(ids: np.ndarray):
-    from protembed.models.layers import Packing
+    from protembed.models.packing import Packing
 
     return Packing.from_lengths([len(ids)])
 

@@ -20,7 +20,8 @@ from protembed.batching import pack
 from protembed.errors import BackendError
 from protembed.models.checkpoints import family_module, load_checkpoint, registry_config
 from protembed.models.encoder import Encoder
-from protembed.models.layers import Packing, Rotary, rotary_inv_freq
+from protembed.models.layers import Rotary, rotary_inv_freq
+from protembed.models.packing import Packing
 from protembed.models.te import build_te_encoder, check_available, is_available
 from protembed.models.te_convert import (
     ROTARY_KEY,

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from protembed.models.layers import Block, Embedding, Packing, Rotary, Workspace, make_norm
+from protembed.models.attention import Workspace
+from protembed.models.layers import Block, Embedding, Rotary, make_norm
+from protembed.models.packing import Packing
 
 
 @dataclass(frozen=True)

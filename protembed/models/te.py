@@ -40,7 +40,7 @@ from torch import nn
 
 from protembed.errors import BackendError
 from protembed.models.encoder import Encoder, EncoderConfig, EncoderOutput
-from protembed.models.layers import Packing
+from protembed.models.packing import Packing
 from protembed.models.te_convert import rope_freqs, te_state_dict
 
 INSTALL_HINT = "pip install 'protembed[te]'"
