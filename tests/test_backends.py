@@ -92,3 +92,37 @@ def test_bench_records_the_backend(tmp_path: Path) -> None:
     r = runner.invoke(app, ["bench", "--model", ESM, "--lengths", "16", "--repeats", "1", "--json", "-q"])
     assert r.exit_code == 0, r.output
     assert '"backend": "torch"' in r.output
+
+
+def test_out_of_memory_batches_are_split_down_to_single_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that raises CUDA out-of-memory is halved and retried; results equal the direct run,
+    and a single sequence that still does not fit is reported with its position."""
+    import torch
+
+    from protembed import compute
+    from protembed.alphabet import ESM2
+    from protembed.models.checkpoints import load_checkpoint
+
+    encoder = load_checkpoint(fixture_dir("esm2_t3_h64") / "checkpoint")
+    tokens = [
+        ESM2.encode(s) for s in ("MKTAYIAKQR", "MSTNPKPQRKTKRNTNRRPQDVKFPGG", "ACDEFGHIK", "MLK", "W" * 40)
+    ]
+    direct = compute.run_batch(encoder, tokens, [3], ["mean"], True)
+    real = compute.run_batch
+    limit = {"tokens": 10**9}
+
+    def fits_two(enc, toks, *args):  # noqa: ANN001, ANN002, ANN202 - test double
+        if len(toks) > 2 or any(t.size > limit["tokens"] for t in toks):
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(enc, toks, *args)
+
+    monkeypatch.setattr(compute, "run_batch", fits_two)
+    split = compute.run_splitting(encoder, tokens, [3], ["mean"], True)
+    np.testing.assert_allclose(split.pooled["mean"], direct.pooled["mean"], atol=1e-5)
+    assert split.residues is not None and direct.residues is not None
+    for a, b in zip(split.residues, direct.residues):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    limit["tokens"] = 40
+    with pytest.raises(compute.SequenceTooLargeError) as err:
+        compute.run_splitting(encoder, tokens, [3], ["mean"], False)
+    assert err.value.position == 4 and err.value.n_tokens == 42
