@@ -103,7 +103,7 @@ complete -c protembed -n '__fish_seen_subcommand_from bench' -l dtype -x -a 'flo
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l backend -x -d 'auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l compile -d 'torch.compile the model (torch backend).'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l lengths -x -d 'Synthetic sequence lengths, comma-separated or repeated (default: 64,128,256,512,1022).'
-complete -c protembed -n '__fish_seen_subcommand_from bench' -l tokens-per-batch -x -d 'Tokens per batch, comma-separated or repeated for a sweep (default: 8192).'
+complete -c protembed -n '__fish_seen_subcommand_from bench' -l tokens-per-batch -x -d 'Tokens per batch, comma-separated or repeated for a sweep (default: embed\'s, 4096 on CPU).'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -s i -l input -r -F -d 'Benchmark this FASTA instead of synthetic data.'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l random-weights -d 'Random weights at the model\'s shape: no download (speed does not depend on the values).'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l compare -x -a 'hf' -d 'Also run Hugging Face transformers on the same workload (ESM-2 only).'

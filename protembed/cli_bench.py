@@ -17,6 +17,7 @@ from rich.table import Table
 from protembed import __version__, bench_hf
 from protembed.api import DTYPES, Model, default_device, load_model
 from protembed.backends import describe, prepare, resolve_backend
+from protembed.batching import default_token_budget
 from protembed.bench import (
     WARMUP_BATCHES,
     BenchError,
@@ -37,7 +38,6 @@ from protembed.registry import DEFAULT_MODEL, MODELS, lookup
 
 SCHEMA = "protembed-bench/1"
 DEFAULT_LENGTHS = "64,128,256,512,1022"
-DEFAULT_BUDGET = "8192"
 
 
 class DType(str, Enum):
@@ -220,7 +220,7 @@ def bench(
         list[str] | None,
         typer.Option(
             metavar="N,N,...",
-            help=f"Tokens per batch, comma-separated or repeated for a sweep (default: {DEFAULT_BUDGET}).",
+            help="Tokens per batch, comma-separated or repeated for a sweep (default: embed's, 4096 on CPU).",
         ),
     ] = None,
     input: Annotated[
@@ -260,7 +260,7 @@ def bench(
             "give either --lengths (synthetic) or --input (FASTA), not both", param_hint="--lengths"
         )
     length_list = parse_ints(lengths or [DEFAULT_LENGTHS], "--lengths")
-    budgets = parse_ints(tokens_per_batch or [DEFAULT_BUDGET], "--tokens-per-batch")
+    budgets = parse_ints(tokens_per_batch, "--tokens-per-batch") if tokens_per_batch else []
     if plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise BackendError("--plot needs matplotlib: pip install matplotlib (the 'plot' extra of protembed)")
     if threads is not None:
@@ -269,6 +269,7 @@ def bench(
     resolved = resolve_backend(backend, str(dev), dtype.value, compile)
     loaded = build_model(model, random_weights, DTYPES[dtype.value], dev, seed)
     config = loaded.encoder.config
+    budgets = budgets or [default_token_budget(config, dev, DTYPES[dtype.value])]  # what embed would use
     if compare is not None:
         bench_hf.require_transformers(config.family)
     # the reference copies the canonical weights, so it is built before the backend wraps them
