@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -38,3 +39,12 @@ def run_packed(
         out = model(batch.tokens, batch.packing, layers, return_logits=logits)
     cu = batch.packing.cu_seqlens.tolist()
     return [out], cu
+
+
+def rows_written(path: Path) -> int:
+    """Rows an embeddings file marks as written so far (0 while it does not exist yet)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["written"][:].sum())
+    except (OSError, KeyError):
+        return 0

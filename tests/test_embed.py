@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from protembed.cli import app
 from protembed.reader import open_embeddings
-from tests.helpers import fixture_dir, reference
+from tests.helpers import fixture_dir, reference, rows_written
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
 AMP = str(fixture_dir("amplify_l3_h64") / "checkpoint")
@@ -153,14 +153,6 @@ def test_window_mode_covers_every_residue(tmp_path: Path) -> None:
         assert list(t["truncated"][:]) == [True, False] and list(w["truncated"][:]) == [False, False]
 
 
-def _written(path: Path) -> int:
-    try:
-        with h5py.File(path, "r") as f:
-            return int(f["written"][:].sum())
-    except (OSError, KeyError):
-        return 0
-
-
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     fasta = tmp_path / "many.fa"
@@ -178,11 +170,11 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", child], env=env)
     deadline = time.time() + 120
-    while _written(killed) < 50 and proc.poll() is None and time.time() < deadline:
+    while rows_written(killed) < 50 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    partial = _written(killed)
+    partial = rows_written(killed)
     assert 0 < partial < 1500, f"kill landed at {partial} rows; test needs a mid-run kill"
     r = runner.invoke(app, [*args[:-1], "-o", str(killed), "--json"])
     assert r.exit_code == 0, r.output

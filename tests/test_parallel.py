@@ -23,7 +23,7 @@ from protembed.errors import BackendError, StoreError
 from protembed.merge import find_shards, merge_shards, shard_ranges
 from protembed.parallel import parse_devices
 from protembed.pipeline import read_windows
-from tests.helpers import fixture_dir
+from tests.helpers import fixture_dir, rows_written
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
 PROTEMBED = [sys.executable, "-m", "protembed"]
@@ -127,14 +127,6 @@ def test_parse_devices() -> None:
             parse_devices("0,1")
 
 
-def _written(path: Path) -> int:
-    try:
-        with h5py.File(path, "r") as f:
-            return int(f["written"][:].sum())
-    except (OSError, KeyError):
-        return 0
-
-
 def _children(pid: int) -> list[tuple[int, str]]:
     out = []
     for entry in Path("/proc").iterdir():
@@ -154,7 +146,7 @@ def _start_and_wait(cmd: list[str], out: Path) -> subprocess.Popen:
     child = "import sys, protembed.embed as e; e.FLUSH_SECONDS = 0.0; from protembed.cli import main; main()"
     proc = subprocess.Popen([sys.executable, "-c", child, *cmd], env=ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while _written(out) < 20 and proc.poll() is None and time.time() < deadline:
+    while rows_written(out) < 20 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     return proc
@@ -172,7 +164,7 @@ def test_killed_worker_stops_cleanly_and_rerun_completes(many: Path, single: Pat
     assert proc.returncode == 1
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "worker on cpu stopped" in lines[0] and "resume" in lines[0], err
-    kept = _written(out)
+    kept = rows_written(out)
     assert kept > 0
     subprocess.run([*PROTEMBED, *embed_args(many, out, "--device", "cpu:2")], check=True, env=ENV)
     assert_same_file(single, out)
@@ -185,7 +177,7 @@ def test_ctrl_c_leaves_a_resumable_file(many: Path, single: Path, tmp_path: Path
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    assert 0 < _written(out) < 1200
+    assert 0 < rows_written(out) < 1200
     subprocess.run([*PROTEMBED, *embed_args(many, out)], check=True, env=ENV)
     assert_same_file(single, out)
 
