@@ -18,6 +18,10 @@ from protembed.models.encoder import Encoder
 from protembed.pooling import pool, residue_index
 from protembed.windows import combine
 
+# fp8 computes the Transformer Engine matrix products in FP8 around bfloat16 weights/activations
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "fp8": torch.bfloat16}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class JobSpec:

@@ -27,7 +27,7 @@ import torch
 from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.backends import describe, prepare, resolve_backend
 from protembed.batching import default_token_budget
-from protembed.compute import JobSpec
+from protembed.compute import COMPUTE_DTYPES, JobSpec
 from protembed.errors import OptionError, OutputExistsError
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
 from protembed.merge import merge_shards, shard_path, shard_ranges, write_virtual
@@ -49,9 +49,6 @@ from protembed.store import EmbeddingWriter
 FLUSH_SECONDS = 5.0  # rows reach the disk at least this often
 LONG_POLICIES = ("truncate", "window")
 STORE_DTYPES = ("float32", "float16")
-# fp8 computes the Transformer Engine matrix products in FP8 around bfloat16 weights/activations
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                  "fp8": torch.bfloat16}  # fmt: skip
 
 
 @dataclass

@@ -14,14 +14,16 @@ import queue
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.multiprocessing as mp
 
 from protembed.compute import JobSpec, SequenceTooLargeError, compute_unit
 from protembed.errors import BackendError, ProtembedError
-from protembed.pipeline import Unit
+
+if TYPE_CHECKING:  # workers import this module: keep it light (no FASTA or HDF5 modules)
+    from protembed.pipeline import Unit
 
 POLL_SECONDS = 0.5
 
@@ -125,7 +127,7 @@ def _worker(device: str, spec: JobSpec, cpu_threads: int, tasks: Any, results: A
     """Worker process: load the model on `device`, compute units until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops workers
     from protembed.backends import prepare
-    from protembed.embed import COMPUTE_DTYPES
+    from protembed.compute import COMPUTE_DTYPES
     from protembed.models.checkpoints import load_checkpoint
 
     if device == "cpu":
