@@ -22,6 +22,7 @@ from torch import nn
 
 from protembed import __version__
 from protembed.api import default_device, load_model
+from protembed.cache import default_cache_dir
 from protembed.errors import BackendError, OutputExistsError
 from protembed.features import Features, Ragged, model_features, onehot_flat, onehot_residues
 from protembed.flip import (
@@ -36,7 +37,6 @@ from protembed.flip import (
     parse_header,
     read_fasta,
 )
-from protembed.flip_fetch import default_cache_dir
 from protembed.heads import (
     DEFAULT_HEAD,
     RESIDUE_HEADS,

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from protembed.cache import default_cache_dir
 from protembed.errors import FastaError, ProtembedError
-from protembed.flip_fetch import FLIP_URL, Progress, default_cache_dir, fetch
+from protembed.flip_fetch import FLIP_URL, Progress, fetch
 
 IGNORE = -100  # label of residues without a usable label (unresolved); skipped by loss and metrics
 PARTS = ("train", "validation", "test")

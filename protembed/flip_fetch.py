@@ -8,7 +8,6 @@ match is deleted and reported, never used.
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -71,14 +70,6 @@ PINS: dict[str, Pin] = {
     "meltome/mixed_split": Pin(None, (22335, 2482, 3134)),
     "scl/mixed_soft": Pin(None, (9503, 1158, 2768)),
 }  # fmt: skip
-
-
-def default_cache_dir() -> Path:
-    """`$PROTEMBED_CACHE`, else `$XDG_CACHE_HOME/protembed`, else `~/.cache/protembed`."""
-    env = os.environ.get("PROTEMBED_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "protembed"
 
 
 def fetch(

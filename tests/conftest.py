@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -18,3 +21,8 @@ def fixture_model() -> dict[str, Encoder]:
     return {
         name: load_checkpoint(fixture_dir(name) / "checkpoint") for name in ("esm2_t3_h64", "amplify_l3_h64")
     }
+
+
+# protembed's own cache (weight digests, FLIP downloads, features) goes to a throwaway folder,
+# for this process and every subprocess the tests start.
+os.environ["PROTEMBED_CACHE"] = tempfile.mkdtemp(prefix="protembed-test-cache-")
