@@ -46,6 +46,7 @@ from protembed.pipeline import (
     run_pipeline,
 )
 from protembed.pooling import POOLINGS
+from protembed.registry import lookup
 from protembed.store import EmbeddingWriter
 
 FLUSH_SECONDS = 5.0  # rows reach the disk at least this often
@@ -204,21 +205,27 @@ def embed_fasta(
     """
     t0 = time.perf_counter()
     check_options(poolings, long_policy, dtype, store_dtype, on_invalid)
-    ref = locate_model(model, revision)
-    cfg = ref.config
-    try:
-        layer_idx = resolve_layers(list(layers), cfg)
-    except ValueError as exc:
-        raise OptionError(str(exc)) from None
-    limit = max_length or cfg.max_residues
-    if not 1 <= limit <= cfg.max_residues:
-        raise OptionError(f"--max-length {limit} is outside 1..{cfg.max_residues} for {ref.name}")
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
     resolved = resolve_backend(backend, devices[0], dtype, compile)
-    plan = _Plan(ref, ALPHABETS[cfg.family], layer_idx, list(poolings), per_residue, dtype, store_dtype,
-                 tokens_per_batch, limit, long_policy, device, overwrite, compression, resolved,
-                 compile)  # fmt: skip
-    index = scan_fasta(input_path, plan.alphabet, on_invalid)
+    # A registry model's shape is known without its files: validate the options and the whole
+    # input first, so a bad record fails in seconds, not after a download.
+    info = None if Path(model).expanduser().is_dir() else lookup(model)
+    early = checkpoints.registry_config(info.name) if info is not None else None
+    if early is not None:
+        _check_model_options(early, model, layers, max_length)
+        index = scan_fasta(input_path, ALPHABETS[early.family], on_invalid)
+    try:
+        ref = locate_model(model, revision)
+        layer_idx, limit = _check_model_options(ref.config, ref.name, layers, max_length)
+        if early is None:
+            index = scan_fasta(input_path, ALPHABETS[ref.config.family], on_invalid)
+    except BaseException:
+        if early is not None:
+            index.cleanup()
+        raise
+    alphabet = ALPHABETS[ref.config.family]
+    plan = _Plan(ref, alphabet, layer_idx, list(poolings), per_residue, dtype, store_dtype, tokens_per_batch,
+                 limit, long_policy, device, overwrite, compression, resolved, compile)  # fmt: skip
     try:
         dist = distributed_env()
         if dist is None:
@@ -226,6 +233,20 @@ def embed_fasta(
         return _embed_shard(index, Path(output), plan, dist, merge, progress, started, t0)
     finally:
         index.cleanup()
+
+
+def _check_model_options(
+    cfg: EncoderConfig, name: str, layers: Sequence[int | str], max_length: int | None
+) -> tuple[list[int], int]:
+    """Resolved layers and residue limit for a model; OptionError when they do not fit it."""
+    try:
+        layer_idx = resolve_layers(list(layers), cfg)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+    limit = max_length or cfg.max_residues
+    if not 1 <= limit <= cfg.max_residues:
+        raise OptionError(f"--max-length {limit} is outside 1..{cfg.max_residues} for {name}")
+    return layer_idx, limit
 
 
 def distributed_env() -> tuple[int, int, int] | None:

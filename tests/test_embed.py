@@ -281,3 +281,19 @@ def test_local_weights_digest_is_remembered(tmp_path: Path, monkeypatch: pytest.
     data[-1] ^= 1
     weights.write_bytes(bytes(data))  # new content, new size/mtime key: hashed again
     assert embed_module.weights_sha256(ckpt) != first
+
+
+def test_bad_input_fails_before_a_registry_model_is_fetched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    fasta = tmp_path / "bad.fa"
+    fasta.write_text(">a\nMKTA\n>b\nMK1TA\n")
+    r = embed(str(fasta), "-o", str(tmp_path / "x.h5"), "--model", "esm2-650m")
+    assert r.exit_code == 1 and "invalid residue '1' at position 3" in r.output, r.output
+    fasta.write_text(">a\nMKTA\n")
+    r = embed(str(fasta), "-o", str(tmp_path / "x.h5"), "--model", "esm2-650m")
+    assert r.exit_code == 1 and "protembed download esm2-650m" in r.output, r.output  # then the model
