@@ -365,7 +365,9 @@ def _embed_rows(
         spec = JobSpec(str(plan.ref.path), plan.dtype, plan.layers, plan.poolings, plan.per_residue, budget,
                        plan.backend, plan.compile)  # fmt: skip
         executor: Executor
-        if len(devices) == 1:
+        # `cpu:N` always means N worker processes (the multi-device machinery, even for N = 1)
+        in_process = len(devices) == 1 and not (plan.device or "").strip().lower().startswith("cpu:")
+        if in_process:
             encoder = checkpoints.load_checkpoint(plan.ref.path, dtype=torch_dtype, device=first)
             executor = LocalExecutor(prepare(encoder, plan.backend, plan.dtype, plan.compile), spec)
         else:

@@ -65,7 +65,9 @@ class WorkerPool:
     def __init__(self, devices: list[str], spec: JobSpec) -> None:
         self.devices, self.spec = devices, spec
         n_cpu = sum(1 for d in devices if d == "cpu")
-        self.cpu_threads = max(1, (os.cpu_count() or 1) // max(n_cpu, 1))
+        share = (os.cpu_count() or 1) // max(n_cpu, 1)
+        cap = int(os.environ.get("OMP_NUM_THREADS") or share)  # honour an explicit thread limit
+        self.cpu_threads = max(1, min(share, cap))
 
     def serve(self, get: Callable[[], Unit | None], put: Callable[[Any], None]) -> None:
         ctx = mp.get_context("spawn")

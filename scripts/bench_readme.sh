@@ -32,6 +32,7 @@ for spec in "esm2-8m 8M realistic256" "esm2-35m 35M realistic256" "esm2-150m 150
   run_protembed "$model" "$fasta" bfloat16
 done
 # data-parallel machinery: 1 worker vs 2 CPU workers, one thread each
-OMP_NUM_THREADS=1 TAG=1worker run_protembed esm2-35m "$BENCH/realistic256.fasta" float32 --device cpu
+OMP_NUM_THREADS=1 TAG=inprocess run_protembed esm2-35m "$BENCH/realistic256.fasta" float32 --device cpu
+OMP_NUM_THREADS=1 TAG=1worker run_protembed esm2-35m "$BENCH/realistic256.fasta" float32 --device cpu:1
 OMP_NUM_THREADS=1 TAG=2workers run_protembed esm2-35m "$BENCH/realistic256.fasta" float32 --device cpu:2
 python scripts/bench_report.py "$OUT"

@@ -60,10 +60,14 @@ def main() -> None:
             y = b["mean"][:]
         cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
         print(f"| {model} | {np.abs(x - y).max():.3g} | {cos.min():.6f} | {cos.mean():.6f} |")
-    one = json.loads((out / "esm2-35m-realistic256-float32-1worker.time").read_text())["wall_s"]
-    two = json.loads((out / "esm2-35m-realistic256-float32-2workers.time").read_text())["wall_s"]
+    wall = {
+        tag: json.loads((out / f"esm2-35m-realistic256-float32-{tag}.time").read_text())["wall_s"]
+        for tag in ("inprocess", "1worker", "2workers")
+    }
     print(f"\nData-parallel machinery (esm2-35m, realistic256, one thread per worker, whole command): "
-          f"1 worker {one:.1f} s, 2 CPU workers {two:.1f} s: {one / two:.2f}x")  # fmt: skip
+          f"in-process {wall['inprocess']:.1f} s, 1 worker process {wall['1worker']:.1f} s, "
+          f"2 worker processes {wall['2workers']:.1f} s: "
+          f"{wall['1worker'] / wall['2workers']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
