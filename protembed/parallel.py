@@ -114,6 +114,11 @@ class WorkerPool:
                 p.join(timeout=5)
                 if p.is_alive():
                     p.terminate()
+            # Items left in the queues' pipes (a worker died, or we stopped early) must not make
+            # this process wait for their feeder threads at exit.
+            for q in (tasks, results):
+                q.cancel_join_thread()
+                q.close()
 
 
 def _check_alive(procs: list, devices: list[str]) -> None:
