@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from protembed.alphabet import ALPHABETS, Alphabet
-from protembed.batching import pack, token_batches
+from protembed.batching import token_batches
+from protembed.compute import run_batch
 from protembed.models.checkpoints import load_checkpoint
 from protembed.models.encoder import Encoder, resolve_layers
-from protembed.pooling import pool, residue_index
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,18 +87,12 @@ class Model:
         pooled = {p: np.zeros((len(tokens), len(idx), d), dtype=np.float32) for p in pooling}
         residues: list[np.ndarray] | None = [np.empty(0)] * len(tokens) if per_residue else None
         for rows in token_batches(np.array([t.size for t in tokens]), tokens_per_batch):
-            batch = pack([tokens[r] for r in rows], device=self.device)
-            out = self.encoder(batch.tokens, batch.packing, idx)
-            for k, layer in enumerate(idx):
-                states = out.states[layer]
-                for p in pooling:
-                    pooled[p][rows, k] = pool(p, states, batch.packing).cpu().numpy()
-            if residues is not None:
-                stacked = torch.stack([out.states[layer] for layer in idx], dim=1)
-                res = stacked[residue_index(batch.packing)].float().cpu().numpy()
-                bounds = np.cumsum([0] + [int(tokens[r].size) - 2 for r in rows])
+            result = run_batch(self.encoder, [tokens[r] for r in rows], idx, list(pooling), per_residue)
+            for p in pooling:
+                pooled[p][rows] = result.pooled[p]
+            if residues is not None and result.residues is not None:
                 for j, r in enumerate(rows):
-                    residues[r] = res[bounds[j] : bounds[j + 1]]
+                    residues[r] = result.residues[j]
         return Embeddings(pooled=pooled, layers=idx, residues=residues, truncated=truncated)
 
 

@@ -18,28 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 from protembed.models import amplify, esm2
-from protembed.models.checkpoints import random_model, registry_config
+from protembed.models.checkpoints import random_model, registry_config, registry_hub_config
+from protembed.models.layers import rotary_inv_freq
 from protembed.registry import MODELS
-
-
-def hub_config(name: str) -> dict:
-    """A `config.json` like the published one for a registry model."""
-    info = MODELS[name]
-    common = {
-        "hidden_size": info.d_model,
-        "num_hidden_layers": info.n_layers,
-        "num_attention_heads": info.n_heads,
-    }
-    if info.family == "esm2":
-        return {"architectures": ["EsmForMaskedLM"], "model_type": "esm", "intermediate_size": info.d_ffn,
-                "vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32, "position_embedding_type": "rotary",
-                "token_dropout": True, "emb_layer_norm_before": False, "layer_norm_eps": 1e-5,
-                "max_position_embeddings": 1026, "torch_dtype": "float32", **common}  # fmt: skip
-    return {"architectures": ["AMPLIFY"], "model_type": "AMPLIFY", "intermediate_size": 4 * info.d_model,
-            "vocab_size": 27, "pad_token_id": 0, "mask_token_id": 2, "bos_token_id": 3, "eos_token_id": 4,
-            "unk_token_id": 1, "rms_norm": True, "norm_eps": 1e-5, "hidden_act": "SwiGLU", "att_bias": False,
-            "ffn_bias": False, "layer_norm_after_embedding": False, "layer_norm_before_last_layer": True,
-            "max_length": 2048, "torch_dtype": "float32", **common}  # fmt: skip
 
 
 def hub_state(name: str, seed: int) -> dict[str, torch.Tensor]:
@@ -54,7 +35,7 @@ def hub_state(name: str, seed: int) -> dict[str, torch.Tensor]:
         for src, part in zip(srcs, parts):
             state[src] = part.contiguous()
     if config.family == "esm2":
-        inv = (1.0 / 10000 ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)).half().float()
+        inv = rotary_inv_freq(config.head_dim).half().float()  # published files hold fp16-rounded values
         for i in range(config.n_layers):
             state[f"esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq"] = inv.clone()
     return state
@@ -67,7 +48,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "config.json").write_text(json.dumps(hub_config(a.model), indent=2))
+    (a.out / "config.json").write_text(json.dumps(registry_hub_config(a.model), indent=2))
     save_file(hub_state(a.model, a.seed), str(a.out / "model.safetensors"))
     print(a.out)
 

@@ -224,19 +224,32 @@ def random_model(
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def registry_hub_config(name: str) -> dict:
+    """A `config.json` like the published one of a registry model (`esm2-650m`, ...)."""
+    from protembed.registry import MODELS
+
+    info = MODELS[name]
+    common = {
+        "hidden_size": info.d_model,
+        "num_hidden_layers": info.n_layers,
+        "num_attention_heads": info.n_heads,
+    }
+    if info.family == "esm2":
+        return {"architectures": ["EsmForMaskedLM"], "model_type": "esm", "intermediate_size": info.d_ffn,
+                "vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32, "position_embedding_type": "rotary",
+                "token_dropout": True, "emb_layer_norm_before": False, "layer_norm_eps": 1e-5,
+                "max_position_embeddings": 1026, "torch_dtype": "float32", **common}  # fmt: skip
+    return {"architectures": ["AMPLIFY"], "model_type": "AMPLIFY", "intermediate_size": 4 * info.d_model,
+            "vocab_size": 27, "pad_token_id": 0, "mask_token_id": 2, "bos_token_id": 3, "eos_token_id": 4,
+            "unk_token_id": 1, "rms_norm": True, "norm_eps": 1e-5, "hidden_act": "SwiGLU", "att_bias": False,
+            "ffn_bias": False, "layer_norm_after_embedding": False, "layer_norm_before_last_layer": True,
+            "max_length": 2048, "torch_dtype": "float32", **common}  # fmt: skip
+
+
 def registry_config(name: str) -> EncoderConfig:
     """EncoderConfig of a registry model (`esm2-650m`, `amplify-120m`, ...) at its published shape."""
     from protembed.registry import MODELS
 
-    info = MODELS[name]
-    hub = {
-        "num_hidden_layers": info.n_layers,
-        "hidden_size": info.d_model,
-        "num_attention_heads": info.n_heads,
-    }
-    if info.family == "esm2":
-        return esm2.config_from_hub({"model_type": "esm", "intermediate_size": info.d_ffn, **hub})
-    # AMPLIFY's config stores intermediate_size = 4 * d_model; the SwiGLU width derives from it.
-    cfg = amplify.config_from_hub({"model_type": "AMPLIFY", "intermediate_size": 4 * info.d_model, **hub})
-    assert cfg.d_ffn == info.d_ffn, (cfg.d_ffn, info.d_ffn)
+    cfg = config_from_dict(registry_hub_config(name), name)
+    assert cfg.d_ffn == MODELS[name].d_ffn, (cfg.d_ffn, MODELS[name].d_ffn)  # AMPLIFY derives it
     return cfg
