@@ -10,9 +10,9 @@ row at its input position, so the output does not depend on the number of device
 from __future__ import annotations
 
 import os
-import queue
 import signal
 from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,18 +71,26 @@ class WorkerPool:
 
     def serve(self, get: Callable[[], Unit | None], put: Callable[[Any], None]) -> None:
         ctx = mp.get_context("spawn")
-        tasks, results = ctx.Queue(), ctx.Queue()
+        tasks = ctx.Queue()
+        pipes = [ctx.Pipe(duplex=False) for _ in self.devices]  # (receiving end, sending end)
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(dev, self.spec, self.cpu_threads, tasks, results),
+                args=(dev, self.spec, self.cpu_threads, tasks, send),
                 name=f"protembed-{dev}-{i}",
                 daemon=True,
             )  # fmt: skip
-            for i, dev in enumerate(self.devices)
+            for i, (dev, (_, send)) in enumerate(zip(self.devices, pipes))
         ]
         for p in procs:
             p.start()
+        # Each worker owns the only sending end of its result pipe, so a worker that dies, even
+        # half-way through sending a result, ends its pipe: reading it then fails instead of hanging.
+        for _, send in pipes:
+            send.close()
+        workers: dict[Connection, tuple[Any, str]] = {
+            recv: (p, dev) for (recv, _), p, dev in zip(pipes, procs, self.devices)
+        }
         in_flight, reading, limit = 0, True, 2 * len(procs)
         try:
             while reading or in_flight:
@@ -95,18 +103,23 @@ class WorkerPool:
                     in_flight += 1
                 if not in_flight:
                     continue
-                try:
-                    kind, payload = results.get(timeout=POLL_SECONDS)
-                except queue.Empty:
-                    continue
-                finally:
+                ready = wait(list(workers), timeout=POLL_SECONDS)
+                if not ready:
                     _check_alive(procs, self.devices)
-                if kind == "error":
-                    raise ProtembedError(payload)
-                if kind == "too-large":
-                    raise SequenceTooLargeError(0, payload[1], payload[2], row=payload[0])
-                put(payload)
-                in_flight -= 1
+                for conn in ready:
+                    assert isinstance(conn, Connection)
+                    proc, dev = workers[conn]
+                    try:
+                        kind, payload = conn.recv()
+                    except (EOFError, OSError):
+                        proc.join(timeout=1)
+                        raise BackendError(_stopped(dev, proc.exitcode)) from None
+                    if kind == "error":
+                        raise ProtembedError(payload)
+                    if kind == "too-large":
+                        raise SequenceTooLargeError(0, payload[1], payload[2], row=payload[0])
+                    put(payload)
+                    in_flight -= 1
         finally:
             for _ in procs:
                 tasks.put(None)
@@ -114,23 +127,28 @@ class WorkerPool:
                 p.join(timeout=5)
                 if p.is_alive():
                     p.terminate()
-            # Items left in the queues' pipes (a worker died, or we stopped early) must not make
-            # this process wait for their feeder threads at exit.
-            for q in (tasks, results):
-                q.cancel_join_thread()
-                q.close()
+            # Units left in the task pipe (a worker died, or we stopped early) must not make this
+            # process wait for the queue's feeder thread at exit.
+            tasks.cancel_join_thread()
+            tasks.close()
+            for conn in workers:
+                conn.close()
+
+
+def _stopped(device: str, exitcode: int | None) -> str:
+    return (
+        f"the worker on {device} stopped (exit code {exitcode}); rows finished so far are kept, "
+        "run the same command again to resume"
+    )
 
 
 def _check_alive(procs: list, devices: list[str]) -> None:
     for p, dev in zip(procs, devices):
         if p.exitcode is not None:
-            raise BackendError(
-                f"the worker on {dev} stopped (exit code {p.exitcode}); rows finished so far are kept, "
-                "run the same command again to resume"
-            )
+            raise BackendError(_stopped(dev, p.exitcode))
 
 
-def _worker(device: str, spec: JobSpec, cpu_threads: int, tasks: Any, results: Any) -> None:
+def _worker(device: str, spec: JobSpec, cpu_threads: int, tasks: Any, results: Connection) -> None:
     """Worker process: load the model on `device`, compute units until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops workers
     from protembed.backends import prepare
@@ -145,13 +163,13 @@ def _worker(device: str, spec: JobSpec, cpu_threads: int, tasks: Any, results: A
         while (unit := tasks.get()) is not None:
             reps, tokens, starts = unit
             try:
-                results.put(("ok", (reps, compute_unit(encoder, spec, tokens, starts))))
+                results.send(("ok", (reps, compute_unit(encoder, spec, tokens, starts))))
             except SequenceTooLargeError as exc:
-                results.put(
+                results.send(
                     ("too-large", (int(reps[min(exc.position, reps.size - 1)]), exc.n_tokens, device))
                 )
                 return
     except ProtembedError as exc:
-        results.put(("error", f"{device}: {exc}"))
+        results.send(("error", f"{device}: {exc}"))
     except Exception as exc:  # a bug or a driver error: report it with its type, then stop
-        results.put(("error", f"{device}: worker failed: {type(exc).__name__}: {exc}"))
+        results.send(("error", f"{device}: worker failed: {type(exc).__name__}: {exc}"))
