@@ -33,6 +33,22 @@ def token_batches(n_tokens: np.ndarray, budget: int) -> list[np.ndarray]:
     return batches
 
 
+def split_tail(batches: list[np.ndarray], n_tokens: np.ndarray, last: int, pieces: int) -> list[np.ndarray]:
+    """Cut each of the `last` batches into about `pieces` batches of equal token counts.
+
+    Used on the final batches of an input so that, with several devices, the run ends with small
+    units and no device waits long for another to finish a full batch. Deterministic, so a run's
+    batches do not depend on how many devices compute them.
+    """
+    n_tokens = np.asarray(n_tokens, dtype=np.int64)
+    head, tail = batches[: max(len(batches) - last, 0)], batches[max(len(batches) - last, 0) :]
+    out = list(head)
+    for idx in tail:
+        small = -(-int(n_tokens[idx].sum()) // pieces)
+        out.extend(idx[sub] for sub in token_batches(n_tokens[idx], small))
+    return out
+
+
 @dataclass
 class PackedBatch:
     """Tokens of several sequences concatenated ([T] int64) plus where each one sits."""

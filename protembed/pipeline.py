@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from protembed.alphabet import Alphabet
-from protembed.batching import token_batches
+from protembed.batching import split_tail, token_batches
 from protembed.compute import BatchResult, JobSpec, SequenceTooLargeError, compute_unit
 from protembed.errors import ProtembedError
 from protembed.fasta import FastaIndex, iter_records
@@ -29,6 +29,7 @@ from protembed.windows import split
 
 MAX_WINDOW_TOKENS = 1 << 21  # tokens read ahead and length-sorted together (bounded memory)
 MIN_WINDOW_TOKENS = 1 << 16
+TAIL_BATCHES, TAIL_PIECES = 3, 4  # the input's last batches are cut smaller (see split_tail)
 
 Unit = tuple[np.ndarray, list[np.ndarray], list[int] | None]  # representative rows, tokens, window starts
 Progress = Callable[[int, int, int], None]
@@ -171,7 +172,7 @@ def units_to_compute(work: Work, budget: int) -> Iterator[Unit]:
         if row not in work.members:
             continue
         if work.window_of[row] != current:
-            yield from _sorted(work, rows, tokens, budget)
+            yield from _sorted(work, rows, tokens, budget, current)
             rows, tokens, current = [], [], int(work.window_of[row])
         ids = work.alphabet.encode(seq, record=work.index.ids[row])
         if ids.size - 2 > work.limit:
@@ -183,14 +184,20 @@ def units_to_compute(work: Work, budget: int) -> Iterator[Unit]:
             ids = np.concatenate([ids[: work.limit + 1], ids[-1:]])
         rows.append(row)
         tokens.append(ids)
-    yield from _sorted(work, rows, tokens, budget)
+    yield from _sorted(work, rows, tokens, budget, current)
 
 
-def _sorted(work: Work, rows: list[int], tokens: list[np.ndarray], budget: int) -> Iterator[Unit]:
+def _sorted(
+    work: Work, rows: list[int], tokens: list[np.ndarray], budget: int, window: int
+) -> Iterator[Unit]:
     if not rows:
         return
     row_arr = np.array(rows, dtype=np.int64)
-    for idx in token_batches(np.array([t.size for t in tokens]), budget):
+    n_tokens = np.array([t.size for t in tokens])
+    batches = token_batches(n_tokens, budget)
+    if window == int(work.window_of[-1]):  # the input's last window: end on small units
+        batches = split_tail(batches, n_tokens, TAIL_BATCHES, TAIL_PIECES)
+    for idx in batches:
         reps = row_arr[idx]
         if any(work.pending[work.members[int(r)]].any() for r in reps):
             yield reps, [tokens[i] for i in idx], None

@@ -19,10 +19,13 @@ import h5py
 import numpy as np
 import pytest
 
+from protembed.alphabet import ALPHABETS
+from protembed.batching import split_tail, token_batches
 from protembed.errors import BackendError, StoreError
+from protembed.fasta import duplicate_groups, scan_fasta
 from protembed.merge import find_shards, merge_shards, shard_ranges
 from protembed.parallel import parse_devices
-from protembed.pipeline import read_windows
+from protembed.pipeline import TAIL_BATCHES, Work, plan_members, read_windows, units_to_compute
 from tests.helpers import fixture_dir, rows_written
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
@@ -114,6 +117,39 @@ def test_shard_ranges_cover_every_row_at_window_boundaries() -> None:
             assert start == n_tokens.size or windows[start] != windows[start - 1]
         shares = [n_tokens[a:b].sum() for a, b in ranges]
         assert max(shares) - min(shares) <= 2 * (1 << 16) + 1000
+
+
+def test_split_tail_cuts_only_the_last_batches_keeping_order() -> None:
+    n_tokens = np.random.default_rng(4).integers(30, 900, 400)
+    batches = token_batches(n_tokens, 4000)
+    cut = split_tail(batches, n_tokens, last=3, pieces=4)
+    kept = len(batches) - 3
+    assert [b.tolist() for b in cut[:kept]] == [b.tolist() for b in batches[:kept]]
+    assert np.concatenate(cut[kept:]).tolist() == np.concatenate(batches[kept:]).tolist()
+    assert len(cut) - kept >= 3 * 4
+    for piece in cut[kept:]:
+        assert n_tokens[piece].sum() <= 1000 or piece.size == 1
+
+
+def test_only_the_inputs_last_window_ends_on_small_units(many: Path) -> None:
+    index = scan_fasta(many, ALPHABETS["esm2"])
+    try:
+        rows = np.arange(len(index))
+        lengths = index.n_residues.astype(np.int64)
+        window_of = read_windows(lengths + 2)
+        members = plan_members(rows, duplicate_groups(index.seq_hash, np.zeros(len(index), dtype=bool)))
+        work = Work(index, ALPHABETS["esm2"], members, np.ones(len(index), dtype=bool), lengths, 1022,
+                    False, window_of, 0)  # fmt: skip
+        units = list(units_to_compute(work, 2000))
+    finally:
+        index.cleanup()
+    sizes = [sum(t.size for t in tokens) for _, tokens, _ in units]
+    last = [window_of[reps[0]] == window_of[-1] for reps, _, _ in units]
+    assert window_of[-1] > 0 and not all(last)  # several windows
+    full = [s for s, is_last in zip(sizes, last) if not is_last]
+    assert np.median(full) > 1500  # other windows: full batches, nothing cut
+    assert max(sizes[-TAIL_BATCHES * 3 :]) <= 600  # the end of the input: quarter batches
+    assert sorted(np.concatenate([r for r, _, _ in units]).tolist()) == rows.tolist()
 
 
 def test_parse_devices() -> None:
