@@ -32,7 +32,7 @@ from protembed.bench import (
     synthetic_workload,
 )
 from protembed.cli import BackendOption, CompileOption, err_console, handle_errors, out_console, print_json
-from protembed.errors import BackendError, UnknownModelError
+from protembed.errors import BackendError, UnknownModelError, require_matplotlib
 from protembed.models.checkpoints import random_model, read_config, registry_config
 from protembed.registry import DEFAULT_MODEL, MODELS, lookup
 
@@ -261,8 +261,8 @@ def bench(
         )
     length_list = parse_ints(lengths or [DEFAULT_LENGTHS], "--lengths")
     budgets = parse_ints(tokens_per_batch, "--tokens-per-batch") if tokens_per_batch else []
-    if plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise BackendError("--plot needs matplotlib: pip install matplotlib (the 'plot' extra of protembed)")
+    if plot is not None:
+        require_matplotlib()
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from protembed.cache import default_cache_dir
 from protembed.cli import BackendOption, err_console, handle_errors, out_console, print_json
-from protembed.errors import OutputExistsError
-from protembed.finetune import check_head, check_output, plot, predict_fasta, require_matplotlib, save
+from protembed.errors import OutputExistsError, require_matplotlib
+from protembed.finetune import check_head, check_output, plot, predict_fasta, save
 from protembed.finetune import finetune as run_finetune
 from protembed.flip import get_task, load_task
 from protembed.flip_fetch import FLIP_URL

@@ -77,5 +77,13 @@ def _short(keys: Sequence[str], limit: int = 6) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def require_matplotlib() -> None:
+    """BackendError with an install hint when matplotlib (the `plot` extra) is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BackendError("--plot needs matplotlib: pip install 'protembed[plot]'") from None
+
+
 class OptionError(ProtembedError):
     """Option values that cannot work together or do not fit the model."""

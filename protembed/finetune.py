@@ -23,7 +23,7 @@ from torch import nn
 from protembed import __version__
 from protembed.api import default_device, load_model
 from protembed.cache import default_cache_dir
-from protembed.errors import BackendError, OutputExistsError
+from protembed.errors import OutputExistsError, require_matplotlib
 from protembed.features import Features, Ragged, model_features, onehot_flat, onehot_residues
 from protembed.flip import (
     IGNORE,
@@ -350,14 +350,6 @@ def predict_fasta(
 
 
 # --- plotting -----------------------------------------------------------------------------------
-
-
-def require_matplotlib() -> None:
-    """BackendError with an install hint when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise BackendError("--plot needs matplotlib: pip install 'protembed[plot]'") from None
 
 
 def plot(run: Run, path: Path) -> None:

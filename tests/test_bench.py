@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -232,12 +233,17 @@ def test_compare_hf_on_amplify_is_an_error() -> None:
     assert "no Hugging Face transformers implementation" in result.output
 
 
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs protembed[plot]")
 def test_plot(tmp_path) -> None:
     png = tmp_path / "bench.png"
     result = invoke("--model", ESM2_CKPT, "--device", "cpu", "--lengths", "8,16", "--plot", str(png), *FAST)
-    if importlib.util.find_spec("matplotlib") is None:
-        assert result.exit_code == 1 and "--plot needs matplotlib: pip install matplotlib" in result.output
-        assert not png.exists()
-    else:
-        assert result.exit_code == 0, result.output
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    png = tmp_path / "bench.png"
+    result = invoke("--model", ESM2_CKPT, "--device", "cpu", "--lengths", "8", "--plot", str(png), *FAST)
+    assert result.exit_code == 1 and "--plot needs matplotlib: pip install 'protembed[plot]'" in result.output
+    assert not png.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,8 @@ from typer.testing import CliRunner
 
 from protembed.api import Model, load_model
 from protembed.cli import app
-from protembed.errors import BackendError
+from protembed.errors import BackendError, require_matplotlib
 from protembed.features import cache_path, model_features, onehot_flat, onehot_residues
-from protembed.finetune import require_matplotlib
 from protembed.flip import IGNORE
 from protembed.heads import CNNHead, fit_ridge, predict
 from protembed.metrics import floor, rankdata, sequence_accuracy, spearman
@@ -178,8 +178,8 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "is not a saved head" in r.output
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
-def test_plot_without_matplotlib(tmp_path: Path) -> None:
+def test_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
     r = run_cli("finetune", "flip-gb1", "--features", "onehot", "--data-dir", TINY, "--plot", "-q")
     assert r.exit_code == 1 and "error: --plot needs matplotlib: pip install 'protembed[plot]'" in r.output
     with pytest.raises(BackendError) as info:
