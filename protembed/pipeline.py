@@ -1,7 +1,8 @@
 """The streaming part of `embed`: reader thread -> compute -> writer thread, bounded queues.
 
 Rows are grouped into read-ahead windows of consecutive records fixed by the input alone (about
-`window_tokens` tokens each); each window is length-sorted and cut into token-budget batches.
+`window_tokens` tokens each); each window is length-sorted and cut into token-budget batches (the
+input's last few batches into smaller ones, so several devices finish together).
 Batches are formed over every row, not only the rows still to compute, so a resumed run, or a
 torchrun shard (shards hold whole windows), computes exactly the batches an uninterrupted
 single-process run would: results are bitwise equal. Batches whose rows are all written already
