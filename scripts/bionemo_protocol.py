@@ -4,7 +4,8 @@ A check of where BioNeMo's one-hot baselines (secondary structure 64.3 %, conser
 come from, not part of protembed. Two settings, read from BioNeMo's ESM-2nv configs:
 
 - `finetune`: downstream_flip_sec_str.yaml: Adam lr 1e-3, no weight decay, batch 128 (64 on each
-  of 2 GPUs), 20 epochs, the last weights, sequences over 1022 residues dropped.
+  of 2 GPUs), 20 epochs, the last weights, sequences over 1022 residues dropped (ESM-2nv's 1024
+  tokens; `--max-residues 510` for ESM-1nv's 512).
 - `callback`: the validation callback of the pretraining config: Adam lr 1e-4, weight decay 0.01,
   batch 128, 10 epochs, learning rate warmed up over 10 steps and annealed to 1e-5 over 1000 steps.
 
@@ -32,7 +33,7 @@ SETTINGS = {
     "finetune": {"lr": 1e-3, "weight_decay": 0.0, "epochs": 20, "anneal_steps": None},
     "callback": {"lr": 1e-4, "weight_decay": 0.01, "epochs": 10, "anneal_steps": 1000},
 }
-BATCH, MAX_RESIDUES, CPU = 128, 1022, torch.device("cpu")
+BATCH, CPU = 128, torch.device("cpu")
 
 
 def learning_rate(base: float, step: int, anneal_steps: int | None, warmup: int = 10) -> float:
@@ -74,13 +75,14 @@ def main() -> None:
     parser.add_argument("setting", choices=sorted(SETTINGS))
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/flip/fasta_layout"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-residues", type=int, default=1022, help="longer sequences are dropped")
     args = parser.parse_args()
     cfg = SETTINGS[args.setting]
     torch.manual_seed(args.seed)
     task = get_task(args.task)
     data = load_task(task, data_dir=args.data_dir)
     feats = onehot_residues(data.seqs).residues
-    keep = np.array([len(s) <= MAX_RESIDUES for s in data.seqs])
+    keep = np.array([len(s) <= args.max_residues for s in data.seqs])
     train, test = (np.flatnonzero((data.part == p) & keep) for p in (0, 2))
     head = CNNHead(feats.dim, task.n_outputs)
     opt = torch.optim.Adam(head.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
