@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
