@@ -84,6 +84,14 @@ def fake(rows: np.ndarray, n_layers: int = K) -> tuple[dict[str, np.ndarray], li
     return pooled, residues
 
 
+def write_complete(path: Path) -> Path:
+    """An uninterrupted run's file, to compare resumed ones against."""
+    writer = open_writer(path)
+    write_all(writer, writer.pending)
+    writer.close(complete=True)
+    return path
+
+
 def write_all(writer: EmbeddingWriter, rows: np.ndarray, batch: int = 3, n_layers: int = K) -> None:
     for a in range(0, len(rows), batch):
         part = rows[a : a + batch]
@@ -168,10 +176,7 @@ def test_compressed_output_equals_plain(tmp_path: Path, compression: str) -> Non
 
 
 def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
-    whole = tmp_path / "whole.h5"
-    writer = open_writer(whole)
-    write_all(writer, writer.pending)
-    writer.close(complete=True)
+    whole = write_complete(tmp_path / "whole.h5")
 
     path = tmp_path / "out.h5"
     writer = open_writer(path)
@@ -296,10 +301,7 @@ while True:  # never closes: killed from outside
 
 
 def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
-    whole = tmp_path / "whole.h5"
-    writer = open_writer(whole)
-    write_all(writer, writer.pending)
-    writer.close(complete=True)
+    whole = write_complete(tmp_path / "whole.h5")
 
     path = tmp_path / "out.h5"
     child = subprocess.Popen(
