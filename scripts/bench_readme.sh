@@ -2,7 +2,10 @@
 # Reproduces the README's CPU performance table: protembed's whole `embed` command (start-up, model
 # load and HDF5 write included) against the peer harnesses in ../shared/bench, in one run on one
 # machine, with random weights of the real shapes (speed does not depend on the values).
-# Usage: bash scripts/bench_readme.sh [OUT_DIR]   (default bench-results/); takes ~15 minutes on 2 cores.
+# Usage: bash scripts/bench_readme.sh [OUT_DIR]   (default bench-results/); takes ~30 minutes on 2 cores.
+# Peers: Hugging Face (sorted and naive batching) always; fair-esm when `import esm` works
+# (pip install fair-esm); esm-cpp when ESMCPP_PYTHON names a Python that has esm-cpp (it needs
+# numpy < 2, so its own venv: see scripts/bench_esmcpp.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench-results}
@@ -28,6 +31,14 @@ for spec in "esm2-8m 8M realistic256" "esm2-35m 35M realistic256" "esm2-150m 150
     --repeats 2 > "$OUT/hf-$hf-$3-fp32.json"
   python "$BENCH/bench_hf.py" "$fasta" --model "$hf" --batching sorted --toks-per-batch 4096 --attn sdpa \
     --repeats 1 --bf16 > "$OUT/hf-$hf-$3-bf16.json"
+  python "$BENCH/bench_hf.py" "$fasta" --model "$hf" --batching naive --attn sdpa \
+    --repeats 1 > "$OUT/hf-$hf-$3-naive.json"
+  if python -c "import esm" 2> /dev/null; then
+    python "$BENCH/bench_fairesm.py" "$fasta" --model "$hf" --repeats 1 > "$OUT/fairesm-$hf-$3.json"
+  fi
+  if [ -n "${ESMCPP_PYTHON:-}" ]; then
+    "$ESMCPP_PYTHON" scripts/bench_esmcpp.py "$fasta" "$OUT/ckpt/$model" --repeats 1 > "$OUT/esmcpp-$hf-$3.json"
+  fi
   run_protembed "$model" "$fasta" float32
   run_protembed "$model" "$fasta" bfloat16
 done

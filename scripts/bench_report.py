@@ -18,6 +18,11 @@ MODELS = [
     ("esm2-35m", "35M", "realistic256"),
     ("esm2-150m", "150M", "realistic64"),
 ]
+PEERS = [  # (method, result file): optional peers, shown when scripts/bench_readme.sh ran them
+    ("HF naive, batches of 8 in file order, sdpa (forward only)", "hf-{hf}-{fasta}-naive.json"),
+    ("fair-esm, extract.py batching (forward only)", "fairesm-{hf}-{fasta}.json"),
+    ("esm-cpp 0.2.1 forward_scheduled, fp32 (forward only)", "esmcpp-{hf}-{fasta}.json"),
+]
 COLUMNS = ["model", "input", "method", "residues/s", "wall s", "GFLOP/s", "% of fp32 peak",
            "vs HF sorted fp32", "peak RSS MB"]  # fmt: skip
 
@@ -43,6 +48,10 @@ def main() -> None:
         b16 = load(out / f"hf-{hf}-{fasta}-bf16.json")
         name = "HF sorted 4096, sdpa, bf16 autocast (forward only)"
         rows.append((name, b16["median_s"], b16["peak_rss_mb"]))
+        for name, path in PEERS:
+            if (out / path.format(hf=hf, fasta=fasta)).exists():
+                peer = load(out / path.format(hf=hf, fasta=fasta))
+                rows.append((name, peer["median_s"], peer["peak_rss_mb"]))
         for dtype in ("float32", "bfloat16"):
             t = json.loads((out / f"{model}-{fasta}-{dtype}.time").read_text())
             rows.append((f"protembed embed, {dtype} (whole command)", t["wall_s"], t["max_rss_kb"] / 1024))
