@@ -6,34 +6,22 @@ import importlib.metadata
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich import box
 from rich.table import Table
 
-from protembed import __version__, bench_hf
-from protembed.api import DTYPES, Model, default_device, load_model
-from protembed.backends import describe, prepare, resolve_backend
-from protembed.batching import default_token_budget
-from protembed.bench import (
-    WARMUP_BATCHES,
-    BenchError,
-    ConfigResult,
-    Peak,
-    Workload,
-    bench_config,
-    device_name,
-    device_peak,
-    fasta_workload,
-    protembed_runner,
-    synthetic_workload,
-)
+from protembed import __version__
 from protembed.cli import BackendOption, CompileOption, err_console, handle_errors, out_console, print_json
 from protembed.errors import BackendError, UnknownModelError, require_matplotlib
-from protembed.models.checkpoints import random_model, read_config, registry_config
 from protembed.registry import DEFAULT_MODEL, MODELS, lookup
+
+if TYPE_CHECKING:  # torch and the bench machinery are imported when the command runs, not for --help
+    import torch
+
+    from protembed.api import Model
+    from protembed.bench import ConfigResult, Peak, Workload
 
 SCHEMA = "protembed-bench/1"
 DEFAULT_LENGTHS = "64,128,256,512,1022"
@@ -62,6 +50,10 @@ def parse_ints(values: list[str], option: str) -> list[int]:
 
 def resolve_device(device: str | None) -> torch.device:
     """The requested torch device, checked to exist; default: first GPU, else CPU."""
+    import torch
+
+    from protembed.api import default_device
+
     try:
         dev = torch.device(device or default_device())
     except RuntimeError:
@@ -77,6 +69,9 @@ def build_model(
     name: str, random_weights: bool, dtype: torch.dtype, device: torch.device, seed: int
 ) -> Model:
     """A registry model or checkpoint directory; with `random_weights`, its shape with random values."""
+    from protembed.api import Model, load_model
+    from protembed.models.checkpoints import random_model, read_config, registry_config
+
     if not random_weights:
         return load_model(name, dtype=dtype, device=device)
     info = lookup(name)
@@ -98,6 +93,10 @@ def report(
     model: Model, random_weights: bool, peak: Peak, results: list[ConfigResult], settings: dict[str, Any]
 ) -> dict[str, Any]:
     """The machine-readable result (`--json`); schema in the README."""
+    import torch
+
+    from protembed.bench import device_name
+
     c, dev = model.encoder.config, model.device
     return {
         "schema": SCHEMA,
@@ -262,6 +261,23 @@ def bench(
     budgets = parse_ints(tokens_per_batch, "--tokens-per-batch") if tokens_per_batch else []
     if plot is not None:
         require_matplotlib()
+    import torch
+
+    from protembed import bench_hf
+    from protembed.api import DTYPES
+    from protembed.backends import describe, prepare, resolve_backend
+    from protembed.batching import default_token_budget
+    from protembed.bench import (
+        WARMUP_BATCHES,
+        BenchError,
+        bench_config,
+        device_name,
+        device_peak,
+        fasta_workload,
+        protembed_runner,
+        synthetic_workload,
+    )
+
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)

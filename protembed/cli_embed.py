@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.filesize import decimal
@@ -13,10 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from protembed.cli import BackendOption, CompileOption, err_console, handle_errors, print_json
-from protembed.embed import EmbedSummary, embed_fasta
 from protembed.errors import OptionError
-from protembed.reader import FORMAT
 from protembed.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # the embed machinery (torch) is imported when a command runs, not for --help
+    from protembed.embed import EmbedSummary
 
 EXAMPLES = """
 Examples:
@@ -147,6 +149,8 @@ def embed(
         raise OptionError("--resume and --overwrite contradict each other; choose one")
     if resume and not out.exists():
         raise OptionError(f"--resume: {out} does not exist, nothing to resume")
+    from protembed.embed import embed_fasta
+
     show = not quiet and sys.stderr.isatty()
     columns = (
         TextColumn("[progress.description]{task.description}"),
@@ -160,14 +164,10 @@ def embed(
         state = {"t0": 0.0}
 
         def started(rows: int, residues: int) -> None:
-            import time
-
             state["t0"] = time.perf_counter()
             bar.update(task, total=rows)
 
         def progress(rows_done: int, res_done: int, total: int) -> None:
-            import time
-
             dt = max(time.perf_counter() - state["t0"], 1e-9)
             bar.update(task, completed=rows_done, rate=f"{res_done / dt:,.0f} res/s")
 
@@ -186,6 +186,8 @@ def embed(
 
 
 def _print_summary(s: EmbedSummary) -> None:
+    from protembed.reader import FORMAT
+
     table = Table(title=f"{FORMAT}: {s.output}", show_header=False, title_justify="left")
     rows = [
         ("records", f"{s.records:,}"),

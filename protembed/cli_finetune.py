@@ -17,9 +17,6 @@ from rich.table import Table
 from protembed.cache import default_cache_dir
 from protembed.cli import BackendOption, err_console, handle_errors, out_console, print_json
 from protembed.errors import OutputExistsError, require_matplotlib
-from protembed.finetune import check_head, check_output, plot, predict_fasta, save
-from protembed.finetune import finetune as run_finetune
-from protembed.flip import get_task, load_task
 from protembed.flip_fetch import FLIP_URL
 from protembed.registry import DEFAULT_MODEL
 
@@ -125,6 +122,10 @@ def finetune(
     quiet: Quiet = False,
 ) -> None:
     """Train a small head on frozen features for a FLIP task and report test metrics."""
+    from protembed.finetune import check_head, check_output, plot, save  # torch: not for --help
+    from protembed.finetune import finetune as run_finetune
+    from protembed.flip import get_task, load_task
+
     if features is FeatureKind.onehot and model is not None:
         raise typer.BadParameter("--model and --features onehot exclude each other", param_hint="--model")
     spec = get_task(task.value)
@@ -239,6 +240,8 @@ def predict(
     quiet: Quiet = False,
 ) -> None:
     """Apply a saved FLIP head to new sequences: CSV of id and prediction."""
+    from protembed.finetune import predict_fasta
+
     if out is not None and out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
     with _progress(quiet) as bar:

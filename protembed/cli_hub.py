@@ -11,9 +11,6 @@ from rich.filesize import decimal
 from rich.table import Table
 
 from protembed.cli import err_console, handle_errors, out_console, print_json
-from protembed.hub import download_model
-from protembed.hub_cache import cache_root, cached_models
-from protembed.models.checkpoints import read_config
 from protembed.registry import MODELS
 
 CacheDir = Annotated[
@@ -37,6 +34,9 @@ def download(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Download a model into the Hugging Face cache and check that it loads; prints the snapshot path."""
+    from protembed.hub import download_model  # imported here: --help must not wait for torch
+    from protembed.models.checkpoints import read_config
+
     resolved, size = download_model(
         model, revision=revision, cache_dir=cache_dir, force=force, progress=not quiet
     )
@@ -58,6 +58,8 @@ def models(
     cache_dir: CacheDir = None,
 ) -> None:
     """List the registry models: shape, size, and whether each is cached (revision, disk size)."""
+    from protembed.hub_cache import cache_root, cached_models
+
     cached = {c.name: c for c in cached_models(cache_dir)}
     if as_json:
         print_json(

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from protembed.cli import err_console, handle_errors
-from protembed.export import export_per_protein
 
 
 class Layout(str, Enum):
@@ -44,6 +43,8 @@ def export(
 
     One dataset per record, named by its FASTA id (repeats get #2, #3, ...); skipped records are left out.
     """
+    from protembed.export import export_per_protein  # h5py and numpy: not for --help
+
     summary = export_per_protein(source, output, what=what.value, layer=layer, overwrite=overwrite)
     skipped = f" ({summary.n_skipped} skipped records left out)" if summary.n_skipped else ""
     err_console.print(f"exported {summary.n_written} records{skipped}", highlight=False)

@@ -232,3 +232,21 @@ def test_fish_completion_syntax_and_behaviour() -> None:
     run = subprocess.run(["fish", "--no-config", "-c", script], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert [line.split("\t")[0] for line in run.stdout.splitlines()] == ["export", "--what"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["embed", "--help"], ["bench", "--help"]])
+def test_help_does_not_import_torch(argv: list[str]) -> None:
+    """`--help` and `--version` answer in a fraction of a second: torch, h5py and the Hub client are
+    imported only by the commands that run them."""
+    code = (
+        "import sys\n"
+        "from protembed.cli import app\n"
+        "try:\n"
+        f"    app({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code in (0, None), exc.code\n"
+        "heavy = sorted(m for m in ('torch', 'h5py', 'huggingface_hub') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
