@@ -1,6 +1,8 @@
 """The `protembed` command: a Typer app. Parsing, progress and error-to-exit-code mapping only.
 
 Each command lives in a `cli_<topic>.py` module and is registered at the bottom of this file.
+Those modules import torch, h5py and the Hub client inside the command functions, so that
+`--help` and `--version` stay instant (tests/test_docs.py checks it).
 """
 
 from __future__ import annotations
