@@ -63,7 +63,8 @@ class Packing:
         seq_of_token = torch.repeat_interleave(torch.arange(len(lengths)), lens)
         positions = torch.arange(int(cu[-1])) - cu[:-1][seq_of_token]
         groups = [
-            _pad_group(lengths, a, b, int(cu[a]), int(cu[b]), device) for a, b in attention_groups(lengths)
+            _pad_group(lens[a:b], seq_of_token, positions, slice(int(cu[a]), int(cu[b])), device)
+            for a, b in attention_groups(lengths)
         ]
         return cls(
             cu_seqlens=cu.to(torch.int32).to(device),
@@ -88,13 +89,19 @@ def attention_groups(lengths: list[int], slack: float = ATTENTION_SLACK) -> list
     return runs
 
 
-def _pad_group(lengths: list[int], a: int, b: int, t0: int, t1: int, device: torch.device | str) -> PadGroup:
-    lens = torch.tensor(lengths[a:b], dtype=torch.int64)
+def _pad_group(
+    lens: torch.Tensor,
+    seq_of_token: torch.Tensor,
+    positions: torch.Tensor,
+    tokens: slice,
+    device: torch.device | str,
+) -> PadGroup:
+    """The padded layout of the group of sequences with lengths `lens` that covers `tokens`
+    (`seq_of_token` and `positions` are the whole batch's)."""
     max_len = int(lens.max())
-    starts = torch.cumsum(lens, 0) - lens
-    seq_of_token = torch.repeat_interleave(torch.arange(b - a), lens)
-    pad_index = seq_of_token * max_len + torch.arange(t1 - t0) - starts[seq_of_token]
+    local_seq = seq_of_token[tokens] - seq_of_token[tokens.start]
+    pad_index = local_seq * max_len + positions[tokens]
     valid = torch.arange(max_len)[None, :] < lens[:, None]
     key_mask = valid[:, None, None, :].to(device) if int(lens.min()) != max_len else None
     pad_slots = torch.nonzero(~valid.flatten()).squeeze(1)
-    return PadGroup(slice(t0, t1), b - a, max_len, pad_index.to(device), pad_slots.to(device), key_mask)
+    return PadGroup(tokens, len(lens), max_len, pad_index.to(device), pad_slots.to(device), key_mask)
