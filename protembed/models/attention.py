@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from protembed.models.packing import Packing, PadGroup
 
@@ -99,15 +98,6 @@ def _group_attention(
         out_tD.copy_(out_BLD)
     else:
         torch.index_select(out_BLD, 0, group.pad_index, out=out_tD)
-
-
-def linear_into(x: torch.Tensor, layer: nn.Linear, out: torch.Tensor | None) -> torch.Tensor:
-    """`layer(x)`, written into `out` when given (bias folded into the matrix product)."""
-    if out is None:
-        return layer(x)
-    if layer.bias is None:
-        return torch.mm(x, layer.weight.t(), out=out)
-    return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
 
 
 _VARLEN: bool | None = None

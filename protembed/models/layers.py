@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protembed.models.attention import Workspace, linear_into, packed_attention
+from protembed.models.attention import Workspace, packed_attention
 from protembed.models.packing import Packing
+from protembed.models.projections import project, project_add, project_gelu
 
 
 class Linear(nn.Linear):
@@ -188,15 +189,13 @@ class Block(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, packing: Packing) -> torch.Tensor:
         ws = self.workspace[0]
-        n_tok = x_TD.shape[0]
-        qkv = linear_into(self.attn_norm(x_TD), self.qkv, ws.get("qkv", (n_tok, self.qkv.out_features), x_TD))
+        qkv = project(self.attn_norm(x_TD), self.qkv, ws, "qkv")
         qkv_T3NK = qkv.unflatten(-1, (3, self.n_heads, self.head_dim))
         a_TD = packed_attention(qkv_T3NK, packing, self.rotary[0], self.head_dim**-0.5, ws)
-        x_TD = self.out(a_TD).add_(x_TD)  # a new tensor: the old x_TD may be kept as a requested layer
-        h = linear_into(self.ffn_norm(x_TD), self.up, ws.get("ffn", (n_tok, self.up.out_features), x_TD))
+        x_TD = project_add(a_TD, self.out, x_TD)  # new tensor: the old x_TD may be a requested layer
         if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
+            gate, up = project(self.ffn_norm(x_TD), self.up, ws, "ffn").chunk(2, dim=-1)
             h = F.silu(gate, inplace=True).mul_(up)
         else:
-            h = torch.ops.aten.gelu_(h)  # exact erf GELU, in place
-        return self.down(h).add_(x_TD)
+            h = project_gelu(self.ffn_norm(x_TD), self.up, ws, "ffn")  # exact erf GELU
+        return project_add(h, self.down, x_TD)
