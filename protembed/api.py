@@ -116,7 +116,9 @@ def load_model(
     dev = torch.device(device or default_device())
     path = Path(model)
     if path.is_dir():
-        name, source, rev, ckpt = path.name, str(path.resolve()), "local", path
+        from protembed.embed import weights_sha256
+
+        name, source, rev, ckpt = path.name, str(path.resolve()), weights_sha256(path), path
     else:
         from protembed.hub import resolve_model
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from protembed.errors import StoreError
+
 
 def default_cache_dir() -> Path:
     """`$PROTEMBED_CACHE`, else `$XDG_CACHE_HOME/protembed`, else `~/.cache/protembed`."""
@@ -12,3 +14,29 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "protembed"
+
+
+def ensure_dir(path: Path, what: str) -> Path:
+    """Create folder `path` (and its parents) if needed and check it is writable.
+
+    `what` names it in the error (e.g. "output folder"): a StoreError with one line, raised before
+    any long computation whose results would go there.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create {what}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StoreError(f"{path}: cannot write to {what}: permission denied")
+    return path
+
+
+def check_file_output(path: Path) -> None:
+    """StoreError unless a file can be created at `path` (its folder exists and is writable)."""
+    if path.is_dir():
+        raise StoreError(f"{path}: cannot write output: is a folder")
+    parent = path.parent
+    if not parent.is_dir():
+        raise StoreError(f"{path}: cannot write output: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise StoreError(f"{path}: cannot write output: permission denied")

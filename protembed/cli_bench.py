@@ -13,8 +13,17 @@ from rich import box
 from rich.table import Table
 
 from protembed import __version__
-from protembed.cli import BackendOption, CompileOption, err_console, handle_errors, out_console, print_json
-from protembed.errors import BackendError, UnknownModelError, require_matplotlib
+from protembed.cache import check_file_output
+from protembed.cli import (
+    BackendOption,
+    CompileOption,
+    err_console,
+    handle_errors,
+    out_console,
+    print_json,
+    resolve_device,
+)
+from protembed.errors import UnknownModelError, require_matplotlib
 from protembed.registry import DEFAULT_MODEL, MODELS, lookup
 
 if TYPE_CHECKING:  # torch and the bench machinery are imported when the command runs, not for --help
@@ -46,23 +55,6 @@ def parse_ints(values: list[str], option: str) -> list[int]:
         if int(part) not in out:
             out.append(int(part))
     return out
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """The requested torch device, checked to exist; default: first GPU, else CPU."""
-    import torch
-
-    from protembed.api import default_device
-
-    try:
-        dev = torch.device(device or default_device())
-    except RuntimeError:
-        raise BackendError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {device!r} requested but CUDA is not available")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise BackendError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    return dev
 
 
 def build_model(
@@ -261,6 +253,7 @@ def bench(
     budgets = parse_ints(tokens_per_batch, "--tokens-per-batch") if tokens_per_batch else []
     if plot is not None:
         require_matplotlib()
+        check_file_output(plot)
     import torch
 
     from protembed import bench_hf

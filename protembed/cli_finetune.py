@@ -14,8 +14,8 @@ import typer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from protembed.cache import default_cache_dir
-from protembed.cli import BackendOption, err_console, handle_errors, out_console, print_json
+from protembed.cache import check_file_output, default_cache_dir, ensure_dir
+from protembed.cli import BackendOption, err_console, handle_errors, out_console, print_json, resolve_device
 from protembed.errors import OutputExistsError, require_matplotlib
 from protembed.flip_fetch import FLIP_URL
 from protembed.registry import DEFAULT_MODEL
@@ -67,7 +67,7 @@ def _progress(quiet: bool) -> Progress:
         TextColumn("{task.completed:.0f}/{task.total:.0f}"),
         TimeElapsedColumn(),
         console=err_console,
-        disable=quiet,
+        disable=quiet or not err_console.is_terminal,  # no bar when stderr goes to a file
         transient=True,
     )
 
@@ -93,15 +93,18 @@ def finetune(
         HeadName | None, typer.Option("--head", help="Head Default: mlp per sequence, cnn per residue.")
     ] = None,
     layer: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--layer", help="Layer to embed: 0 is the token embedding, negative counts from the end."
+            "--layer",
+            help="Layer to embed: 0 is the token embedding, negative counts from the end. Default: -1.",
         ),
-    ] = -1,
+    ] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Maximum training epochs.")] = 20,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (> 0).")] = 1e-3,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per step.")] = 32,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation and shuffling.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for initialisation and shuffling.")
+    ] = 0,
     patience: Annotated[
         int, typer.Option("--patience", min=1, help="Epochs without improvement to stop.")
     ] = 5,
@@ -122,19 +125,26 @@ def finetune(
     quiet: Quiet = False,
 ) -> None:
     """Train a small head on frozen features for a FLIP task and report test metrics."""
-    from protembed.finetune import check_head, check_output, plot, save  # torch: not for --help
+    from protembed.finetune import PLOT, check_head, check_output, plot, save  # torch: not for --help
     from protembed.finetune import finetune as run_finetune
     from protembed.flip import get_task, load_task
 
     if features is FeatureKind.onehot and model is not None:
         raise typer.BadParameter("--model and --features onehot exclude each other", param_hint="--model")
+    if features is FeatureKind.onehot and layer is not None:
+        raise typer.BadParameter("one-hot features have no layers", param_hint="--layer")
+    if not (math.isfinite(lr) and lr > 0):
+        raise typer.BadParameter(f"must be a positive number, got {lr}", param_hint="--lr")
     spec = get_task(task.value)
     head_name = check_head(spec, head.value if head else None)
+    dev = str(resolve_device(device))
     if output is not None:
         check_output(output, overwrite)
     if plot_png:
         require_matplotlib()
-    cache = cache_dir or default_cache_dir()
+        if output is None:
+            check_file_output(Path(f"{spec.name}_{split or spec.default_split}_{head_name}.png"))
+    cache = ensure_dir(cache_dir or default_cache_dir(), "cache folder")
     model_ref = None if features is FeatureKind.onehot else model or DEFAULT_MODEL
     with _progress(quiet) as bar:
         dl: dict[str, TaskID] = {}
@@ -159,16 +169,16 @@ def finetune(
                 ep, completed=epoch, visible=True, description=f"epoch {epoch} loss {loss:.4f} {shown}"
             )
 
-        run = run_finetune(data, model=model_ref, head=head_name, layer=layer, epochs=epochs, lr=lr,
-                           batch_size=batch_size, seed=seed, patience=patience, device=device,
-                           backend=backend, cache_dir=cache, on_embed=on_embed,
+        run = run_finetune(data, model=model_ref, head=head_name, layer=-1 if layer is None else layer,
+                           epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience,
+                           device=dev, backend=backend, cache_dir=cache, on_embed=on_embed,
                            on_epoch=on_epoch)  # fmt: skip
     cfg = run.config
     if output is not None:
         save(run, output, overwrite)
     plot_path = None
     if plot_png:
-        plot_path = (output / "test.png") if output else Path(f"{spec.name}_{data.split}_{head_name}.png")
+        plot_path = (output / PLOT) if output else Path(f"{spec.name}_{data.split}_{head_name}.png")
         plot(run, plot_path)
     if cfg["truncated_sequences"] and not quiet:
         n, dropped = cfg["truncated_sequences"], cfg["dropped_residue_labels"]
@@ -232,7 +242,9 @@ def predict(
     head_dir: Annotated[
         Path, typer.Argument(help="Folder written by `finetune --output`.", show_default=False)
     ],
-    fasta: Annotated[Path, typer.Argument(help="Sequences to predict.", show_default=False)],
+    fasta: Annotated[
+        Path, typer.Argument(help="Sequences to predict (FASTA, .gz, or - for stdin).", show_default=False)
+    ],
     out: Annotated[Path | None, typer.Option("--output", "-o", help="CSV file. Default: stdout.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     cache_dir: CacheDir = None,
@@ -244,18 +256,22 @@ def predict(
 
     if out is not None and out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
+    if out is not None:
+        check_file_output(out)
+    dev = str(resolve_device(device))
+    cache = ensure_dir(cache_dir or default_cache_dir(), "cache folder")
     with _progress(quiet) as bar:
         emb = bar.add_task("embedding", total=None, visible=False)
 
         def on_embed(done: int, total: int) -> None:
             bar.update(emb, completed=done, total=total, visible=True)
 
-        rows, truncated = predict_fasta(head_dir, fasta, device, cache_dir, on_embed)
+        rows, truncated = predict_fasta(head_dir, fasta, dev, cache, on_embed)
     if truncated and not quiet:
         err_console.print(f"note: {truncated} sequences were truncated to the features' maximum length")
     fh = open(out, "w", newline="") if out is not None else sys.stdout
     try:
-        writer = csv.writer(fh)
+        writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["id", "prediction"])
         writer.writerows(rows)
     finally:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 
 from protembed import __version__
 from protembed.api import Model
+from protembed.cache import ensure_dir
 from protembed.errors import HubError
 from protembed.flip import FlipError
 
@@ -123,9 +126,9 @@ def model_features(
     """
     layer = model.layers([layer])[0]
     path = cache_path(cache_dir, model, layer)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent, "feature cache folder")
     keys = [seq_key(s) for s in seqs]
-    with _open(path) as h5:
+    with open_cache(path) as h5:
         _init(h5, model, layer)
         have_pooled = _index(h5["pooled/keys"])
         have_res = _index(h5["residues/keys"])
@@ -171,11 +174,20 @@ def model_features(
     return Features(pooled_all[prow], residues, trunc_all[prow].astype(bool))
 
 
-def _open(path: Path) -> h5py.File:
-    try:
-        return h5py.File(path, "a")
-    except OSError as exc:  # locked by another run, or not an HDF5 file
-        raise HubError(f"cannot open feature cache {path}: {exc}") from None
+def open_cache(path: Path, wait_s: float = 3600.0) -> h5py.File:
+    """The cache file, opened for appending; waits while another run holds it (HDF5's file lock)."""
+    deadline, waiting = time.monotonic() + wait_s, False
+    while True:
+        try:
+            return h5py.File(path, "a")
+        except OSError as exc:  # locked by another run, or not an HDF5 file
+            locked = "unable to lock file" in str(exc) or "errno = 11" in str(exc)
+            if not locked or time.monotonic() > deadline:
+                raise HubError(f"cannot open feature cache {path}: {exc}") from None
+            if not waiting:
+                print(f"waiting for another run to release the feature cache {path}", file=sys.stderr)
+                waiting = True
+            time.sleep(0.5)
 
 
 def _init(h5: h5py.File, model: Model, layer: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from protembed import __version__
 from protembed.api import default_device, load_model
-from protembed.cache import default_cache_dir
-from protembed.errors import OutputExistsError, require_matplotlib
+from protembed.cache import default_cache_dir, ensure_dir
+from protembed.errors import OptionError, OutputExistsError, require_matplotlib
 from protembed.features import Features, Ragged, model_features, onehot_flat, onehot_residues
 from protembed.flip import (
     IGNORE,
@@ -34,7 +36,6 @@ from protembed.flip import (
     Task,
     check_sequence,
     get_task,
-    parse_header,
     read_fasta,
 )
 from protembed.heads import (
@@ -52,7 +53,7 @@ from protembed.heads import (
 from protembed.metrics import clean, confusion, floor
 
 MAX_ONEHOT = 1024  # flattened one-hot features cover at most this many positions
-CONFIG, WEIGHTS, PREDICTIONS = "config.json", "head.safetensors", "predictions.csv"
+CONFIG, WEIGHTS, PREDICTIONS, PLOT = "config.json", "head.safetensors", "predictions.csv", "test.png"
 FORMAT = "protembed-flip-head/1"
 
 
@@ -100,8 +101,14 @@ def featurize(
     model = load_model(
         model_cfg["ref"], dtype=dtype, device=device, revision=model_cfg.get("revision"), backend=backend
     )
+    expected = model_cfg.get("revision")
+    if expected and expected.startswith("sha256:") and expected != model.revision:
+        raise FlipError(f"the weights in {model.source} changed since the head was trained ({expected})")
     model_cfg.update(name=model.name, source=model.source, revision=model.revision)
-    model_cfg["layer_index"] = model.layers([model_cfg["layer"]])[0]  # -1 resolved
+    try:
+        model_cfg["layer_index"] = model.layers([model_cfg["layer"]])[0]  # -1 resolved
+    except ValueError as exc:
+        raise OptionError(f"--layer: {exc}") from None
     return model_features(
         seqs, model, model_cfg["layer"], task.level == "residue", cache_dir, progress=progress
     )
@@ -188,6 +195,12 @@ def finetune(
     feats = featurize(data.seqs, task, model_cfg, onehot_length, cache_dir, dev, on_embed, backend)
     t_features = time.perf_counter() - t0
     x, y, dropped = inputs_and_targets(data, feats)
+    if task.level == "residue":
+        for part in ("train", "validation", "test"):
+            if (part != "validation" or head_name != "ridge") and not any(
+                (y[int(i)] != IGNORE).any() for i in rows[part]
+            ):
+                raise FlipError(f"{task.name}/{data.split}: no labelled residues in the {part} records")
     scale = (0.0, 1.0)
     if task.kind == "regression":  # heads see standardized targets
         yt = np.asarray(y)[fit_rows]
@@ -220,6 +233,11 @@ def finetune(
     truth = [t * scale[1] + scale[0] for t in truth] if task.kind == "regression" else truth
     base = floor(task.kind, [truth[i] for i in rows["train"]], [truth[i] for i in rows["test"]],
                  per_residue=task.level == "residue")  # fmt: skip
+    if task.level == "residue":  # saved predictions: every residue, '-' past the features' reach
+        assert data.labels is not None
+        truth = list(data.labels)
+        test_pred = [np.pad(p, (0, len(truth[int(i)]) - len(p)), constant_values=IGNORE)
+                     for p, i in zip(test_pred, rows["test"])]  # fmt: skip
     best = next((h for h in reversed(history) if h["best"]), None)
     config = {
         "format": FORMAT, "protembed_version": __version__,
@@ -260,19 +278,23 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{out_dir} exists and is not a folder")
     if not overwrite and out_dir.exists() and any(out_dir.iterdir()):
         raise OutputExistsError(f"{out_dir} is not empty (pass --overwrite to replace it)")
+    ensure_dir(out_dir, "output folder")  # fail now, not after training
 
 
 def save(run: Run, out_dir: Path, overwrite: bool = False) -> None:
     """Write head weights, config and the test predictions to `out_dir`."""
     check_output(out_dir, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in run.head.state_dict().items()}, str(out_dir / WEIGHTS)
-    )
+    ensure_dir(out_dir, "output folder")
+    (out_dir / PLOT).unlink(missing_ok=True)  # a plot of an earlier run
+    weights = out_dir / WEIGHTS
+    save_file({k: v.detach().cpu().contiguous() for k, v in run.head.state_dict().items()}, str(weights))
+    umask = os.umask(0)
+    os.umask(umask)
+    weights.chmod(0o666 & ~umask)  # safetensors creates it private; match the other files
     (out_dir / CONFIG).write_text(json.dumps(run.config, indent=2) + "\n")
     kind, classes = run.config["kind"], run.config["classes"]
     with open(out_dir / PREDICTIONS, "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["id", "sequence", "measured", "predicted"])
         for rid, seq, true, pred in zip(run.test_ids, run.test_seqs, run.test_true, run.test_pred):
             w.writerow(
@@ -305,8 +327,12 @@ def load(out_dir: Path) -> tuple[dict[str, Any], nn.Module]:
         raise FlipError(f"{cfg_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
     if config.get("format") != FORMAT:
         raise FlipError(f"{cfg_path}: not a protembed FLIP head (format {config.get('format')!r})")
-    head = build_head(config["head_config"])
-    head.load_state_dict(load_file(str(w_path)))
+    try:
+        head = build_head(config["head_config"])
+        head.load_state_dict(load_file(str(w_path)))
+    except (KeyError, ValueError, TypeError, RuntimeError, OSError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FlipError(f"{w_path}: not the weights of the head in {CONFIG} ({first})") from None
     return config, head.eval()
 
 
@@ -321,18 +347,17 @@ def predict_fasta(
     config, head = load(out_dir)
     ids, seqs = [], []
     for line, header, body in read_fasta(fasta):
-        rid, _ = parse_header(fasta, line, header)
+        rid = header.split()[0] if header.split() else ""  # the rest is a free-text description
+        body = body.removesuffix("*")  # a translated stop codon, as `embed` drops it
         check_sequence(fasta, line, rid, body)
         ids.append(rid)
         seqs.append(body)
     task, dev = get_task(config["task"]), device or default_device()
     model_cfg = config["model"]
     if model_cfg is not None:
-        model_cfg = {
-            "ref": model_cfg["ref"],
-            "layer": model_cfg["layer"],
-            "revision": None if model_cfg.get("revision") in (None, "local") else model_cfg["revision"],
-        }
+        revision = model_cfg.get("revision")
+        revision = None if revision == "local" else revision  # heads saved before weight digests
+        model_cfg = {"ref": model_cfg["ref"], "layer": model_cfg["layer"], "revision": revision}
     feats = featurize(
         seqs, task, model_cfg, config.get("onehot_length"), cache_dir or default_cache_dir(), dev, progress
     )
@@ -371,7 +396,7 @@ def plot(run: Run, path: Path) -> None:
         ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
         unit = f" ({cfg['unit']})" if cfg["unit"] else ""
         ax.set(xlabel=f"measured{unit}", ylabel=f"predicted{unit}")
-        title = f"RMSE {metrics['rmse']:.3g}, Spearman {_fmt(metrics['spearman'])}"
+        title = f"RMSE {_fmt(metrics['rmse'])}, Spearman {_fmt(metrics['spearman'])}"
     else:
         k = len(cfg["classes"])
         cm = confusion(pred, true, k).astype(np.float64)
@@ -380,7 +405,7 @@ def plot(run: Run, path: Path) -> None:
         ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="measured")
         ax.set_xticklabels(cfg["classes"], rotation=90 if k > 5 else 0)
         ax.set_yticklabels(cfg["classes"])
-        title = f"accuracy {metrics['accuracy']:.1f}%"
+        title = f"accuracy {_fmt(metrics['accuracy'])}%"
     ax.set_title(f"{cfg['task']} / {cfg['split']} (test): {title}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=150)

@@ -12,9 +12,13 @@ Validation = `SET=train VALIDATION=True`; train = the other `SET=train` records;
 from __future__ import annotations
 
 import gzip
+import io
+import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -109,12 +113,11 @@ def get_task(name: str) -> Task:
 
 def read_fasta(path: Path) -> Iterator[tuple[int, str, str]]:
     """(header line number, header without '>', body) per record; plain or gzipped, multi-line bodies."""
-    opener = gzip.open if path.suffix == ".gz" else open
     header: str | None = None
     body: list[str] = []
     start = 0
     try:
-        with opener(path, "rt") as fh:  # type: ignore[operator]
+        with _open_text(path) as fh:
             for n, raw in enumerate(fh, 1):
                 line = raw.strip()
                 if line.startswith(">"):
@@ -130,6 +133,15 @@ def read_fasta(path: Path) -> Iterator[tuple[int, str, str]]:
     if header is None:
         raise FastaError(str(path), None, None, "no FASTA records")
     yield start, header, _body(path, start, header, body)
+
+
+def _open_text(path: Path) -> TextIO:
+    """A text stream of a plain or gzipped file, or of stdin for `-`."""
+    if str(path) == "-":
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt")
+    return open(path)
 
 
 def _body(path: Path, line: int, header: str, body: list[str]) -> str:
@@ -186,9 +198,12 @@ def read_sequence_task(task: Task, split: str, path: Path) -> Dataset:
         raw = attrs["TARGET"]
         if task.kind == "regression":
             try:
-                targets.append(float(raw))
+                value = float(raw)
             except ValueError:
                 raise FastaError(str(path), line, rid, f"TARGET '{raw}' is not a number") from None
+            if not math.isfinite(value):
+                raise FastaError(str(path), line, rid, f"TARGET '{raw}' is not a finite number")
+            targets.append(value)
         elif raw in index:
             targets.append(index[raw])
         else:
@@ -288,6 +303,10 @@ def load_task(
     progress: Progress | None = None,
 ) -> Dataset:
     """Parse a task's split from `data_dir`, or from the FLIP server via the cache."""
+    if split is not None:
+        split = split.removesuffix(".gz").removesuffix(".fasta")
+        if not split or "/" in split or "\\" in split or split.startswith("."):
+            raise FlipError(f"--split {split!r} is not a split name (e.g. {task.default_split})")
     split = split or task.default_split
     if data_dir is None and split not in task.splits:
         raise FlipError(f"unknown split '{split}' for {task.name} (choose from {', '.join(task.splits)})")

@@ -8,12 +8,14 @@ match is deleted and reported, never used.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from protembed.cache import ensure_dir
 from protembed.errors import HubError
 
 FLIP_URL = "http://data.bioembeddings.com/public/FLIP/fasta/"
@@ -82,7 +84,7 @@ def fetch(
     dest = cache_dir / "flip" / folder / f"{name}.fasta"
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(dest.parent, "cache folder")
     url = f"{base_url.rstrip('/')}/{key}.fasta"
     part = dest.with_suffix(".fasta.part")
     digest = hashlib.sha256()
@@ -96,9 +98,14 @@ def fetch(
                 done += len(chunk)
                 if progress is not None:
                     progress(key, done, total)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+        if total is not None and done < total:
+            raise HubError(f"cannot download {url}: the transfer stopped after {done} of {total} bytes")
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         part.unlink(missing_ok=True)
         raise HubError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from None
+    except BaseException:  # HubError above, Ctrl-C: no partial file is left behind
+        part.unlink(missing_ok=True)
+        raise
     try:
         check_pin(part, PINS[key], digest.hexdigest(), url)
     except HubError:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from protembed.features import Ragged
-from protembed.flip import IGNORE
+from protembed.flip import IGNORE, FlipError
 from protembed.metrics import PRIMARY, better, evaluate
 
 SEQUENCE_HEADS = ("linear", "mlp", "ridge")
@@ -231,7 +231,11 @@ def train(
             assert yb is not None
             loss = loss_fn(kind, head(xb, mask), yb)
             if not math.isfinite(loss.item()):
-                continue  # a batch with no labelled residue
+                if not bool((yb != IGNORE).any()):
+                    continue  # a batch with no labelled residue
+                raise FlipError(
+                    f"training diverged (loss {loss.item()} in epoch {epoch}); try a smaller --lr"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

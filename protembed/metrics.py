@@ -33,7 +33,12 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def spearman(pred: np.ndarray, true: np.ndarray) -> float:
-    """Spearman rank correlation; NaN when either side is constant."""
+    """Spearman rank correlation; NaN when either side is constant or holds a NaN."""
+    if (
+        np.isnan(np.asarray(pred, dtype=np.float64)).any()
+        or np.isnan(np.asarray(true, dtype=np.float64)).any()
+    ):
+        return float("nan")
     return pearson(rankdata(pred), rankdata(true))
 
 

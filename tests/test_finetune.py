@@ -5,7 +5,11 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +21,8 @@ from typer.testing import CliRunner
 
 from protembed.api import Model, load_model
 from protembed.cli import app
-from protembed.errors import BackendError, require_matplotlib
-from protembed.features import cache_path, model_features, onehot_flat, onehot_residues
+from protembed.errors import BackendError, HubError, require_matplotlib
+from protembed.features import cache_path, model_features, onehot_flat, onehot_residues, open_cache
 from protembed.flip import IGNORE
 from protembed.heads import CNNHead, fit_ridge, predict
 from protembed.metrics import floor, rankdata, sequence_accuracy, spearman
@@ -226,6 +230,7 @@ def test_metrics() -> None:
     assert rankdata(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
     assert spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1.0)
     assert spearman(np.array([1, 2, 2, 3]), np.array([4, 3, 2, 1])) == pytest.approx(-0.9486832980505138)
+    assert np.isnan(spearman(np.array([np.nan, np.nan, np.nan]), np.array([3.0, 1.0, 2.0])))
     f = floor(
         "classification", [np.array([0, 1, 1, IGNORE])], [np.array([1, 1, 0, IGNORE]), np.array([1])], True
     )
@@ -241,3 +246,125 @@ def test_metrics() -> None:
 def test_plot_png(task: str, tmp_path: Path) -> None:
     finetune_json(task, tmp_path, "--features", "onehot", "--plot", "--output", tmp_path / "out")
     assert (tmp_path / "out" / "test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- user mistakes and odd inputs (found in review) ------------------------------------------------
+
+
+def copy_task(tmp_path: Path, folder: str) -> Path:
+    """A writable copy of one tiny task folder; returns the data dir holding it."""
+    data = tmp_path / "data"
+    shutil.copytree(TINY / folder, data / folder)
+    return data
+
+
+def test_cli_option_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    base = ["finetune", "flip-gb1", "--data-dir", TINY, "--cache-dir", tmp_path / "c", "-q"]
+    onehot = [*base, "--features", "onehot"]
+    for extra, code, message in [
+        (["--lr", "inf"], 2, "must be a positive number"),
+        (["--lr", "0"], 2, "must be a positive number"),
+        (["--seed", "-1"], 2, "--seed"),
+        (["--layer", "1"], 2, "one-hot features have no layers"),
+        (["--device", "foo"], 1, "error: unknown device 'foo'"),
+        (["--split", "../gb1/two_vs_rest"], 1, "is not a split name"),
+    ]:
+        r = run_cli(*onehot, *extra)
+        assert r.exit_code == code and message in r.output, (extra, r.output)
+    r = run_cli(*base, "--model", ESM2, "--device", "cpu", "--layer", "9")
+    assert r.exit_code == 1 and "error: --layer: layer 9 out of range" in r.output
+    (tmp_path / "afile").write_text("")
+    r = run_cli(*onehot, "--device", "cpu", "--output", tmp_path / "afile" / "x")
+    assert r.exit_code == 1 and "cannot create output folder" in r.output and "Traceback" not in r.output
+    r = run_cli(*onehot, "--device", "cpu", "--lr", "1e30", "--epochs", "2")
+    assert r.exit_code == 1 and "error: training diverged" in r.output
+
+
+def test_non_finite_target_is_an_error(tmp_path: Path) -> None:
+    data = copy_task(tmp_path, "gb1")
+    path = data / "gb1" / "two_vs_rest.fasta"
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if "TARGET=" in line)
+    lines[first] = re.sub(r"TARGET=\S+", "TARGET=nan", lines[first])
+    path.write_text("\n".join(lines) + "\n")
+    r = run_cli("finetune", "flip-gb1", "--features", "onehot", "--data-dir", data, "-q")
+    assert r.exit_code == 1 and "TARGET 'nan' is not a finite number" in r.output
+    assert f"{path}:{first + 1}" in r.output
+
+
+def test_predict_reads_ordinary_fasta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out_dir = tmp_path / "head"
+    finetune_json("flip-gb1", tmp_path, "--features", "onehot", "--head", "ridge", "--output", out_dir)
+    text = ">sp|P69905|HBA_HUMAN Hemoglobin subunit alpha OS=Homo sapiens\nMVLSPADKTNVKAAW*\n>b\nmvlspadk\n"
+    fasta = tmp_path / "uni.fasta"
+    fasta.write_text(text)
+    from_file = run_cli("predict", out_dir, fasta, "--device", "cpu", "-q")
+    assert from_file.exit_code == 0, from_file.output
+    rows = list(csv.reader(from_file.stdout.splitlines()))
+    assert [r[0] for r in rows] == ["id", "sp|P69905|HBA_HUMAN", "b"]
+    assert "\r" not in from_file.stdout
+    from_stdin = runner.invoke(app, ["predict", str(out_dir), "-", "--device", "cpu", "-q"], input=text)
+    assert from_stdin.exit_code == 0, from_stdin.output
+    assert from_stdin.stdout == from_file.stdout
+
+
+def test_predict_rejects_weights_of_another_head(tmp_path: Path) -> None:
+    out_dir = tmp_path / "head"
+    finetune_json("flip-gb1", tmp_path, "--features", "onehot", "--head", "ridge", "--output", out_dir)
+    (out_dir / "head.safetensors").write_bytes(b"junk")
+    r = run_cli("predict", out_dir, TINY / "gb1" / "two_vs_rest.fasta", "--device", "cpu", "-q")
+    assert r.exit_code == 1 and "not the weights of the head in config.json" in r.output
+
+
+def test_local_checkpoint_revision_follows_its_weights(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ESM2, ckpt)
+    before = load_model(ckpt, device="cpu")
+    assert before.revision.startswith("sha256:")
+    weights = next(ckpt.glob("*.safetensors"))
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # one bit of the last tensor
+    weights.write_bytes(bytes(blob))
+    after = load_model(ckpt, device="cpu")
+    assert after.revision != before.revision
+    assert cache_path(tmp_path, after, 3) != cache_path(tmp_path, before, 3)  # no stale features
+
+
+def test_saved_residue_predictions_cover_long_sequences(tmp_path: Path) -> None:
+    data = copy_task(tmp_path, "conservation")
+    rng = np.random.default_rng(0)
+    seq = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 1100))
+    labels = "".join(rng.choice(list("123456789"), 1100))
+    with open(data / "conservation" / "sequences.fasta", "a") as fh:
+        fh.write(f">long\n{seq}\n")
+    with open(data / "conservation" / "sampled.fasta", "a") as fh:
+        fh.write(f">long SET=test VALIDATION=False\n{labels}\n")
+    out_dir = tmp_path / "out"
+    r = run_cli("finetune", "flip-conservation", "--model", ESM2, "--data-dir", data, "--device", "cpu",
+                "--cache-dir", tmp_path / "c", "--epochs", "1", "-o", out_dir, "--json", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["dropped_residue_labels"] == 1100 - 1022
+    with open(out_dir / "predictions.csv") as fh:
+        row = next(row for row in csv.DictReader(fh) if row["id"] == "long")
+    assert row["measured"] == labels
+    assert len(row["predicted"]) == 1100 and set(row["predicted"][1022:]) == {"-"}
+    assert "-" not in row["predicted"][:1022]
+
+
+def test_feature_cache_waits_for_another_run(tmp_path: Path) -> None:
+    path = tmp_path / "features.h5"
+    h5py.File(path, "w").close()
+    holder = subprocess.Popen(  # holds HDF5's write lock on the file for a second
+        [sys.executable, "-c", f"import h5py, time, sys; f = h5py.File({str(path)!r}, 'a'); "
+         "print('held', flush=True); time.sleep(1.5); f.close()"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    with open_cache(path, wait_s=30) as h5:
+        assert h5.mode == "r+"
+    assert time.monotonic() - t0 > 0.5, "it waited for the lock"
+    holder.wait()
+    with pytest.raises(HubError, match="cannot open feature cache"):
+        (tmp_path / "junk.h5").write_text("not hdf5")
+        open_cache(tmp_path / "junk.h5", wait_s=30)
