@@ -35,6 +35,7 @@ TAIL_BATCHES, TAIL_PIECES = 3, 4  # the input's last batches are cut smaller (se
 Unit = tuple[np.ndarray, list[np.ndarray], list[int] | None]  # representative rows, tokens, window starts
 Progress = Callable[[int, int, int], None]
 DONE = None  # end-of-stream marker on every queue
+POLL_S = 0.5  # longest sleep of a waiting pipeline thread before it looks again
 
 
 @dataclass
@@ -122,11 +123,20 @@ def run_pipeline(
             errors.append(exc)
         units.put(DONE)
 
+    def next_result() -> Any:
+        # A timed wait re-checks the queue, so a wake-up lost to a signal (Ctrl-C landing inside
+        # the main thread's put) cannot leave this thread asleep beside a waiting item.
+        while True:
+            try:
+                return results.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+
     def write() -> None:
         rows_done = res_done = 0
         total = int(work.pending.sum())
         try:
-            while (item := results.get()) is not DONE:
+            while (item := next_result()) is not DONE:
                 rows, pooled, residues = expand(work, *item)
                 writer.write(rows - work.row_offset, pooled, residues)
                 rows_done += rows.size
@@ -136,7 +146,7 @@ def run_pipeline(
         except BaseException as exc:
             errors.append(exc)
             stop.set()
-            while results.get() is not DONE:  # drain so the compute side never blocks
+            while next_result() is not DONE:  # drain so the compute side never blocks
                 pass
 
     def get() -> Unit | None:
@@ -158,7 +168,8 @@ def run_pipeline(
     finally:
         stop.set()
         results.put(DONE)
-        writer_thread.join()
+        while writer_thread.is_alive():  # timed joins keep Ctrl-C responsive
+            writer_thread.join(timeout=POLL_S)
         reader.join(timeout=5)
     if errors:
         raise errors[0]

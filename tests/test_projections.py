@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from protembed.models import layers as layer_module
 from protembed.models import projections
 from protembed.models.attention import Workspace
 from protembed.models.encoder import Encoder
@@ -99,3 +100,18 @@ def test_encoder_is_the_same_with_and_without_onednn(name: str, fixture_model: d
     layers = [model.config.n_layers]
     fast, slow = both(lambda: run_packed(model, ids, layers)[0][0].states[layers[0]])
     np.testing.assert_allclose(fast.numpy(), slow.numpy(), atol=2e-5)
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_ffn_in_row_chunks_equals_one_pass(
+    name: str, fixture_model: dict[str, Encoder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = fixture_model[name]
+    meta, ref = reference(name)
+    ids = [ref[f"{s['key']}_input_ids"] for s in meta["sequences"]]
+    layers = [model.config.n_layers]
+    whole = run_packed(model, ids, layers)[0][0].states[layers[0]]
+    monkeypatch.setattr(layer_module, "FFN_CHUNK_BYTES", 4 * model.config.d_ffn * 7)  # 7 rows a chunk
+    chunked = run_packed(model, ids, layers)[0][0].states[layers[0]]
+    assert sum(len(i) for i in ids) > 7 * 3, "several chunks ran"
+    np.testing.assert_allclose(chunked.numpy(), whole.numpy(), atol=1e-5)

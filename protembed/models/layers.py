@@ -12,6 +12,8 @@ sees each sequence's own tokens only (`Packing` tells where sequences start and 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,12 @@ from torch import nn
 from protembed.models.attention import Workspace, packed_attention
 from protembed.models.packing import Packing
 from protembed.models.projections import project, project_add, project_gelu
+
+# On CPU the FFN runs over row chunks whose hidden activations stay below 31 MiB: under glibc's
+# largest mmap threshold (32 MiB), so each chunk's fresh output is served from the heap instead of
+# being mapped and page-faulted anew in every layer (measured: esm2-150m's up projection at 4096
+# rows, 42 MB, ran at 293 GFLOP/s; in two chunks of 2048 rows at 369).
+FFN_CHUNK_BYTES = 31 << 20
 
 
 class Linear(nn.Linear):
@@ -193,6 +201,19 @@ class Block(nn.Module):
         qkv_T3NK = qkv.unflatten(-1, (3, self.n_heads, self.head_dim))
         a_TD = packed_attention(qkv_T3NK, packing, self.rotary[0], self.head_dim**-0.5, ws)
         x_TD = project_add(a_TD, self.out, x_TD)  # new tensor: the old x_TD may be a requested layer
+        n_tok = x_TD.shape[0]
+        hidden_bytes = n_tok * self.up.out_features * x_TD.element_size()
+        n_chunks = math.ceil(hidden_bytes / FFN_CHUNK_BYTES)
+        if n_chunks <= 1 or x_TD.device.type != "cpu" or torch.compiler.is_compiling():
+            return self._ffn(x_TD, ws)
+        out_TD = torch.empty_like(x_TD)
+        step = math.ceil(n_tok / n_chunks)
+        for start in range(0, n_tok, step):
+            out_TD[start : start + step] = self._ffn(x_TD[start : start + step], ws)
+        return out_TD
+
+    def _ffn(self, x_TD: torch.Tensor, ws: Workspace) -> torch.Tensor:
+        """x + FFN(norm(x)), a new tensor."""
         if self.activation == "swiglu":
             gate, up = project(self.ffn_norm(x_TD), self.up, ws, "ffn").chunk(2, dim=-1)
             h = F.silu(gate, inplace=True).mul_(up)
