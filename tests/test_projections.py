@@ -111,7 +111,8 @@ def test_ffn_in_row_chunks_equals_one_pass(
     ids = [ref[f"{s['key']}_input_ids"] for s in meta["sequences"]]
     layers = [model.config.n_layers]
     whole = run_packed(model, ids, layers)[0][0].states[layers[0]]
-    monkeypatch.setattr(layer_module, "FFN_CHUNK_BYTES", 4 * model.config.d_ffn * 7)  # 7 rows a chunk
+    monkeypatch.setattr(layer_module, "FFN_CHUNK_BYTES", 0)
+    monkeypatch.setattr(layer_module, "FFN_MIN_ROWS", 7)  # 7 rows a chunk
     chunked = run_packed(model, ids, layers)[0][0].states[layers[0]]
     assert sum(len(i) for i in ids) > 7 * 3, "several chunks ran"
     np.testing.assert_allclose(chunked.numpy(), whole.numpy(), atol=1e-5)

@@ -13,11 +13,13 @@ emits for CPU linears) runs when all of these hold, otherwise `torch.addmm` does
     - the dtype is float32 or bfloat16;
     - no gradient is wanted (the op has no backward);
     - the code is not being traced by `torch.compile` (which picks its own kernels).
-`ONEDNN = False` turns the path off (tests compare the two).
+The environment variable `PROTEMBED_ONEDNN=0` (or `ONEDNN = False` here) turns the path off,
+e.g. to compare the two.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import cache
 
@@ -26,7 +28,10 @@ from torch import nn
 
 from protembed.models.attention import Workspace
 
-ONEDNN = True
+ONEDNN = os.environ.get("PROTEMBED_ONEDNN", "1") != "0"
+# oneDNN keeps 1024 compiled kernels by default; every batch has a new row count, so old ones are
+# never reused and only hold memory (esm2-35m: about 70 MB). Set before oneDNN's first use.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
