@@ -60,6 +60,7 @@ def handle_errors(fn: F) -> F:
                 "[yellow]interrupted[/]: everything written so far is kept; "
                 "run the same command again to resume",
                 highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(130) from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from enum import Enum
@@ -68,6 +69,14 @@ def default_output(input_path: str) -> Path:
     return path.with_name((name or path.name) + ".h5")
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one existing file (through links too)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def parse_layers(text: str) -> list[int | str]:
     """`-1`, `0,6,12`, `all`, `final` -> a list for `resolve_layers`."""
     out: list[int | str] = []
@@ -108,11 +117,11 @@ def embed(
     store_dtype: Annotated[StoreDType, typer.Option(help="Stored dtype.")] = StoreDType.float32,
     tokens_per_batch: Annotated[
         int | None,
-        typer.Option(help="Tokens per packed batch (default: 4096 on CPU, from free memory on GPU)."),
+        typer.Option(min=1, help="Tokens per packed batch (default: 4096 on CPU, from free memory on GPU)."),
     ] = None,
     max_length: Annotated[
         int | None,
-        typer.Option(help="Residues per sequence (default and maximum: the model's, 1022 / 2046)."),
+        typer.Option(min=1, help="Residues per sequence (default and maximum: the model's, 1022 / 2046)."),
     ] = None,
     long: Annotated[
         LongPolicy,
@@ -146,11 +155,14 @@ def embed(
     """Embed a FASTA file into one HDF5 file; the same command resumes an interrupted run."""
     out = output or default_output(input_path)
     if resume and overwrite:
-        raise OptionError("--resume and --overwrite contradict each other; choose one")
+        raise typer.BadParameter("contradicts --overwrite; choose one", param_hint="--resume")
+    if input_path != "-" and same_file(Path(input_path), out):
+        raise OptionError(f"{out}: the output is the input file; choose another -o")
     if resume and not out.exists():
         raise OptionError(f"--resume: {out} does not exist, nothing to resume")
     from protembed.embed import embed_fasta
 
+    poolings = list(dict.fromkeys(p.strip() for p in pool.split(",") if p.strip()))  # mean,mean = mean
     show = not quiet and sys.stderr.isatty()
     columns = (
         TextColumn("[progress.description]{task.description}"),
@@ -173,7 +185,7 @@ def embed(
 
         summary = embed_fasta(
             input_path, out, model=model, revision=revision, layers=parse_layers(layer),
-            poolings=[p.strip() for p in pool.split(",") if p.strip()], per_residue=per_residue,
+            poolings=poolings, per_residue=per_residue,
             dtype=dtype.value, store_dtype=store_dtype.value, tokens_per_batch=tokens_per_batch,
             max_length=max_length, long_policy=long.value, device=device, overwrite=overwrite,
             on_invalid=on_invalid.value, compression=compression.value if compression else None,

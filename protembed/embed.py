@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 
@@ -208,9 +209,13 @@ def embed_fasta(
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
     resolved = resolve_backend(backend, devices[0], dtype, compile)
     # A registry model's shape is known without its files: validate the options and the whole
-    # input first, so a bad record fails in seconds, not after a download.
-    info = None if Path(model).expanduser().is_dir() else lookup(model)
+    # input first, so a bad record fails in seconds, not after a download or weight hashing.
+    # A local checkpoint's config is read now too; hashing its weights (its revision) comes after.
+    local = Path(model).expanduser()
+    info = None if local.is_dir() else lookup(model)
     early = checkpoints.registry_config(info.name) if info is not None else None
+    if local.is_dir():
+        early = checkpoints.read_config(local)
     if early is not None:
         _check_model_options(early, model, layers, max_length)
         index = scan_fasta(input_path, ALPHABETS[early.family], on_invalid)
@@ -313,6 +318,16 @@ def _stored_lengths(index: FastaIndex, plan: _Plan) -> np.ndarray:
     return index.n_residues if plan.long_policy == "window" else np.minimum(index.n_residues, plan.limit)
 
 
+def recorded_budget(output: Path) -> int | None:
+    """The `tokens_per_batch` of an existing output (to resume with the same batches), else None."""
+    try:
+        with h5py.File(output, "r") as h5:
+            value = h5.attrs.get("tokens_per_batch")
+    except (OSError, FileNotFoundError):
+        return None
+    return int(value) if value is not None else None
+
+
 def _embed_rows(
     index: FastaIndex,
     output: Path,
@@ -331,12 +346,19 @@ def _embed_rows(
     lengths = _stored_lengths(index, plan)
     truncated = np.zeros(len(index), dtype=bool) if window else index.n_residues > plan.limit
     skipped = index.skipped
+    torch_dtype = COMPUTE_DTYPES[plan.dtype]
+    first = torch.device(devices[0])
+    # The token budget decides the batches, and so the last bits of every vector: a resumed run
+    # keeps the one recorded in the file (an explicit, different --tokens-per-batch is a mismatch).
+    budget = plan.tokens_per_batch or (None if plan.overwrite else recorded_budget(output))
+    budget = budget or default_token_budget(plan.ref.config, first, torch_dtype)
     attrs = {
         "model": plan.ref.name, "model_source": plan.ref.source, "model_revision": plan.ref.revision,
         "layers": np.array(plan.layers, dtype=np.int64), "pooling": ",".join(plan.poolings),
         "compute_dtype": plan.dtype, "max_length": int(plan.limit), "long_policy": plan.long_policy,
         "input_sha256": index.sha256, "backend": describe(plan.backend, plan.dtype, plan.compile),
-        "window_stride": int(max(plan.limit // 2, 1)) if window else None, **extra_attrs,
+        "window_stride": int(max(plan.limit // 2, 1)) if window else None, "tokens_per_batch": int(budget),
+        **extra_attrs,
     }  # fmt: skip
     writer = EmbeddingWriter.open(
         output, attrs=attrs, ids=index.ids[in_range], descriptions=index.descriptions[in_range],
@@ -359,9 +381,6 @@ def _embed_rows(
         work = Work(index, plan.alphabet, members, pending, lengths, plan.limit, window, window_of, start)
         if started is not None:
             started(int(pending.sum()), int(lengths[pending].sum()))
-        torch_dtype = COMPUTE_DTYPES[plan.dtype]
-        first = torch.device(devices[0])
-        budget = plan.tokens_per_batch or default_token_budget(plan.ref.config, first, torch_dtype)
         spec = JobSpec(str(plan.ref.path), plan.dtype, plan.layers, plan.poolings, plan.per_residue, budget,
                        plan.backend, plan.compile)  # fmt: skip
         executor: Executor

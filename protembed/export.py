@@ -70,7 +70,11 @@ def export_per_protein(
         StoreError: the source cannot be read as asked (incomplete, no such pooling or layer).
         OutputExistsError: the output exists and not `overwrite`.
     """
-    output = Path(output)
+    source, output = Path(source), Path(output)
+    if output.exists() and source.exists() and os.path.samefile(source, output):
+        raise StoreError(f"{output}: the output is the source file; choose another -o")
+    if output.is_dir():
+        raise StoreError(f"{output}: cannot write output: is a folder")
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output}: already exists; pass --overwrite to replace it")
     with open_embeddings(source) as emb:
@@ -85,13 +89,13 @@ def export_per_protein(
                 if layer is not None or emb.layers:
                     out.attrs["layer"] = layer if layer is not None else emb.layers[0]
                 n = _write_records(emb, out, what, layer)
+            os.replace(tmp, output)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"{output}: cannot write output: {exc.strerror or exc}") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        os.replace(tmp, output)
         return ExportSummary(output, n, int(np.count_nonzero(emb.skipped)))
 
 

@@ -122,6 +122,9 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
 
     with _reading(file, source) as (handle, digest):
         for title, seq in SimpleFastaParser(handle):
+            if "\x00" in title:  # HDF5 strings cannot hold it
+                title = title.replace("\x00", "\ufffd")
+                bad[len(ids)] = (0, "NUL byte in the header")
             try:
                 ids.append(title.split(None, 1)[0])
             except IndexError:  # '>' with nothing after it
@@ -142,7 +145,7 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
             check()
         sha = digest.hexdigest()
     if bad and on_invalid == "error":
-        row, (pos, reason) = next(iter(bad.items()))
+        row, (pos, reason) = min(bad.items())
         _fail(file, source, row, pos, ids[row], reason)
     if not ids:
         raise FastaError(source, None, None, "empty file: no FASTA records")
@@ -169,6 +172,7 @@ def iter_records(index: FastaIndex) -> Iterator[tuple[int, str]]:
     row = -1
     with _reading(index.path, index.source) as (handle, _):
         for row, (title, seq) in enumerate(SimpleFastaParser(handle)):
+            title = title.replace("\x00", "\ufffd")  # as the scan stored it
             if row >= len(index.ids) or (title.split(None, 1) or [""])[0] != index.ids[row]:
                 raise FastaError(
                     index.source, None, None, f"input changed since it was scanned (record {row + 1})"

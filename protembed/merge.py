@@ -61,7 +61,7 @@ def find_shards(output: Path) -> list[Path]:
 def _check_shards(shards: list[Path]) -> tuple[dict[str, Any], list[tuple[int, int]]]:
     """Shared settings of complete, contiguous shards; StoreError naming the first problem."""
     settings: dict[str, Any] | None = None
-    ranges = []
+    ranges, budgets = [], set()
     for path in shards:
         with h5py.File(path, "r") as h5:
             attrs = {k: plain(v) for k, v in h5.attrs.items()}
@@ -78,6 +78,7 @@ def _check_shards(shards: list[Path]) -> tuple[dict[str, Any], list[tuple[int, i
             raise StoreError(f"{path}: not a shard of a torchrun job (no shard_start/shard_stop attributes)")
         ranges.append((int(attrs["shard_start"]), int(attrs["shard_stop"])))
         mine = {k: v for k, v in attrs.items() if k not in (*SHARD_ATTRS, *WRITER_ATTRS)}
+        budgets.add(mine.pop("tokens_per_batch", None))  # ranks may size batches to their own GPU
         if settings is None:
             settings = mine
         elif mine != settings:
@@ -87,6 +88,8 @@ def _check_shards(shards: list[Path]) -> tuple[dict[str, Any], list[tuple[int, i
     if starts[0] != 0 or any(ranges[i][1] != starts[i + 1] for i in range(len(ranges) - 1)):
         raise StoreError(f"{shards[0].parent}: shards do not cover consecutive rows: {ranges}")
     assert settings is not None
+    if len(budgets) == 1 and None not in budgets:  # kept only when every shard used the same
+        settings["tokens_per_batch"] = budgets.pop()
     return settings, ranges
 
 

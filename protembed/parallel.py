@@ -169,7 +169,17 @@ def _worker(device: str, spec: JobSpec, cpu_threads: int, tasks: Any, results: C
                     ("too-large", (int(reps[min(exc.position, reps.size - 1)]), exc.n_tokens, device))
                 )
                 return
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the main process is gone (killed): nobody is left to tell
     except ProtembedError as exc:
-        results.send(("error", f"{device}: {exc}"))
+        _tell(results, ("error", f"{device}: {exc}"))
     except Exception as exc:  # a bug or a driver error: report it with its type, then stop
-        results.send(("error", f"{device}: worker failed: {type(exc).__name__}: {exc}"))
+        _tell(results, ("error", f"{device}: worker failed: {type(exc).__name__}: {exc}"))
+
+
+def _tell(results: Connection, message: tuple[str, str]) -> None:
+    """Send a last message to the main process, unless it is gone."""
+    try:
+        results.send(message)
+    except (BrokenPipeError, ConnectionResetError):
+        pass

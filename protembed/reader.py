@@ -136,7 +136,8 @@ def open_embeddings(path: str | Path, allow_incomplete: bool = False) -> Embeddi
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:
-        why = "no such file" if not path.exists() else f"not a readable HDF5 file ({exc})"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = "no such file" if not path.exists() else f"not a readable HDF5 file ({detail})"
         raise StoreError(f"{path}: {why}") from None
     try:
         fmt, version = plain(h5.attrs.get("format")), plain(h5.attrs.get("format_version"))
@@ -205,8 +206,8 @@ def check_resumable(
             if old.get(key) != new.get(key) and key not in NOT_COMPARED
         ]
         have = {k: h5[k].shape for k in h5 if k not in RECORD_DATASETS and k != "offsets"}
-        if have != big:
-            diffs.append(f"datasets {_show(have)} (file) vs {_show(big)} (now)")
+        for key in sorted(k for k in set(have) | set(big) if have.get(k) != big.get(k)):
+            diffs.append(f"dataset {key} {_show(have.get(key))} (file) vs {_show(big.get(key))} (now)")
         if not np.array_equal(h5["skipped"][...], skipped):
             diffs.append("skipped records differ")
         elif not np.array_equal(h5["lengths"][...], lengths):

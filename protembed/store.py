@@ -265,7 +265,8 @@ class _Lock:
     """An exclusive flock on `OUTPUT.lock`, which holds the pid; removed on release."""
 
     def __init__(self, output: Path) -> None:
-        self.path, self.fd = output.with_name(output.name + ".lock"), -1
+        target = output.resolve()  # one lock per file, whichever symlink names it
+        self.path, self.fd = target.with_name(target.name + ".lock"), -1
         if output.is_dir():
             raise StoreError(f"{output}: cannot write output: is a directory")
         try:

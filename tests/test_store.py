@@ -207,7 +207,7 @@ def test_resume_with_other_settings_names_them(tmp_path: Path) -> None:
         "layers [1, 3] (file) vs [1, 2] (now)" in message
         and "max_length 1022 (file) vs (unset) (now)" in message
     )
-    with pytest.raises(ResumeMismatchError, match="datasets"):
+    with pytest.raises(ResumeMismatchError, match="dataset residues"):
         open_writer(path, per_residue=False, attrs=attrs(per_residue=True))
     with pytest.raises(ResumeMismatchError, match="store_dtype 'float16' \\(file\\) vs 'float32'"):
         open_writer(path, store_dtype="float32", attrs=attrs(store_dtype="float32"))

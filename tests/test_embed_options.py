@@ -1,0 +1,141 @@
+"""`protembed embed` / `export`: option checks, outputs that would clobber their input, the token
+budget kept across a resume, odd headers, locks through symlinks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from protembed import embed as embed_module
+from protembed.cli import app
+from protembed.errors import OutputExistsError
+from protembed.store import _Lock
+from tests.helpers import fixture_dir
+
+ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
+runner = CliRunner()
+FASTA = "".join(f">s{i} protein {i}\n{'MKTAYIAKQRQISFVKSHFSRQ'[: 5 + i]}\n" for i in range(12))
+
+
+def run(*args: object) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def fasta(tmp_path: Path) -> Path:
+    path = tmp_path / "in.fasta"
+    path.write_text(FASTA)
+    return path
+
+
+def test_option_values_are_checked(tmp_path: Path, fasta: Path) -> None:
+    out = tmp_path / "o.h5"
+    for extra, message in [
+        (["--tokens-per-batch", "0"], "--tokens-per-batch"),
+        (["--max-length", "0"], "--max-length"),
+        (["--resume", "--overwrite"], "contradicts --overwrite"),
+    ]:
+        r = run("embed", fasta, "-o", out, "--model", ESM, "-q", *extra)
+        assert r.exit_code == 2 and message in r.output, (extra, r.output)
+    r = run("embed", fasta, "-o", out, "--model", ESM, "-q", "--pool", "mean,mean")
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as h5:
+        assert h5.attrs["pooling"] == "mean" and "mean" in h5
+
+
+def test_output_that_is_the_input_is_refused(tmp_path: Path, fasta: Path) -> None:
+    r = run("embed", fasta, "-o", fasta, "--model", ESM, "-q", "--overwrite")
+    assert r.exit_code == 1 and "the output is the input file" in r.output
+    assert fasta.read_text() == FASTA
+    link = tmp_path / "link.h5"
+    link.symlink_to(fasta)
+    r = run("embed", fasta, "-o", link, "--model", ESM, "-q", "--overwrite")
+    assert r.exit_code == 1 and "the output is the input file" in r.output
+    assert fasta.read_text() == FASTA
+
+
+def test_export_never_replaces_its_source_or_a_folder(tmp_path: Path, fasta: Path) -> None:
+    src = tmp_path / "e.h5"
+    assert run("embed", fasta, "-o", src, "--model", ESM, "-q").exit_code == 0
+    before = src.read_bytes()
+    r = run("export", src, "-o", src, "--layout", "per-protein", "--overwrite")
+    assert r.exit_code == 1 and "the output is the source file" in r.output
+    assert src.read_bytes() == before
+    (tmp_path / "adir").mkdir()
+    r = run("export", src, "-o", tmp_path / "adir", "--layout", "per-protein", "--overwrite")
+    assert r.exit_code == 1 and "is a folder" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "adir.partial").exists()
+
+
+def test_resume_keeps_the_recorded_token_budget(
+    tmp_path: Path, fasta: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "r.h5"
+    budgets: list[int] = []
+    real = embed_module.JobSpec
+
+    def spy(*args: object, **kw: object) -> object:
+        spec = real(*args, **kw)  # type: ignore[arg-type]
+        budgets.append(spec.budget)
+        return spec
+
+    monkeypatch.setattr(embed_module, "JobSpec", spy)
+    assert run("embed", fasta, "-o", out, "--model", ESM, "-q", "--tokens-per-batch", "40").exit_code == 0
+    with h5py.File(out, "a") as h5:  # as if the run had been killed half-way
+        assert h5.attrs["tokens_per_batch"] == 40
+        h5.attrs["complete"] = False
+        written = h5["written"][...]
+        written[6:] = False
+        h5["written"][...] = written
+    r = run("embed", fasta, "-o", out, "--model", ESM, "-q")  # no --tokens-per-batch: the file's
+    assert r.exit_code == 0, r.output
+    assert budgets == [40, 40]
+    with h5py.File(out, "a") as h5:
+        h5.attrs["complete"] = False
+        h5["written"][0] = False
+    r = run("embed", fasta, "-o", out, "--model", ESM, "-q", "--tokens-per-batch", "64")
+    assert r.exit_code == 1 and "tokens_per_batch 40 (file) vs 64 (now)" in r.output
+
+
+def test_nul_byte_in_a_header(tmp_path: Path) -> None:
+    path = tmp_path / "nul.fasta"
+    path.write_bytes(b">a\nMKT\n>b\x00c desc\nMKTAYI\n>d\nMSE\n")
+    out = tmp_path / "nul.h5"
+    r = run("embed", path, "-o", out, "--model", ESM, "-q")
+    assert r.exit_code == 1 and f"{path}:3" in r.output and "NUL byte in the header" in r.output
+    assert "Traceback" not in r.output
+    r = run("embed", path, "-o", out, "--model", ESM, "-q", "--on-invalid", "skip")
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as h5:
+        assert h5["skipped"][...].tolist() == [False, True, False]
+        assert np.isfinite(h5["mean"][0]).all() and np.isnan(h5["mean"][1]).all()
+
+
+def test_input_is_validated_before_a_local_checkpoint_is_hashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_hashing(path: Path) -> str:
+        raise AssertionError("weights hashed before the input was validated")
+
+    monkeypatch.setattr(embed_module, "weights_sha256", no_hashing)
+    path = tmp_path / "bad.fasta"
+    path.write_text(">a\nMKT8\n")
+    r = run("embed", path, "-o", tmp_path / "b.h5", "--model", ESM, "-q")
+    assert r.exit_code == 1 and "invalid residue '8' at position 4" in r.output
+
+
+def test_lock_is_shared_by_every_path_to_one_output(tmp_path: Path) -> None:
+    real = tmp_path / "out.h5"
+    real.write_bytes(b"")
+    link = tmp_path / "link.h5"
+    link.symlink_to(real)
+    held = _Lock(real)
+    try:
+        with pytest.raises(OutputExistsError, match="another protembed run"):
+            _Lock(link)
+    finally:
+        held.release()
