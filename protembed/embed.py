@@ -323,7 +323,7 @@ def recorded_budget(output: Path) -> int | None:
     try:
         with h5py.File(output, "r") as h5:
             value = h5.attrs.get("tokens_per_batch")
-    except (OSError, FileNotFoundError):
+    except OSError:  # no such file, or not HDF5: the writer reports what is in the way
         return None
     return int(value) if value is not None else None
 
