@@ -6,14 +6,18 @@ code drives one process per GPU on CUDA machines.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import h5py
 import numpy as np
@@ -21,11 +25,19 @@ import pytest
 
 from protembed.alphabet import ALPHABETS
 from protembed.batching import split_tail, token_batches
+from protembed.compute import BatchResult
 from protembed.errors import BackendError, StoreError
 from protembed.fasta import duplicate_groups, scan_fasta
 from protembed.merge import find_shards, merge_shards, shard_ranges
 from protembed.parallel import parse_devices
-from protembed.pipeline import TAIL_BATCHES, Work, plan_members, read_windows, units_to_compute
+from protembed.pipeline import (
+    TAIL_BATCHES,
+    Work,
+    plan_members,
+    read_windows,
+    run_pipeline,
+    units_to_compute,
+)
 from tests.helpers import fixture_dir, rows_written
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
@@ -243,3 +255,69 @@ def test_merge_refuses_partial_shards(single: Path, tmp_path: Path) -> None:
     r = subprocess.run([*PROTEMBED, "merge", str(out)], env=ENV, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("error:") and "unfinished" in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_ctrl_c_inside_a_result_put_does_not_hang_the_writer(tmp_path: Path) -> None:
+    """Ctrl-C landing inside `Condition.notify` of the results queue (between waking the writer and
+    unlisting it) used to leave the writer asleep beside the end marker, and the run hung."""
+    fasta = tmp_path / "two.fa"
+    fasta.write_text(">a\nMKTAYI\n>b\nMSEQ\n")
+    index = scan_fasta(fasta, ALPHABETS["esm2"])
+    rows = np.arange(len(index))
+    members = plan_members(rows, duplicate_groups(index.seq_hash, np.zeros(len(index), dtype=bool)))
+    lengths = index.n_residues.astype(np.int64)
+    work = Work(index, ALPHABETS["esm2"], members, np.ones(len(index), dtype=bool), lengths, 1022,
+                False, np.zeros(len(index), dtype=np.int64), 0)  # fmt: skip
+    written: list[list[int]] = []
+
+    class Writer:
+        def write(self, rows: np.ndarray, pooled: dict, residues: object) -> None:
+            written.append(rows.tolist())
+
+    class Interrupted:
+        """Hands one result over, with a 'Ctrl-C' raised at one bytecode inside Condition.notify."""
+
+        def serve(self, get: Any, put: Any) -> None:
+            get()
+            time.sleep(0.3)  # the writer is now waiting on the results queue
+            armed = [True]
+
+            def tracer(frame: Any, event: str, arg: Any) -> Any:
+                if event == "line" and armed[0] and frame.f_code.co_name == "notify":
+                    line = inspect.getsourcelines(frame.f_code)[0]
+                    text = line[frame.f_lineno - frame.f_code.co_firstlineno]
+                    if "waiters.remove" in text:
+                        armed[0] = False
+                        raise KeyboardInterrupt
+                return tracer
+
+            result = BatchResult({"mean": np.zeros((1, 1, 4), dtype=np.float32)}, None)
+            sys.settrace(tracer)
+            try:
+                put((np.array([0]), result))
+            except KeyboardInterrupt:
+                sys.settrace(None)
+                time.sleep(0.3)  # as stopping the workers takes: the writer waits again meanwhile
+                raise
+            finally:
+                sys.settrace(None)
+            raise AssertionError("the simulated Ctrl-C did not fire")
+
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            spec = SimpleNamespace(budget=4096)
+            run_pipeline(work, spec, Interrupted(), Writer(), None)  # type: ignore[arg-type]
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(timeout=20)
+    finally:
+        index.cleanup()
+    assert not thread.is_alive(), "the pipeline hung after Ctrl-C"
+    assert outcome and isinstance(outcome[0], KeyboardInterrupt)
+    assert written == [[0]], "the result handed over before Ctrl-C was still written"
