@@ -327,8 +327,8 @@ def _reading(file: Path, source: str) -> Iterator[tuple[Iterator[str], hashlib._
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise FastaError(source, None, None, f"corrupt gzip input: {exc}") from None
     except UnicodeDecodeError:
-        line = _bad_utf8_line(file)
-        raise FastaError(source, line, None, "text is not UTF-8") from None
+        line, record, reason = _bad_utf8(file)
+        raise FastaError(source, line, record, reason) from None
     except OSError as exc:
         raise FastaError(source, None, None, f"cannot read input: {exc.strerror or exc}") from None
     finally:
@@ -383,8 +383,9 @@ def _fail(file: Path, source: str, row: int, pos: int, record: str | None, reaso
     raise FastaError(source, line, record, reason)
 
 
-def _bad_utf8_line(file: Path) -> int | None:
-    """Line number of the first line that is not UTF-8 (error path only)."""
+def _bad_utf8(file: Path) -> tuple[int | None, str | None, str]:
+    """Line, record and description of the first byte that is not UTF-8 (error path only)."""
+    record: str | None = None
     try:
         with open(file, "rb") as raw:
             head = raw.read(2)
@@ -392,9 +393,14 @@ def _bad_utf8_line(file: Path) -> int | None:
             stream: BinaryIO = gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw  # type: ignore[assignment]
             for lineno, line in enumerate(stream, 1):
                 try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError:
-                    return lineno
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    byte = f"byte 0x{line[exc.start]:02x}"
+                    if line.startswith(b">"):  # the header itself: its id cannot be shown
+                        return lineno, None, f"{byte} in the header is not UTF-8 text"
+                    return lineno, record, f"{byte} in column {exc.start + 1} is not UTF-8 text"
+                if text.startswith(">"):
+                    record = (text[1:].split(None, 1) or [""])[0]
     except (OSError, EOFError, zlib.error):
-        return None
-    return None
+        pass
+    return None, None, "text is not UTF-8"

@@ -97,7 +97,7 @@ BAD_CASES = {
         True,
     ),
     "header_without_id.fasta": ("header_without_id.fasta:5: header without an id", False),
-    "not_utf8.fasta": ("not_utf8.fasta:5: text is not UTF-8", False),
+    "not_utf8.fasta": ("not_utf8.fasta:5: byte 0xe9 in the header is not UTF-8 text", False),
     "truncated_gzip.fasta": ("truncated_gzip.fasta: corrupt gzip input: Compressed file ended", False),
     "bzip2_compressed.fasta": ("bzip2_compressed.fasta: not FASTA: input is bzip2-compressed", False),
 }
@@ -236,3 +236,11 @@ def test_sha256_is_stable_and_content_based(tmp_path: Path) -> None:
     b = scan_fasta(write(tmp_path, TEXT, "b.fa"), ESM2)
     c = scan_fasta(write(tmp_path, TEXT + "\n", "c.fa"), ESM2)
     assert a.sha256 == b.sha256 != c.sha256
+
+
+def test_non_utf8_byte_in_a_sequence_names_record_and_position(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.fasta"
+    path.write_bytes(b">a\nMKT\n>b some protein\nMK\nTL\xe9AYI\n")
+    with pytest.raises(FastaError) as err:
+        scan_fasta(path, ESM2)
+    assert str(err.value) == f"{path}:5: record 'b': byte 0xe9 in column 3 is not UTF-8 text"
