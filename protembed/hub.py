@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -158,6 +159,26 @@ def _not_cached(model: str, repo_id: str, revision: str | None, cache_dir: str |
 
 
 def _download(
+    name: str | None,
+    repo_id: str,
+    revision: str | None,
+    cache_dir: str | Path | None,
+    force: bool,
+    progress: bool,
+) -> tuple[ResolvedModel, int]:
+    """`_fetch_checkpoint`, with huggingface_hub's own warnings (retries, resumes) only when `progress`."""
+    if progress:
+        return _fetch_checkpoint(name, repo_id, revision, cache_dir, force, progress)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        return _fetch_checkpoint(name, repo_id, revision, cache_dir, force, progress)
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _fetch_checkpoint(
     name: str | None,
     repo_id: str,
     revision: str | None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -192,11 +193,13 @@ CHUNK = 64 * 1024  # huggingface_hub streams 10 MB chunks; the fixture weights a
 
 
 def test_dropped_connection_resumes_with_range(
-    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
+    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)
     hub.faults[(ESM, "model.safetensors")] = Fault(drop_after=3 * CHUNK, drops=1)
-    resolved, _ = download_model("esm2-8m", progress=False)
+    with caplog.at_level(logging.WARNING):
+        resolved, _ = download_model("esm2-8m", progress=False)
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")], "quiet: no hub warnings"
     ranges = [r.range for r in hub.requests if r.method == "GET" and r.path.endswith("/model.safetensors")]
     assert ranges == [None, f"bytes={3 * CHUNK}-"]
     assert (resolved.path / "model.safetensors").read_bytes() == ESM_WEIGHTS
