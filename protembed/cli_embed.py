@@ -189,7 +189,7 @@ def embed(
             dtype=dtype.value, store_dtype=store_dtype.value, tokens_per_batch=tokens_per_batch,
             max_length=max_length, long_policy=long.value, device=device, overwrite=overwrite,
             on_invalid=on_invalid.value, compression=compression.value if compression else None,
-            merge=merge, backend=backend, compile=compile, progress=progress, started=started,
+            merge=merge, backend=backend, compile=compile, progress=progress, started=started, quiet=quiet,
         )  # fmt: skip
     if as_json:
         print_json(summary.as_dict())

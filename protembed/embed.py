@@ -196,13 +196,15 @@ def embed_fasta(
     compile: bool = False,
     progress: Progress | None = None,
     started: Callable[[int, int], None] | None = None,
+    quiet: bool = False,
 ) -> EmbedSummary:
     """Embed every record of a FASTA file into one HDF5 file (layout: README, "HDF5 layout").
 
     Under `torchrun` (WORLD_SIZE > 1) each rank embeds its share into a shard file and rank 0
     joins the shards when all are done (`merge=False`: a virtual-dataset file over them).
     `progress(rows_done, residues_done, n_rows)` is called as rows are written; `started(rows,
-    residues)` once the work is known (rows and residues still to compute).
+    residues)` once the work is known (rows and residues still to compute). `quiet` hides the
+    download progress of a model that is not cached yet.
     """
     t0 = time.perf_counter()
     check_options(poolings, long_policy, dtype, store_dtype, on_invalid)
@@ -220,7 +222,7 @@ def embed_fasta(
         _check_model_options(early, model, layers, max_length)
         index = scan_fasta(input_path, ALPHABETS[early.family], on_invalid)
     try:
-        ref = locate_model(model, revision)
+        ref = locate_model(model, revision, progress=not quiet)
         layer_idx, limit = _check_model_options(ref.config, ref.name, layers, max_length)
         if early is None:
             index = scan_fasta(input_path, ALPHABETS[ref.config.family], on_invalid)
