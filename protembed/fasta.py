@@ -288,11 +288,29 @@ class _Hashing(io.RawIOBase):
         return n
 
 
+_SPOOL = "protembed-stdin-"  # + pid of the run that spooled it + random part + .fasta
+
+
+def _remove_stale_spools(folder: Path) -> None:
+    """Delete stdin spools left behind by runs that were killed (their pid no longer exists)."""
+    for spool in folder.glob(f"{_SPOOL}*.fasta"):
+        pid = spool.name.removeprefix(_SPOOL).split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            spool.unlink(missing_ok=True)
+        except OSError:  # alive, owned by another user
+            pass
+
+
 def _resolve(path: str | Path) -> tuple[str, Path, bool]:
     """(name for messages, file to read, whether that file is a stdin spool)."""
     if str(path) != "-":
         return str(path), Path(path), False
-    fd, name = tempfile.mkstemp(prefix="protembed-stdin-", suffix=".fasta")
+    _remove_stale_spools(Path(tempfile.gettempdir()))
+    fd, name = tempfile.mkstemp(prefix=f"{_SPOOL}{os.getpid()}-", suffix=".fasta")
     atexit.register(Path(name).unlink, missing_ok=True)
     with os.fdopen(fd, "wb") as spool:
         shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)

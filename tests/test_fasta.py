@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -244,3 +247,20 @@ def test_non_utf8_byte_in_a_sequence_names_record_and_position(tmp_path: Path) -
     with pytest.raises(FastaError) as err:
         scan_fasta(path, ESM2)
     assert str(err.value) == f"{path}:5: record 'b': byte 0xe9 in column 3 is not UTF-8 text"
+
+
+def test_spools_of_killed_runs_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code = "import os; print(os.getpid())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    dead = tmp_path / f"protembed-stdin-{int(done.stdout)}-abc.fasta"  # that process has exited
+    alive = tmp_path / f"protembed-stdin-{os.getpid()}-def.fasta"
+    for spool in (dead, alive):
+        spool.write_text(">a\nMKT\n")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b">x\nMSEQ\n")))
+    index = scan_fasta("-", ESM2)
+    try:
+        assert not dead.exists() and alive.exists()
+        assert index.path.parent == tmp_path and index.path.name.startswith(f"protembed-stdin-{os.getpid()}-")
+    finally:
+        index.cleanup()
