@@ -128,11 +128,15 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
             try:
                 ids.append(title.split(None, 1)[0])
             except IndexError:  # '>' with nothing after it
-                if seqs:
-                    check()  # an earlier bad record in this batch comes first
-                if not (bad and on_invalid == "error"):
-                    _fail(file, source, len(ids), 0, None, "header without an id")
-                break
+                if on_invalid == "skip":  # a row with an empty id, recorded as skipped
+                    bad[len(ids)] = (0, "header without an id")
+                    ids.append("")
+                else:
+                    if seqs:
+                        check()  # an earlier bad record in this batch comes first
+                    if not bad:
+                        _fail(file, source, len(ids), 0, None, "header without an id")
+                    break
             descriptions.append(title)
             seqs.append(seq)
             n_chars += len(seq)
