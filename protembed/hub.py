@@ -166,76 +166,59 @@ def _download(
     force: bool,
     progress: bool,
 ) -> tuple[ResolvedModel, int]:
-    """`_fetch_checkpoint`, with huggingface_hub's own warnings (retries, resumes) only when `progress`."""
-    if progress:
-        return _fetch_checkpoint(name, repo_id, revision, cache_dir, force, progress)
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)
-    try:
-        return _fetch_checkpoint(name, repo_id, revision, cache_dir, force, progress)
-    finally:
-        hub_logger.setLevel(level)
-
-
-def _fetch_checkpoint(
-    name: str | None,
-    repo_id: str,
-    revision: str | None,
-    cache_dir: str | Path | None,
-    force: bool,
-    progress: bool,
-) -> tuple[ResolvedModel, int]:
-    cache = str(cache_root(cache_dir))
-    api = HfApi(library_name="protembed", library_version=__version__)
-    with _hub_errors(repo_id, revision):
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
-    commit = str(info.sha)
-    remote = {s.rfilename: s for s in info.siblings or []}
-    if CONFIG_FILE not in remote:
-        raise CheckpointError(repo_id, "no config.json (not a Hugging Face checkpoint repo)")
-
-    def fetch(filename: str, bar: type | None = None) -> Path:
+    """Fetch a checkpoint's files into the HF cache and verify them; huggingface_hub's own
+    warnings (retries, resumes) are shown only with `progress`."""
+    with _hub_warnings(progress):
+        cache = str(cache_root(cache_dir))
+        api = HfApi(library_name="protembed", library_version=__version__)
         with _hub_errors(repo_id, revision):
-            return Path(
-                hf_hub_download(
-                    repo_id,
-                    filename,
-                    revision=commit,
-                    cache_dir=cache,
-                    force_download=force,
-                    library_name="protembed",
-                    library_version=__version__,
-                    tqdm_class=bar,
-                )
-            )
+            info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        commit = str(info.sha)
+        remote = {s.rfilename: s for s in info.siblings or []}
+        if CONFIG_FILE not in remote:
+            raise CheckpointError(repo_id, "no config.json (not a Hugging Face checkpoint repo)")
 
-    config_path = fetch(CONFIG_FILE)
-    snapshot = config_path.parent
-    try:
-        config_from_dict(json.loads(config_path.read_text()), repo_id)  # architecture, before any weights
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(repo_id, f"config.json is not valid JSON ({exc})") from None
-    weights = _weight_names(repo_id, set(remote), fetch)
-    wanted = [f for f in TOKENIZER_FILES if f in remote] + weights
-    todo = [f for f in wanted if force or not (snapshot / f).exists()]
-    if todo:
-        with _progress_bar(progress) as add_task:
-            bar = _bar_class(add_task(sum(remote[f].size or 0 for f in todo), name or repo_id))
-            for f in todo:
-                path = fetch(f, bar)
-                lfs = remote[f].lfs
-                if lfs is not None and _sha256(path) != lfs.sha256:
-                    remove_files(snapshot, [f])
-                    reason = "corrupt download (sha256 mismatch), deleted; run the command again"
-                    raise CheckpointError(f"{repo_id}/{f}", reason)
-    try:
-        verify_checkpoint(snapshot)
-    except CheckpointError as exc:
-        remove_files(snapshot, weights)  # never leave weights that look complete but do not load
-        raise CheckpointError(repo_id, f"{_detail(exc, snapshot)} (deleted from the cache)") from None
-    write_ref(repo_id, revision, commit, cache_dir)
-    return ResolvedModel(name, repo_id, snapshot, commit), disk_size(snapshot)
+        def fetch(filename: str, bar: type | None = None) -> Path:
+            with _hub_errors(repo_id, revision):
+                return Path(
+                    hf_hub_download(
+                        repo_id,
+                        filename,
+                        revision=commit,
+                        cache_dir=cache,
+                        force_download=force,
+                        library_name="protembed",
+                        library_version=__version__,
+                        tqdm_class=bar,
+                    )
+                )
+
+        config_path = fetch(CONFIG_FILE)
+        snapshot = config_path.parent
+        try:
+            config_from_dict(json.loads(config_path.read_text()), repo_id)  # architecture, before any weights
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(repo_id, f"config.json is not valid JSON ({exc})") from None
+        weights = _weight_names(repo_id, set(remote), fetch)
+        wanted = [f for f in TOKENIZER_FILES if f in remote] + weights
+        todo = [f for f in wanted if force or not (snapshot / f).exists()]
+        if todo:
+            with _progress_bar(progress) as add_task:
+                bar = _bar_class(add_task(sum(remote[f].size or 0 for f in todo), name or repo_id))
+                for f in todo:
+                    path = fetch(f, bar)
+                    lfs = remote[f].lfs
+                    if lfs is not None and _sha256(path) != lfs.sha256:
+                        remove_files(snapshot, [f])
+                        reason = "corrupt download (sha256 mismatch), deleted; run the command again"
+                        raise CheckpointError(f"{repo_id}/{f}", reason)
+        try:
+            verify_checkpoint(snapshot)
+        except CheckpointError as exc:
+            remove_files(snapshot, weights)  # never leave weights that look complete but do not load
+            raise CheckpointError(repo_id, f"{_detail(exc, snapshot)} (deleted from the cache)") from None
+        write_ref(repo_id, revision, commit, cache_dir)
+        return ResolvedModel(name, repo_id, snapshot, commit), disk_size(snapshot)
 
 
 def _weight_names(repo_id: str, remote: set[str], fetch: Callable[[str], Path]) -> list[str]:
@@ -258,6 +241,19 @@ def _weight_names(repo_id: str, remote: set[str], fetch: Callable[[str], Path]) 
 def _detail(exc: CheckpointError, snapshot: Path) -> str:
     """A CheckpointError's message with the cache path of the snapshot left out."""
     return str(exc).replace(f"{snapshot}/", "").replace(str(snapshot), "checkpoint")
+
+
+@contextmanager
+def _hub_warnings(show: bool) -> Iterator[None]:
+    """huggingface_hub's log messages below ERROR, only when `show`."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    if not show:
+        hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
 
 
 @contextmanager
