@@ -142,8 +142,6 @@ def finetune(
         check_output(output, overwrite)
     if plot_png:
         require_matplotlib()
-        if output is None:
-            check_file_output(Path(f"{spec.name}_{split or spec.default_split}_{head_name}.png"))
     cache = ensure_dir(cache_dir or default_cache_dir(), "cache folder")
     model_ref = None if features is FeatureKind.onehot else model or DEFAULT_MODEL
     with _progress(quiet) as bar:
@@ -157,6 +155,10 @@ def finetune(
         data = load_task(
             spec, split, data_dir, cache, os.environ.get("PROTEMBED_FLIP_URL", FLIP_URL), on_download
         )
+        plot_path = None
+        if plot_png:  # checked before training, written after it
+            plot_path = (output / PLOT) if output else Path(f"{spec.name}_{data.split}_{head_name}.png")
+            check_file_output(plot_path)
         emb = bar.add_task("embedding", total=None, visible=False)
         ep = bar.add_task("training", total=epochs, visible=False)
 
@@ -176,9 +178,7 @@ def finetune(
     cfg = run.config
     if output is not None:
         save(run, output, overwrite)
-    plot_path = None
-    if plot_png:
-        plot_path = (output / PLOT) if output else Path(f"{spec.name}_{data.split}_{head_name}.png")
+    if plot_path is not None:
         plot(run, plot_path)
     if cfg["truncated_sequences"] and not quiet:
         n, dropped = cfg["truncated_sequences"], cfg["dropped_residue_labels"]

@@ -19,6 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from protembed.cache import check_file_output
 from protembed.errors import OutputExistsError, StoreError
 from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings
 
@@ -73,8 +74,7 @@ def export_per_protein(
     source, output = Path(source), Path(output)
     if output.exists() and source.exists() and os.path.samefile(source, output):
         raise StoreError(f"{output}: the output is the source file; choose another -o")
-    if output.is_dir():
-        raise StoreError(f"{output}: cannot write output: is a folder")
+    check_file_output(output)
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output}: already exists; pass --overwrite to replace it")
     with open_embeddings(source) as emb:

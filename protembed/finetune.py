@@ -283,8 +283,7 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
 
 def save(run: Run, out_dir: Path, overwrite: bool = False) -> None:
     """Write head weights, config and the test predictions to `out_dir`."""
-    check_output(out_dir, overwrite)
-    ensure_dir(out_dir, "output folder")
+    check_output(out_dir, overwrite)  # creates the folder
     (out_dir / PLOT).unlink(missing_ok=True)  # a plot of an earlier run
     weights = out_dir / WEIGHTS
     save_file({k: v.detach().cpu().contiguous() for k, v in run.head.state_dict().items()}, str(weights))
