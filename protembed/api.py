@@ -19,7 +19,7 @@ import torch
 from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.batching import token_batches
 from protembed.compute import run_batch
-from protembed.models.checkpoints import load_checkpoint
+from protembed.models.checkpoints import load_checkpoint, weights_sha256
 from protembed.models.encoder import Encoder, resolve_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,8 +116,6 @@ def load_model(
     dev = torch.device(device or default_device())
     path = Path(model)
     if path.is_dir():
-        from protembed.embed import weights_sha256
-
         name, source, rev, ckpt = path.name, str(path.resolve()), weights_sha256(path), path
     else:
         from protembed.hub import resolve_model

@@ -12,8 +12,6 @@ tokenising, compute, and writing overlap):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +27,6 @@ import torch
 from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.backends import describe, prepare, resolve_backend
 from protembed.batching import default_token_budget
-from protembed.cache import default_cache_dir
 from protembed.compute import COMPUTE_DTYPES, JobSpec
 from protembed.errors import OptionError, OutputExistsError
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
@@ -96,43 +93,12 @@ def locate_model(model: str, revision: str | None = None, progress: bool = True)
     path = Path(model).expanduser()
     if path.is_dir():
         config = checkpoints.read_config(path)
-        return ModelRef(model, str(path.resolve()), weights_sha256(path), path, config)
+        return ModelRef(model, str(path.resolve()), checkpoints.weights_sha256(path), path, config)
     from protembed.hub import resolve_model
 
     resolved = resolve_model(model, revision=revision, progress=progress)
     config = checkpoints.read_config(resolved.path)
     return ModelRef(resolved.name or model, resolved.source, resolved.revision, resolved.path, config)
-
-
-def weights_sha256(path: Path) -> str:
-    """SHA-256 over a local checkpoint's weight files (its `model_revision`).
-
-    Hashing tens of GB on every run would dominate start-up, so the digest is remembered per
-    (file, size, modification time) in `<cache>/weights-sha256.json`.
-    """
-    files = checkpoints.weight_files(path)
-    key = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    memo_path = default_cache_dir() / "weights-sha256.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if key in memo:
-        return str(memo[key])
-    digest = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-    memo[key] = "sha256:" + digest.hexdigest()
-    try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_path)
-    except OSError:
-        pass  # a read-only cache only costs hashing again next time
-    return str(memo[key])
 
 
 def check_options(

@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from protembed.cli import app
+from protembed.models import checkpoints
 from protembed.reader import open_embeddings
 from tests.helpers import fixture_dir, reference, rows_written
 
@@ -263,24 +264,22 @@ def test_unknown_choice_is_a_usage_error(tmp_path: Path) -> None:
 def test_local_weights_digest_is_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from protembed import embed as embed_module
-
     monkeypatch.setenv("PROTEMBED_CACHE", str(tmp_path / "cache"))
     ckpt = tmp_path / "ckpt"
     shutil.copytree(ESM, ckpt)
-    first = embed_module.weights_sha256(ckpt)
+    first = checkpoints.weights_sha256(ckpt)
     assert first.startswith("sha256:") and (tmp_path / "cache" / "weights-sha256.json").exists()
     opened: list[str] = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
-    assert embed_module.weights_sha256(ckpt) == first and not opened  # remembered: nothing re-read
+    assert checkpoints.weights_sha256(ckpt) == first and not opened  # remembered: nothing re-read
     monkeypatch.undo()
     monkeypatch.setenv("PROTEMBED_CACHE", str(tmp_path / "cache"))
     weights = ckpt / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))  # new content, new size/mtime key: hashed again
-    assert embed_module.weights_sha256(ckpt) != first
+    assert checkpoints.weights_sha256(ckpt) != first
 
 
 def test_bad_input_fails_before_a_registry_model_is_fetched(

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from protembed import embed as embed_module
 from protembed.cli import app
 from protembed.errors import OutputExistsError
+from protembed.models import checkpoints
 from protembed.store import _Lock
 from tests.helpers import fixture_dir
 
@@ -121,7 +122,7 @@ def test_input_is_validated_before_a_local_checkpoint_is_hashed(
     def no_hashing(path: Path) -> str:
         raise AssertionError("weights hashed before the input was validated")
 
-    monkeypatch.setattr(embed_module, "weights_sha256", no_hashing)
+    monkeypatch.setattr(checkpoints, "weights_sha256", no_hashing)
     path = tmp_path / "bad.fasta"
     path.write_text(">a\nMKT8\n")
     r = run("embed", path, "-o", tmp_path / "b.h5", "--model", ESM, "-q")

@@ -10,7 +10,9 @@ second full copy of the weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +20,7 @@ from types import ModuleType
 import torch
 from safetensors import safe_open
 
+from protembed.cache import default_cache_dir
 from protembed.errors import CheckpointError
 from protembed.models import amplify, esm2
 from protembed.models.encoder import Encoder, EncoderConfig
@@ -253,3 +256,34 @@ def registry_config(name: str) -> EncoderConfig:
     cfg = config_from_dict(registry_hub_config(name), name)
     assert cfg.d_ffn == MODELS[name].d_ffn, (cfg.d_ffn, MODELS[name].d_ffn)  # AMPLIFY derives it
     return cfg
+
+
+def weights_sha256(path: Path) -> str:
+    """SHA-256 over a local checkpoint's weight files (its `model_revision`).
+
+    Hashing tens of GB on every run would dominate start-up, so the digest is remembered per
+    (file, size, modification time) in `<cache>/weights-sha256.json`.
+    """
+    files = weight_files(path)
+    key = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    memo_path = default_cache_dir() / "weights-sha256.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return str(memo[key])
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    memo[key] = "sha256:" + digest.hexdigest()
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_path)
+    except OSError:
+        pass  # a read-only cache only costs hashing again next time
+    return str(memo[key])
