@@ -21,6 +21,7 @@ import hashlib
 import io
 import itertools
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -40,6 +41,9 @@ from protembed.errors import FastaError, InvalidSequenceError
 _BATCH_CHARS = 1 << 22  # residues checked per vectorised batch
 _BATCH_RECORDS = 1 << 15
 _INVALID, _DROP = 255, 254  # byte-table codes; token ids are < 254
+# Text is decoded with errors="surrogateescape": a byte that is not UTF-8 becomes U+DC80..U+DCFF,
+# so such a record is reported (and skippable) like any other bad record.
+_ESCAPED = re.compile("[\udc80-\udcff]")
 _MAGIC = {
     b"BZh": "bzip2-compressed",
     b"\xfd7zXZ": "xz-compressed",
@@ -123,8 +127,11 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
     with _reading(file, source) as (handle, digest):
         for title, seq in SimpleFastaParser(handle):
             if "\x00" in title:  # HDF5 strings cannot hold it
-                title = title.replace("\x00", "\ufffd")
                 bad[len(ids)] = (0, "NUL byte in the header")
+            if not title.isascii() and (escaped := _ESCAPED.search(title)):
+                byte = ord(escaped.group()) - 0xDC00
+                bad[len(ids)] = (0, f"byte 0x{byte:02x} in the header is not UTF-8 text")
+            title = _storable(title)
             try:
                 ids.append(title.split(None, 1)[0])
             except IndexError:  # '>' with nothing after it
@@ -176,7 +183,7 @@ def iter_records(index: FastaIndex) -> Iterator[tuple[int, str]]:
     row = -1
     with _reading(index.path, index.source) as (handle, _):
         for row, (title, seq) in enumerate(SimpleFastaParser(handle)):
-            title = title.replace("\x00", "\ufffd")  # as the scan stored it
+            title = _storable(title)  # as the scan stored it
             if row >= len(index.ids) or (title.split(None, 1) or [""])[0] != index.ids[row]:
                 raise FastaError(
                     index.source, None, None, f"input changed since it was scanned (record {row + 1})"
@@ -255,7 +262,7 @@ def _check_batch(
         for j, at in zip(bad_rows.tolist(), bad_at[first].tolist()):
             problems[j] = (at - int(starts[j]) + 1, joined[at])
     problems.update({j: v for j, v in special.items() if isinstance(v, tuple)})
-    reasons = {j: (pos, f"invalid residue {char!r} at position {pos}") for j, (pos, char) in problems.items()}
+    reasons = {j: (pos, _reason(pos, char)) for j, (pos, char) in problems.items()}
     for j in np.flatnonzero(n_res == 0).tolist():
         reasons.setdefault(j, (0, "empty sequence"))
 
@@ -267,6 +274,18 @@ def _check_batch(
             digests[j] = _blake(found.astype(np.uint8).tobytes())
     seq_hash = np.frombuffer(b"".join(digests), dtype="<u8").astype(np.uint64)
     return n_res, seq_hash, [(j, *reasons[j]) for j in sorted(reasons)]
+
+
+def _storable(title: str) -> str:
+    """A header as HDF5 can store it: NUL and bytes that are not UTF-8 become U+FFFD."""
+    title = title.replace("\x00", "\ufffd")
+    return title if title.isascii() else _ESCAPED.sub("\ufffd", title)
+
+
+def _reason(pos: int, char: str) -> str:
+    if _ESCAPED.fullmatch(char):
+        return f"byte 0x{ord(char) - 0xDC00:02x} at position {pos} is not UTF-8 text"
+    return f"invalid residue {char!r} at position {pos}"
 
 
 def _blake(data: bytes) -> bytes:
@@ -344,13 +363,12 @@ def _reading(file: Path, source: str) -> Iterator[tuple[Iterator[str], hashlib._
                         source, None, None, f"not FASTA: input is {what}; use plain or gzip FASTA"
                     )
         hashing = _Hashing(binary)
-        text = io.TextIOWrapper(io.BufferedReader(hashing, 1 << 20), encoding="utf-8-sig", newline=None)
+        text = io.TextIOWrapper(
+            io.BufferedReader(hashing, 1 << 20), encoding="utf-8-sig", errors="surrogateescape", newline=None
+        )
         yield itertools.chain(_first_header(text, source), text), hashing.sha
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise FastaError(source, None, None, f"corrupt gzip input: {exc}") from None
-    except UnicodeDecodeError:
-        line, record, reason = _bad_utf8(file)
-        raise FastaError(source, line, record, reason) from None
     except OSError as exc:
         raise FastaError(source, None, None, f"cannot read input: {exc.strerror or exc}") from None
     finally:
@@ -366,7 +384,7 @@ def _first_header(text: Iterator[str], source: str) -> list[str]:
         if not line.strip():
             continue
         if line[0] != ">":
-            snippet = line.strip()[:30]
+            snippet = _storable(line.strip()[:30])
             raise FastaError(
                 source, len(head), None, f"not FASTA: expected a '>' header line, found {snippet!r}"
             )
@@ -403,26 +421,3 @@ def _locate(file: Path, targets: dict[int, int]) -> dict[int, int]:
 def _fail(file: Path, source: str, row: int, pos: int, record: str | None, reason: str) -> NoReturn:
     line = _locate(file, {row: pos})[row]
     raise FastaError(source, line, record, reason)
-
-
-def _bad_utf8(file: Path) -> tuple[int | None, str | None, str]:
-    """Line, record and description of the first byte that is not UTF-8 (error path only)."""
-    record: str | None = None
-    try:
-        with open(file, "rb") as raw:
-            head = raw.read(2)
-            raw.seek(0)
-            stream: BinaryIO = gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw  # type: ignore[assignment]
-            for lineno, line in enumerate(stream, 1):
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    byte = f"byte 0x{line[exc.start]:02x}"
-                    if line.startswith(b">"):  # the header itself: its id cannot be shown
-                        return lineno, None, f"{byte} in the header is not UTF-8 text"
-                    return lineno, record, f"{byte} in column {exc.start + 1} is not UTF-8 text"
-                if text.startswith(">"):
-                    record = (text[1:].split(None, 1) or [""])[0]
-    except (OSError, EOFError, zlib.error):
-        pass
-    return None, None, "text is not UTF-8"

@@ -100,7 +100,7 @@ BAD_CASES = {
         True,
     ),
     "header_without_id.fasta": ("header_without_id.fasta:5: header without an id", True),
-    "not_utf8.fasta": ("not_utf8.fasta:5: byte 0xe9 in the header is not UTF-8 text", False),
+    "not_utf8.fasta": ("not_utf8.fasta:5: record 'sp|X1': byte 0xe9 in the header is not UTF-8 text", True),
     "truncated_gzip.fasta": ("truncated_gzip.fasta: corrupt gzip input: Compressed file ended", False),
     "bzip2_compressed.fasta": ("bzip2_compressed.fasta: not FASTA: input is bzip2-compressed", False),
 }
@@ -243,10 +243,31 @@ def test_sha256_is_stable_and_content_based(tmp_path: Path) -> None:
 
 def test_non_utf8_byte_in_a_sequence_names_record_and_position(tmp_path: Path) -> None:
     path = tmp_path / "latin1.fasta"
-    path.write_bytes(b">a\nMKT\n>b some protein\nMK\nTL\xe9AYI\n")
+    path.write_bytes(b">a\nMKT\n>b some protein\nMK\nTL\xe9AYI\n>c\nMS\n")
     with pytest.raises(FastaError) as err:
         scan_fasta(path, ESM2)
-    assert str(err.value) == f"{path}:5: record 'b': byte 0xe9 in column 3 is not UTF-8 text"
+    assert str(err.value) == f"{path}:5: record 'b': byte 0xe9 at position 5 is not UTF-8 text"
+    index = scan_fasta(path, ESM2, on_invalid="skip")
+    assert index.skipped.tolist() == [False, True, False]
+    assert index.skip_reasons == {1: f"{path}:5: byte 0xe9 at position 5 is not UTF-8 text"}
+    assert list(iter_records(index)) == [(0, "MKT"), (2, "MS")]
+
+
+def test_non_utf8_bytes_in_an_id_are_stored_as_replacement_characters(tmp_path: Path) -> None:
+    path = tmp_path / "latin1_id.fasta"
+    path.write_bytes(b">caf\xe9 x\nMKT\n>d\nMS\n")
+    index = scan_fasta(path, ESM2, on_invalid="skip")
+    assert index.ids == ["caf\ufffd", "d"] and index.descriptions[0] == "caf\ufffd x"
+    assert index.skip_reasons == {0: f"{path}:1: byte 0xe9 in the header is not UTF-8 text"}
+    assert list(iter_records(index)) == [(1, "MS")]
+
+
+def test_binary_input_is_not_fasta(tmp_path: Path) -> None:
+    path = tmp_path / "image.fasta"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(FastaError) as err:
+        scan_fasta(path, ESM2)
+    assert str(err.value).startswith(f"{path}:1: not FASTA: expected a '>' header line, found '\ufffdPNG'")
 
 
 def test_spools_of_killed_runs_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
