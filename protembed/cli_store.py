@@ -35,7 +35,8 @@ def export(
         What, typer.Option(help="Pooled vector per record, or its per-residue matrix.")
     ] = What.mean,
     layer: Annotated[
-        int | None, typer.Option(help="Model layer to export; needed when the file holds several.")
+        int | None,
+        typer.Option(help="Model layer to export (-1 = last); needed when the file holds several."),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
 ) -> None:

@@ -322,7 +322,8 @@ def _embed_rows(
     budget = budget or default_token_budget(plan.ref.config, first, torch_dtype)
     attrs = {
         "model": plan.ref.name, "model_source": plan.ref.source, "model_revision": plan.ref.revision,
-        "layers": np.array(plan.layers, dtype=np.int64), "pooling": ",".join(plan.poolings),
+        "layers": np.array(plan.layers, dtype=np.int64), "model_layers": int(plan.ref.config.n_layers),
+        "pooling": ",".join(plan.poolings),
         "compute_dtype": plan.dtype, "max_length": int(plan.limit), "long_policy": plan.long_policy,
         "input_sha256": index.sha256, "backend": describe(plan.backend, plan.dtype, plan.compile),
         "window_stride": int(max(plan.limit // 2, 1)) if window else None, "tokens_per_batch": int(budget),

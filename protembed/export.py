@@ -65,7 +65,8 @@ def export_per_protein(
 
     Args:
         what: a stored pooling ("mean", "cls") or "residues".
-        layer: the model layer to export; needed when the file holds several.
+        layer: the model layer to export; needed when the file holds several. Negative layers
+            count from the end (-1 = the last block) in files that record the model's depth.
 
     Raises:
         StoreError: the source cannot be read as asked (incomplete, no such pooling or layer).
@@ -80,6 +81,8 @@ def export_per_protein(
     with open_embeddings(source) as emb:
         if len(emb.layers) > 1 and layer is None:
             raise StoreError(f"{source}: holds layers {emb.layers}; pick one with --layer")
+        if layer is not None:
+            layer = emb.stored_layer(layer)
         tmp = output.with_name(output.name + ".partial")
         try:
             with h5py.File(tmp, "w") as out:

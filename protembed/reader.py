@@ -116,13 +116,23 @@ class EmbeddingFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _layer_axis(self, layer: int | None) -> int:
-        """Position of a model layer on the K axis (0 when only one layer is stored)."""
-        if layer is None:
-            return 0
+    def stored_layer(self, layer: int) -> int:
+        """A stored layer's non-negative index; negative ones count from the end (-1 = last block)."""
+        if layer < 0:
+            depth = self.attrs.get("model_layers")
+            if depth is None:
+                raise StoreError(
+                    f"{self.path}: does not record the model's depth, so layer {layer} is ambiguous; "
+                    f"pick one of {self.layers}"
+                )
+            layer = int(depth) + 1 + layer
         if layer not in self.layers:
             raise StoreError(f"{self.path}: layer {layer} is not stored (stored layers: {self.layers})")
-        return self.layers.index(layer)
+        return layer
+
+    def _layer_axis(self, layer: int | None) -> int:
+        """Position of a model layer on the K axis (0 when only one layer is stored)."""
+        return 0 if layer is None else self.layers.index(self.stored_layer(layer))
 
 
 def open_embeddings(path: str | Path, allow_incomplete: bool = False) -> EmbeddingFile:

@@ -56,7 +56,9 @@ def test_file_reproduces_reference_means_and_residues(tmp_path: Path, name: str)
         assert list(f.ids) == keys
         stored = list(f.attrs["layers"])
         assert stored == ([0, 1, n_layers] if name.startswith("esm2") else [1, 2, n_layers])
+        assert f.attrs["model_layers"] == n_layers
         means = f.pooled("mean")
+        assert np.array_equal(f.pooled("mean", layer=-1), means[:, -1])
         for i, k in enumerate(keys):
             np.testing.assert_allclose(means[i, -1], ref[f"{k}_mean"], atol=1e-4)
             if f"{k}_hidden_states" not in ref:

@@ -19,12 +19,13 @@ LENGTHS = np.array([3, 4, 2, 3, 0, 5, 1])
 D = 4
 
 
-def make_file(path: Path, layers: list[int], complete: bool = True) -> None:
+def make_file(path: Path, layers: list[int], complete: bool = True, depth: int | None = None) -> None:
     n, k = len(IDS), len(layers)
     skipped = np.array([i == 4 for i in range(n)])
+    depth_attr = {} if depth is None else {"model_layers": depth}
     writer = EmbeddingWriter.open(
         path,
-        attrs={"model": "tiny", "layers": layers, "pooling": ["mean", "cls"]},
+        attrs={"model": "tiny", "layers": layers, "pooling": ["mean", "cls"], **depth_attr},
         ids=IDS,
         descriptions=IDS,
         lengths=LENGTHS,
@@ -79,6 +80,19 @@ def test_export_residues_of_one_layer(tmp_path: Path) -> None:
     export_per_protein(tmp_path / "in.h5", tmp_path / "out.h5", what="cls", layer=2, overwrite=True)
     with h5py.File(tmp_path / "out.h5", "r") as h5:
         assert np.allclose(h5["tr%2FQ2"][...], -1.0)
+
+
+def test_negative_layers_count_from_the_end_when_the_depth_is_recorded(tmp_path: Path) -> None:
+    make_file(tmp_path / "old.h5", layers=[2, 5])  # no model_layers attribute
+    with pytest.raises(StoreError, match=r"layer -1 is ambiguous; pick one of \[2, 5\]"):
+        export_per_protein(tmp_path / "old.h5", tmp_path / "out.h5", layer=-1)
+    make_file(tmp_path / "in.h5", layers=[2, 5], depth=5)
+    export_per_protein(tmp_path / "in.h5", tmp_path / "last.h5", layer=-1)
+    export_per_protein(tmp_path / "in.h5", tmp_path / "five.h5", layer=5)
+    with h5py.File(tmp_path / "last.h5", "r") as a, h5py.File(tmp_path / "five.h5", "r") as b:
+        assert a.attrs["layer"] == 5 and np.array_equal(a["tr%2FQ2"][...], b["tr%2FQ2"][...])
+    with pytest.raises(StoreError, match=r"layer 4 is not stored"):
+        export_per_protein(tmp_path / "in.h5", tmp_path / "x.h5", layer=-2)
 
 
 def test_export_cli(tmp_path: Path) -> None:
