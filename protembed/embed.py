@@ -88,15 +88,23 @@ class ModelRef:
     config: EncoderConfig
 
 
-def locate_model(model: str, revision: str | None = None, progress: bool = True) -> ModelRef:
-    """Registry name, Hub repo id (downloaded if not cached) or local directory -> `ModelRef`."""
+def locate_model(
+    model: str,
+    revision: str | None = None,
+    progress: bool = True,
+    on_config: Callable[[EncoderConfig], None] | None = None,
+) -> ModelRef:
+    """Registry name, Hub repo id (downloaded if not cached) or local directory -> `ModelRef`.
+
+    `on_config` sees a downloaded model's configuration before its weights are fetched.
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         config = checkpoints.read_config(path)
         return ModelRef(model, str(path.resolve()), checkpoints.weights_sha256(path), path, config)
     from protembed.hub import resolve_model
 
-    resolved = resolve_model(model, revision=revision, progress=progress)
+    resolved = resolve_model(model, revision=revision, progress=progress, on_config=on_config)
     config = checkpoints.read_config(resolved.path)
     return ModelRef(resolved.name or model, resolved.source, resolved.revision, resolved.path, config)
 
@@ -176,26 +184,33 @@ def embed_fasta(
     check_options(poolings, long_policy, dtype, store_dtype, on_invalid)
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
     resolved = resolve_backend(backend, devices[0], dtype, compile)
-    # A registry model's shape is known without its files: validate the options and the whole
-    # input first, so a bad record fails in seconds, not after a download or weight hashing.
-    # A local checkpoint's config is read now too; hashing its weights (its revision) comes after.
+    # Validate the options and the whole input as soon as the model's shape is known, so that a
+    # bad record fails in seconds, not after a download or weight hashing: now for a registry
+    # model or a local checkpoint (whose weights are hashed later), else once a Hub model's
+    # config.json has arrived and before its weights are fetched.
     local = Path(model).expanduser()
     info = None if local.is_dir() else lookup(model)
     early = checkpoints.registry_config(info.name) if info is not None else None
     if local.is_dir():
         early = checkpoints.read_config(local)
+    scanned: list[FastaIndex] = []
+
+    def validate(cfg: EncoderConfig) -> None:
+        _check_model_options(cfg, model, layers, max_length)
+        scanned.append(scan_fasta(input_path, ALPHABETS[cfg.family], on_invalid))
+
     if early is not None:
-        _check_model_options(early, model, layers, max_length)
-        index = scan_fasta(input_path, ALPHABETS[early.family], on_invalid)
+        validate(early)
     try:
-        ref = locate_model(model, revision, progress=not quiet)
+        ref = locate_model(model, revision, progress=not quiet, on_config=None if scanned else validate)
         layer_idx, limit = _check_model_options(ref.config, ref.name, layers, max_length)
-        if early is None:
-            index = scan_fasta(input_path, ALPHABETS[ref.config.family], on_invalid)
+        if not scanned:  # a Hub model that was already cached
+            validate(ref.config)
     except BaseException:
-        if early is not None:
+        for index in scanned:
             index.cleanup()
         raise
+    index = scanned[0]
     alphabet = ALPHABETS[ref.config.family]
     plan = _Plan(ref, alphabet, layer_idx, list(poolings), per_residue, dtype, store_dtype, tokens_per_batch,
                  limit, long_policy, device, overwrite, compression, resolved, compile)  # fmt: skip

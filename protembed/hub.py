@@ -46,6 +46,7 @@ from protembed import __version__
 from protembed.errors import CheckpointError, HubError, UnknownModelError
 from protembed.hub_cache import cache_root, cached_snapshot, disk_size, remove_files, write_ref
 from protembed.models.checkpoints import CONFIG_FILE, WEIGHT_FILES, config_from_dict, verify_checkpoint
+from protembed.models.encoder import EncoderConfig
 from protembed.registry import MODELS, lookup, suggest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -93,11 +94,13 @@ def resolve_model(
     cache_dir: str | Path | None = None,
     download: bool = True,
     progress: bool = True,
+    on_config: Callable[[EncoderConfig], None] | None = None,
 ) -> ResolvedModel:
     """Find a model's checkpoint directory: a local directory, else the cache, else download it.
 
     A cached snapshot is used without any network call. A model that is not cached is downloaded
-    (with a notice on stderr) unless `download` is False or `HF_HUB_OFFLINE` is set.
+    (with a notice on stderr) unless `download` is False or `HF_HUB_OFFLINE` is set; `on_config`
+    then sees its configuration before the weights are fetched, and may raise to stop there.
     """
     local = _local_dir(model)
     if local is not None:
@@ -113,7 +116,7 @@ def resolve_model(
         highlight=False,
         markup=False,
     )
-    resolved, _ = _download(name, repo_id, revision, cache_dir, force=False, progress=progress)
+    resolved, _ = _download(name, repo_id, revision, cache_dir, False, progress, on_config)
     return resolved
 
 
@@ -146,7 +149,7 @@ def download_model(
         if force:
             raise HubError("--force needs the network but HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0")
         raise _not_cached(model, repo_id, revision, cache_dir)
-    return _download(name, repo_id, revision, cache_dir, force=force, progress=progress)
+    return _download(name, repo_id, revision, cache_dir, force, progress)
 
 
 def _not_cached(model: str, repo_id: str, revision: str | None, cache_dir: str | Path | None) -> HubError:
@@ -165,6 +168,7 @@ def _download(
     cache_dir: str | Path | None,
     force: bool,
     progress: bool,
+    on_config: Callable[[EncoderConfig], None] | None = None,
 ) -> tuple[ResolvedModel, int]:
     """Fetch a checkpoint's files into the HF cache and verify them; huggingface_hub's own
     warnings (retries, resumes) are shown only with `progress`."""
@@ -196,9 +200,11 @@ def _download(
         config_path = fetch(CONFIG_FILE)
         snapshot = config_path.parent
         try:
-            config_from_dict(json.loads(config_path.read_text()), repo_id)  # architecture, before any weights
+            config = config_from_dict(json.loads(config_path.read_text()), repo_id)  # before any weights
         except json.JSONDecodeError as exc:
             raise CheckpointError(repo_id, f"config.json is not valid JSON ({exc})") from None
+        if on_config is not None:
+            on_config(config)
         weights = _weight_names(repo_id, set(remote), fetch)
         wanted = [f for f in TOKENIZER_FILES if f in remote] + weights
         todo = [f for f in wanted if force or not (snapshot / f).exists()]

@@ -158,6 +158,28 @@ def test_embed_cli_downloads_on_first_use(hub: FakeHub, tmp_path: Path) -> None:
     assert set(hub.gets(AMP)) == AMP_FILES
 
 
+def test_embed_checks_input_and_options_before_fetching_a_hub_models_weights(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    repo = "protembed-test/esm2-sharded"  # not in the registry: its alphabet comes with config.json
+    fasta = tmp_path / "bad.fasta"
+    fasta.write_text(">a\nMKTA\n>b\nMK1TA\n")
+    out = cli(
+        "embed", str(fasta), "--model", repo, "-o", str(tmp_path / "x.h5"), hub=hub, home=tmp_path / "hf"
+    )
+    assert out.returncode == 1 and "not cached: downloading" in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and last.endswith(
+        "bad.fasta:4: record 'b': invalid residue '1' at position 3"
+    )
+    assert hub.gets(repo) == ["config.json"]
+    fasta.write_text(">a\nMKTA\n")
+    hub.requests.clear()
+    out = cli("embed", str(fasta), "--model", repo, "--layer", "9", hub=hub, home=tmp_path / "hf")
+    assert out.returncode == 1 and "layer 9 out of range" in out.stderr, out.stderr
+    assert hub.gets(repo) == []  # config.json is cached from the first run; no weights either
+
+
 # --- the library, in process -----------------------------------------------------------------------
 
 
