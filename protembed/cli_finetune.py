@@ -56,7 +56,12 @@ CacheDir = Annotated[
     typer.Option("--cache-dir", help="Cache for downloads and features (default: $PROTEMBED_CACHE or "
                  "~/.cache/protembed)."),
 ]  # fmt: skip
-Device = Annotated[str | None, typer.Option("--device", help="Torch device. Default: cuda if available.")]
+Device = Annotated[
+    str | None,
+    typer.Option(
+        "--device", help="cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU."
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 
 

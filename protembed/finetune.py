@@ -23,10 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from protembed import __version__
-from protembed.api import default_device, load_model
+from protembed.api import default_device
 from protembed.cache import default_cache_dir, ensure_dir
+from protembed.embed import locate_model
 from protembed.errors import OptionError, OutputExistsError, require_matplotlib
-from protembed.features import Features, Ragged, model_features, onehot_flat, onehot_residues
+from protembed.feature_cache import model_features
+from protembed.features import Features, Ragged, onehot_flat, onehot_residues
 from protembed.flip import (
     IGNORE,
     PARTS,
@@ -51,6 +53,7 @@ from protembed.heads import (
     train,
 )
 from protembed.metrics import clean, confusion, floor
+from protembed.models.encoder import resolve_layers
 
 MAX_ONEHOT = 1024  # flattened one-hot features cover at most this many positions
 CONFIG, WEIGHTS, PREDICTIONS, PLOT = "config.json", "head.safetensors", "predictions.csv", "test.png"
@@ -98,20 +101,21 @@ def featurize(
         assert onehot_length is not None
         return onehot_flat(seqs, onehot_length)
     dtype = "bfloat16" if backend == "te" else "float32"  # Transformer Engine runs in half precision
-    model = load_model(
-        model_cfg["ref"], dtype=dtype, device=device, revision=model_cfg.get("revision"), backend=backend
-    )
     expected = model_cfg.get("revision")
-    if expected and expected.startswith("sha256:") and expected != model.revision:
-        raise FlipError(f"the weights in {model.source} changed since the head was trained ({expected})")
-    model_cfg.update(name=model.name, source=model.source, revision=model.revision)
+    ref = locate_model(model_cfg["ref"], None if (expected or "").startswith("sha256:") else expected)
+    if expected and expected.startswith("sha256:") and expected != ref.revision:
+        raise FlipError(f"the weights in {ref.source} changed since the head was trained ({expected})")
+    model_cfg.update(name=ref.name, source=ref.source, revision=ref.revision)
     try:
-        model_cfg["layer_index"] = model.layers([model_cfg["layer"]])[0]  # -1 resolved
+        layer = model_cfg["layer_index"] = resolve_layers([model_cfg["layer"]], ref.config)[0]  # -1 resolved
     except ValueError as exc:
         raise OptionError(f"--layer: {exc}") from None
+    # The features are computed by the embed pipeline: "cuda" (no index) means every GPU.
+    embed_device = None if device == "cuda" else device
     return model_features(
-        seqs, model, model_cfg["layer"], task.level == "residue", cache_dir, progress=progress
-    )
+        seqs, ref, layer, task.level == "residue", cache_dir,
+        dtype=dtype, device=embed_device, backend=backend, progress=progress,
+    )  # fmt: skip
 
 
 def inputs_and_targets(

@@ -13,19 +13,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from protembed.api import Model, load_model
+from protembed.api import load_model
 from protembed.cli import app
-from protembed.errors import BackendError, HubError, require_matplotlib
-from protembed.features import cache_path, model_features, onehot_flat, onehot_residues, open_cache
+from protembed.embed import locate_model
+from protembed.errors import BackendError, require_matplotlib
+from protembed.feature_cache import folder_lock, model_features, model_folder
+from protembed.features import onehot_flat, onehot_residues
 from protembed.flip import IGNORE
 from protembed.heads import CNNHead, fit_ridge, predict
 from protembed.metrics import floor, rankdata, sequence_accuracy, spearman
+from protembed.reader import open_embeddings
 from tests.helpers import fixture_dir
 from tests.test_flip import TINY, TINY_SPLITS
 
@@ -103,34 +105,45 @@ def test_deterministic_under_seed(tmp_path: Path) -> None:
 
 
 def test_feature_cache_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = load_model(ESM2, device="cpu")
+    import protembed.feature_cache as fc
+
+    ref = locate_model(str(ESM2))
     seqs = ["MKTAYIAKQR", "MSEQ", "MKTAYIAKQR", "GGGHHH"]
     calls: list[int] = []
-    real = Model.embed
+    real = fc.embed_fasta
 
-    def counting(self: Model, sequences: list[str], **kw: Any) -> Any:
-        calls.append(len(sequences))
-        return real(self, sequences, **kw)
+    def counting(fasta: Path, *args: Any, **kw: Any) -> Any:
+        calls.append(Path(fasta).read_text().count(">"))
+        return real(fasta, *args, **kw)
 
-    monkeypatch.setattr(Model, "embed", counting)
-    first = model_features(seqs, model, -1, False, tmp_path)
+    monkeypatch.setattr(fc, "embed_fasta", counting)
+    folder = model_folder(tmp_path, ref, 3, "float32") / "pooled"
+    folder.mkdir(parents=True)
+    (folder / "part-0.h5").write_text("an unfinished or foreign file is ignored")
+    first = model_features(seqs, ref, 3, False, tmp_path)
     assert calls == [3]  # the duplicate is embedded once
-    both = model_features(seqs, model, -1, True, tmp_path)  # residues were not cached yet
+    both = model_features(seqs, ref, 3, True, tmp_path)  # residues were not cached yet
     assert calls == [3, 3]
-    again = model_features(seqs[::-1], model, 3, True, tmp_path)  # layer 3 == -1: 0 is the embedding
-    assert calls == [3, 3]
-    assert first.pooled is not None and both.pooled is not None and again.pooled is not None
-    np.testing.assert_array_equal(first.pooled, both.pooled)
-    np.testing.assert_array_equal(again.pooled, both.pooled[::-1])
-    assert both.residues is not None and both.residues.lengths().tolist() == [10, 4, 10, 6]
-    direct = real(model, ["MSEQ"], layers=[-1], per_residue=True)
+    again = model_features(seqs[::-1], ref, 3, True, tmp_path)
+    more = model_features([*seqs, "MKV"], ref, 3, False, tmp_path)  # only the new one is embedded
+    assert calls == [3, 3, 1]
+    assert first.pooled is not None and more.pooled is not None
+    assert both.residues is not None and again.residues is not None
+    np.testing.assert_array_equal(more.pooled[:4], first.pooled)
+    assert both.residues.lengths().tolist() == [10, 4, 10, 6]
+    np.testing.assert_array_equal(again.residues[0], both.residues[3])
+    direct = load_model(ESM2, device="cpu").embed(["MSEQ", "MKV"], layers=[-1], per_residue=True)
     assert direct.residues is not None
+    np.testing.assert_allclose(first.pooled[1], direct.pooled["mean"][0, 0], atol=1e-5)
+    np.testing.assert_allclose(more.pooled[4], direct.pooled["mean"][1, 0], atol=1e-5)
     np.testing.assert_allclose(
         both.residues[1].astype(np.float32), direct.residues[0][:, 0], atol=2e-2, rtol=1e-2
     )
-    with h5py.File(cache_path(tmp_path, model, 3)) as h5:
-        assert h5.attrs["layer"] == 3 and h5.attrs["source"] == str(ESM2.resolve())
-        assert h5["pooled/keys"].shape == (3,)
+    parts = sorted(p for p in folder.glob("part-*.h5") if p.name != "part-0.h5")
+    assert len(parts) == 2 and not list(folder.glob("*.fasta"))
+    with open_embeddings(parts[0]) as emb:  # an ordinary embeddings file, ids = sequence sha256
+        assert list(emb.layers) == [3] and emb.attrs["model_source"] == str(ESM2.resolve())
+        assert len(emb) in (1, 3) and all(len(i) == 64 for i in emb.ids)
 
 
 def test_save_and_predict_round_trip(tmp_path: Path) -> None:
@@ -319,15 +332,15 @@ def test_predict_rejects_weights_of_another_head(tmp_path: Path) -> None:
 def test_local_checkpoint_revision_follows_its_weights(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     shutil.copytree(ESM2, ckpt)
-    before = load_model(ckpt, device="cpu")
+    before = locate_model(str(ckpt))
     assert before.revision.startswith("sha256:")
     weights = next(ckpt.glob("*.safetensors"))
     blob = bytearray(weights.read_bytes())
     blob[-1] ^= 1  # one bit of the last tensor
     weights.write_bytes(bytes(blob))
-    after = load_model(ckpt, device="cpu")
+    after = locate_model(str(ckpt))
     assert after.revision != before.revision
-    assert cache_path(tmp_path, after, 3) != cache_path(tmp_path, before, 3)  # no stale features
+    assert model_folder(tmp_path, after, 3, "float32") != model_folder(tmp_path, before, 3, "float32")
 
 
 def test_saved_residue_predictions_cover_long_sequences(tmp_path: Path) -> None:
@@ -352,19 +365,12 @@ def test_saved_residue_predictions_cover_long_sequences(tmp_path: Path) -> None:
 
 
 def test_feature_cache_waits_for_another_run(tmp_path: Path) -> None:
-    path = tmp_path / "features.h5"
-    h5py.File(path, "w").close()
-    holder = subprocess.Popen(  # holds HDF5's write lock on the file for a second
-        [sys.executable, "-c", f"import h5py, time, sys; f = h5py.File({str(path)!r}, 'a'); "
-         "print('held', flush=True); time.sleep(1.5); f.close()"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    lock = str(tmp_path / ".lock")
+    code = f"import fcntl, time; f = open({lock!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+    code += "print('held', flush=True); time.sleep(1.5)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     t0 = time.monotonic()
-    with open_cache(path, wait_s=30) as h5:
-        assert h5.mode == "r+"
-    assert time.monotonic() - t0 > 0.5, "it waited for the lock"
+    with folder_lock(tmp_path, wait_s=30):
+        assert time.monotonic() - t0 > 0.5, "it waited for the lock"
     holder.wait()
-    with pytest.raises(HubError, match="cannot open feature cache"):
-        (tmp_path / "junk.h5").write_text("not hdf5")
-        open_cache(tmp_path / "junk.h5", wait_s=30)
