@@ -60,8 +60,8 @@ def model_features(
     keys = [seq_key(s) for s in seqs]
     with folder_lock(folder):
         where = _index(folder)
-        missing = dict(sorted({k: s for k, s in zip(keys, seqs) if k not in where}.items()))
-        if missing:
+        missing = {k: s for k, s in zip(keys, seqs) if k not in where}  # first-seen order
+        if missing:  # the name follows the order too: a resumed part must get the same input
             digest = hashlib.sha256("".join(missing).encode()).hexdigest()[:16]
             part = folder / f"part-{digest}.h5"
             fasta = folder / f"part-{digest}.fasta"
@@ -118,35 +118,44 @@ def _index(folder: Path) -> dict[str, tuple[Path, int]]:
 
 
 def _gather(keys: list[str], where: dict[str, tuple[Path, int]], per_residue: bool) -> Features:
-    """The features of `keys`, in order, read part by part."""
-    rows_of: dict[Path, list[int]] = {}
-    for key in keys:
-        part, row = where[key]
-        rows_of.setdefault(part, []).append(row)
-    pooled: dict[tuple[Path, int], np.ndarray] = {}
-    truncated: dict[tuple[Path, int], bool] = {}
-    residues: dict[tuple[Path, int], np.ndarray] = {}
-    for part, rows in rows_of.items():
-        with open_embeddings(part) as emb:
-            trunc = emb.h5["truncated"][...]
-            if per_residue:
-                offsets = emb.h5["offsets"][...]
-                data = emb.h5["residues"][...]
-                for r in set(rows):
-                    residues[part, r] = data[offsets[r] : offsets[r + 1]]
-                    truncated[part, r] = bool(trunc[r])
-            else:
-                mean = emb.pooled("mean")
-                for r in set(rows):
-                    pooled[part, r], truncated[part, r] = mean[r], bool(trunc[r])
+    """The features of `keys`, in order, read part by part (residues row by row, into one array)."""
     order = [where[k] for k in keys]
-    trunc_out = np.array([truncated[o] for o in order], dtype=bool)
+    positions: dict[Path, list[int]] = {}
+    for i, (part, _) in enumerate(order):
+        positions.setdefault(part, []).append(i)
+    truncated = np.zeros(len(keys), dtype=bool)
     if not per_residue:
-        return Features(np.array([pooled[o] for o in order], dtype=np.float32), None, trunc_out)
-    arrays = [residues[o] for o in order]
-    if not all(np.isfinite(a).all() for a in arrays):
+        pooled: np.ndarray | None = None
+        for part, at in positions.items():
+            with open_embeddings(part) as emb:
+                rows = [order[i][1] for i in at]
+                mean, trunc = emb.pooled("mean"), emb.h5["truncated"][...]
+                if pooled is None:
+                    pooled = np.zeros((len(keys), mean.shape[1]), dtype=np.float32)
+                pooled[at], truncated[at] = mean[rows], trunc[rows]
+        return Features(np.zeros((0, 0), np.float32) if pooled is None else pooled, None, truncated)
+    spans: dict[int, tuple[int, int]] = {}
+    dim = 0
+    for part, at in positions.items():
+        with open_embeddings(part) as emb:
+            offsets, trunc, dim = (
+                emb.h5["offsets"][...],
+                emb.h5["truncated"][...],
+                emb.h5["residues"].shape[1],
+            )
+            for i in at:
+                r = order[i][1]
+                spans[i], truncated[i] = (int(offsets[r]), int(offsets[r + 1])), bool(trunc[r])
+    lengths = [spans[i][1] - spans[i][0] for i in range(len(keys))]
+    out_offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+    out_offsets[1:] = np.cumsum(lengths)
+    data = np.empty((int(out_offsets[-1]), dim), dtype=np.float16)
+    for part, at in positions.items():
+        with open_embeddings(part) as emb:
+            residues = emb.h5["residues"]
+            for i in at:  # rows in part order when the part was written by this task: sequential
+                a, b = spans[i]
+                data[out_offsets[i] : out_offsets[i + 1]] = residues[a:b]
+    if not np.isfinite(data).all():
         raise FlipError("residue features overflow the float16 cache; use another --layer")
-    offsets = np.zeros(len(keys) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(a) for a in arrays])
-    data = np.concatenate(arrays) if arrays else np.zeros((0, 0), dtype=np.float16)
-    return Features(None, Ragged(data, offsets), trunc_out)
+    return Features(None, Ragged(data, out_offsets), truncated)
