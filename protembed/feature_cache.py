@@ -74,7 +74,7 @@ def model_features(
                 quiet=True, progress=None if progress is None else (lambda rows, _res, n: progress(rows, n)),
             )  # fmt: skip
             fasta.unlink()
-            where = _index(folder)
+            where.update(_rows(part))
         return _gather(keys, where, per_residue)
 
 
@@ -103,18 +103,26 @@ def folder_lock(folder: Path, wait_s: float = 3600.0) -> Iterator[None]:
 
 
 def _index(folder: Path) -> dict[str, tuple[Path, int]]:
-    """Sequence key -> (part, row) over the complete parts of a folder."""
+    """Sequence key -> (part, row) over the complete parts of a folder (the first part wins)."""
     where: dict[str, tuple[Path, int]] = {}
     for part in sorted(folder.glob("part-*.h5")):
         try:
-            with open_embeddings(part) as emb:
-                skipped = emb.skipped
-                for row, key in enumerate(emb.ids):
-                    if not skipped[row]:
-                        where.setdefault(key, (part, row))
+            rows = _rows(part)
         except StoreError:  # unfinished (a later run with the same sequences resumes it)
             continue
+        where.update({k: v for k, v in rows.items() if k not in where})
     return where
+
+
+def _rows(part: Path) -> dict[str, tuple[Path, int]]:
+    """Sequence key -> (part, row) of one complete part; StoreError if it is unfinished."""
+    with open_embeddings(part) as emb:
+        skipped, ids = emb.skipped, emb.ids
+    rows: dict[str, tuple[Path, int]] = {}
+    for row, key in enumerate(ids):
+        if not skipped[row]:
+            rows.setdefault(key, (part, row))
+    return rows
 
 
 def _gather(keys: list[str], where: dict[str, tuple[Path, int]], per_residue: bool) -> Features:

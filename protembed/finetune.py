@@ -101,10 +101,11 @@ def featurize(
         assert onehot_length is not None
         return onehot_flat(seqs, onehot_length)
     dtype = "bfloat16" if backend == "te" else "float32"  # Transformer Engine runs in half precision
-    expected = model_cfg.get("revision")
-    ref = locate_model(model_cfg["ref"], None if (expected or "").startswith("sha256:") else expected)
-    if expected and expected.startswith("sha256:") and expected != ref.revision:
-        raise FlipError(f"the weights in {ref.source} changed since the head was trained ({expected})")
+    expected = model_cfg.get("revision")  # a Hub commit, or a local checkpoint's weights digest
+    digest = expected if expected and expected.startswith("sha256:") else None
+    ref = locate_model(model_cfg["ref"], None if digest else expected)
+    if digest and digest != ref.revision:
+        raise FlipError(f"the weights in {ref.source} changed since the head was trained ({digest})")
     model_cfg.update(name=ref.name, source=ref.source, revision=ref.revision)
     try:
         layer = model_cfg["layer_index"] = resolve_layers([model_cfg["layer"]], ref.config)[0]  # -1 resolved
