@@ -128,9 +128,8 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
         for title, seq in SimpleFastaParser(handle):
             if "\x00" in title:  # HDF5 strings cannot hold it
                 bad[len(ids)] = (0, "NUL byte in the header")
-            if not title.isascii() and (escaped := _ESCAPED.search(title)):
-                byte = ord(escaped.group()) - 0xDC00
-                bad[len(ids)] = (0, f"byte 0x{byte:02x} in the header is not UTF-8 text")
+            if not title.isascii() and (found := undecoded_byte(title)):
+                bad[len(ids)] = (0, f"byte 0x{found[1]:02x} in the header is not UTF-8 text")
             title = _storable(title)
             try:
                 ids.append(title.split(None, 1)[0])
@@ -280,6 +279,13 @@ def _storable(title: str) -> str:
     """A header as HDF5 can store it: NUL and bytes that are not UTF-8 become U+FFFD."""
     title = title.replace("\x00", "\ufffd")
     return title if title.isascii() else _ESCAPED.sub("\ufffd", title)
+
+
+def undecoded_byte(text: str) -> tuple[int, int] | None:
+    """(0-based position, value) of the first byte of `text` that was not UTF-8 (decoded with
+    errors="surrogateescape"), or None."""
+    escaped = None if text.isascii() else _ESCAPED.search(text)
+    return None if escaped is None else (escaped.start(), ord(escaped.group()) - 0xDC00)
 
 
 def _reason(pos: int, char: str) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 
 from protembed.cache import default_cache_dir
 from protembed.errors import FastaError, ProtembedError
+from protembed.fasta import undecoded_byte
 from protembed.flip_fetch import FLIP_URL, Progress, fetch
 
 IGNORE = -100  # label of residues without a usable label (unresolved); skipped by loss and metrics
@@ -112,7 +113,10 @@ def get_task(name: str) -> Task:
 
 
 def read_fasta(path: Path) -> Iterator[tuple[int, str, str]]:
-    """(header line number, header without '>', body) per record; plain or gzipped, multi-line bodies."""
+    """(header line number, header without '>', body) per record; plain or gzipped, multi-line bodies.
+
+    A byte that is not UTF-8 text is reported with its record and position.
+    """
     header: str | None = None
     body: list[str] = []
     start = 0
@@ -128,7 +132,7 @@ def read_fasta(path: Path) -> Iterator[tuple[int, str, str]]:
                     if header is None:
                         raise FastaError(str(path), n, None, "text before the first '>' header")
                     body.append(line)
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError) as exc:
         raise FastaError(str(path), None, None, f"cannot read: {exc}") from None
     if header is None:
         raise FastaError(str(path), None, None, "no FASTA records")
@@ -136,18 +140,27 @@ def read_fasta(path: Path) -> Iterator[tuple[int, str, str]]:
 
 
 def _open_text(path: Path) -> TextIO:
-    """A text stream of a plain or gzipped file, or of stdin for `-`."""
+    """A UTF-8 text stream (undecodable bytes escaped) of a plain or gzipped file, or of stdin for `-`."""
     if str(path) == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8")
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="surrogateescape")
     if path.suffix == ".gz":
-        return gzip.open(path, "rt")
-    return open(path)
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape")
+    return open(path, encoding="utf-8-sig", errors="surrogateescape")
 
 
 def _body(path: Path, line: int, header: str, body: list[str]) -> str:
+    rid = header.split()[0] if header.split() else ""
+    if found := undecoded_byte(header):
+        rid = rid.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # printable
+        raise FastaError(str(path), line, rid, f"byte 0x{found[1]:02x} in the header is not UTF-8 text")
     if not body:
-        raise FastaError(str(path), line, header.split()[0] if header else "", "empty record")
-    return "".join(body)
+        raise FastaError(str(path), line, rid, "empty record")
+    seq = "".join(body)
+    if found := undecoded_byte(seq):
+        raise FastaError(
+            str(path), line, rid, f"byte 0x{found[1]:02x} at position {found[0] + 1} is not UTF-8 text"
+        )
+    return seq
 
 
 def parse_header(path: Path, line: int, header: str) -> tuple[str, dict[str, str]]:

@@ -319,6 +319,10 @@ def test_predict_reads_ordinary_fasta(tmp_path: Path, monkeypatch: pytest.Monkey
     from_stdin = runner.invoke(app, ["predict", str(out_dir), "-", "--device", "cpu", "-q"], input=text)
     assert from_stdin.exit_code == 0, from_stdin.output
     assert from_stdin.stdout == from_file.stdout
+    fasta.write_bytes(b">a\nMKV\n>b\nMK\xe9V\n")  # Latin-1, not UTF-8: an error, not a traceback
+    bad = run_cli("predict", out_dir, fasta, "--device", "cpu", "-q")
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert f"{fasta}:3: record 'b': byte 0xe9 at position 3 is not UTF-8 text" in bad.output
 
 
 def test_predict_rejects_weights_of_another_head(tmp_path: Path) -> None:

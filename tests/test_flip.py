@@ -143,6 +143,24 @@ def test_malformed_sequence_file(tmp_path: Path, text: str, message: str) -> Non
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_bytes_that_are_not_utf8(tmp_path: Path, gz: bool) -> None:
+    """Reported with record and position (header or sequence), like `embed` reports them."""
+    path = tmp_path / ("bad.fasta.gz" if gz else "bad.fasta")
+
+    def write(data: bytes) -> None:
+        path.write_bytes(gzip.compress(data) if gz else data)
+
+    write(SEQ_OK.encode() + b">s2 TARGET=1 SET=test\nMK\xe9V\n")
+    with pytest.raises(FastaError, match=r"bad.fasta(.gz)?:3: record 's2': byte 0xe9 at position 3 is not"):
+        read_sequence_task(get_task("flip-gb1"), "x", path)
+    write(b">s\xff2 TARGET=1 SET=test\nMKV\n")
+    with pytest.raises(FastaError, match="record 's\ufffd2': byte 0xff in the header is not UTF-8 text"):
+        read_sequence_task(get_task("flip-gb1"), "x", path)
+    write(b"\xef\xbb\xbf" + SEQ_OK.encode())  # a UTF-8 byte-order mark is not an error
+    assert read_sequence_task(get_task("flip-gb1"), "x", path).ids == ["s1"]
+
+
 def test_unknown_class(tmp_path: Path) -> None:
     path = tmp_path / "scl.fasta"
     path.write_text(">s1 TARGET=Cell membrane SET=train\nMKV\n")  # the FASTA spelling uses underscores
