@@ -90,6 +90,7 @@ complete -c protembed -n '__fish_seen_subcommand_from finetune; and not __fish_s
 complete -c protembed -n '__fish_seen_subcommand_from predict' -s o -l output -r -F -d 'CSV file. Default: stdout.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l overwrite -d 'Replace an existing output file.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l cache-dir -r -F -d 'Cache for downloads and features (default: $PROTEMBED_CACHE or ~/.cache/protembed).'
+complete -c protembed -n '__fish_seen_subcommand_from predict' -l no-cache -d 'Do not keep the input\'s features in the cache (they are computed in a temporary folder there and deleted at the end; an interrupted run starts over).'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l device -x -d 'cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -s q -l quiet -d 'No progress output.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l help -d 'Show this message and exit.'

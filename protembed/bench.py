@@ -152,9 +152,10 @@ def table_peak(device_name: str, dtype: torch.dtype, tf32: bool = False) -> Peak
 def measure_peak(device: torch.device, dtype: torch.dtype) -> Peak:
     """Best rate of square matrix products in `dtype` on `device` (size grows until one takes >= 50 ms).
 
-    On CPU both of the libraries PyTorch can use are timed, `torch.matmul` (MKL for float32) and
-    oneDNN (what protembed's projections use, see `protembed.models.projections`), and the faster
-    one is the peak: on AMD processors MKL's float32 path is about half as fast as oneDNN's.
+    On CPU every kernel protembed's projections may take is timed, `torch.matmul` (MKL for float32),
+    `F.linear` (float16 takes a kernel of its own there) and oneDNN (float32 and bfloat16, see
+    `protembed.models.projections`), and the fastest is the peak: on AMD processors MKL's float32
+    path is about half as fast as oneDNN's.
     """
     n, limit = 256, (8192 if device.type == "cuda" else 2048)
     gen = torch.Generator().manual_seed(0)
@@ -165,6 +166,8 @@ def measure_peak(device: torch.device, dtype: torch.dtype) -> Peak:
             break
         n *= 2
     rates = {"matmul": 2 * n**3 / min(times + time_repeats(partial(torch.matmul, a, b), device, 3))}
+    if device.type == "cpu":  # the model's projections; another kernel for some dtypes (float16: ~8x faster)
+        rates["linear"] = 2 * n**3 / min(time_repeats(partial(torch.nn.functional.linear, a, b), device, 3))
     n_best = n
     if device.type == "cpu" and onednn_available() and dtype in (torch.float32, torch.bfloat16):
         for m in (n, 2 * n):  # its rate still varies with size here: keep the best

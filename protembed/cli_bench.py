@@ -237,7 +237,9 @@ def bench(
     repeats: Annotated[int, typer.Option(min=1, help="Timed passes per configuration.")] = 3,
     batches: Annotated[int, typer.Option(min=1, help="Full batches per synthetic workload.")] = 4,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: torch's).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of synthetic sequences and random weights.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**32 - 1, help="Seed of synthetic sequences and random weights.")
+    ] = 0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print machine-readable results on stdout.")
     ] = False,

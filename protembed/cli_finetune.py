@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import sys
+import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -130,6 +131,7 @@ def finetune(
     quiet: Quiet = False,
 ) -> None:
     """Train a small head on frozen features for a FLIP task and report test metrics."""
+    from protembed.backends import resolve_backend
     from protembed.finetune import PLOT, check_head, check_output, plot, save  # torch: not for --help
     from protembed.finetune import finetune as run_finetune
     from protembed.flip import get_task, load_task
@@ -143,6 +145,10 @@ def finetune(
     spec = get_task(task.value)
     head_name = check_head(spec, head.value if head else None)
     dev = str(resolve_device(device))
+    if features is FeatureKind.onehot and backend != "auto":
+        raise typer.BadParameter("one-hot features are not computed by a model", param_hint="--backend")
+    if features is not FeatureKind.onehot:  # checked even when every feature is cached already
+        resolve_backend(backend, dev, "bfloat16" if backend == "te" else "float32", compile=False)
     if output is not None:
         check_output(output, overwrite)
     if plot_png:
@@ -253,6 +259,14 @@ def predict(
     out: Annotated[Path | None, typer.Option("--output", "-o", help="CSV file. Default: stdout.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     cache_dir: CacheDir = None,
+    no_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-cache",
+            help="Do not keep the input's features in the cache (they are computed in a temporary "
+            "folder there and deleted at the end; an interrupted run starts over).",
+        ),
+    ] = False,
     device: Device = None,
     quiet: Quiet = False,
 ) -> None:
@@ -271,7 +285,11 @@ def predict(
         def on_embed(done: int, total: int) -> None:
             bar.update(emb, completed=done, total=total, visible=True)
 
-        rows, truncated = predict_fasta(head_dir, fasta, dev, cache, on_embed)
+        if no_cache:
+            with tempfile.TemporaryDirectory(prefix="predict-", dir=cache) as scratch:
+                rows, truncated = predict_fasta(head_dir, fasta, dev, Path(scratch), on_embed)
+        else:
+            rows, truncated = predict_fasta(head_dir, fasta, dev, cache, on_embed)
     if truncated and not quiet:
         err_console.print(f"note: {truncated} sequences were truncated to the features' maximum length")
     fh = open(out, "w", newline="") if out is not None else sys.stdout

@@ -346,6 +346,20 @@ def _resolve(path: str | Path) -> tuple[str, Path, bool]:
     return "<stdin>", Path(name), True
 
 
+def decompressed(raw: io.BufferedReader, source: str) -> BinaryIO:
+    """`raw`, or a gzip reader over it when its first bytes say gzip (whatever the file is called).
+
+    Other compressed or binary formats are refused with a FastaError naming the format.
+    """
+    magic = raw.peek(6)[:6]
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    for sig, what in _MAGIC.items():
+        if magic.startswith(sig):
+            raise FastaError(source, None, None, f"not FASTA: input is {what}; use plain or gzip FASTA")
+    return raw
+
+
 @contextmanager
 def _reading(file: Path, source: str) -> Iterator[tuple[Iterator[str], hashlib._Hash]]:
     """Text lines of a plain or gzip file, starting at the first header, plus a running hash.
@@ -358,16 +372,7 @@ def _reading(file: Path, source: str) -> Iterator[tuple[Iterator[str], hashlib._
         raise FastaError(source, None, None, f"cannot read input: {exc.strerror or exc}") from None
     binary: BinaryIO = raw
     try:
-        magic = raw.read(6)
-        raw.seek(0)
-        if magic[:2] == b"\x1f\x8b":
-            binary = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
-        else:
-            for sig, what in _MAGIC.items():
-                if magic.startswith(sig):
-                    raise FastaError(
-                        source, None, None, f"not FASTA: input is {what}; use plain or gzip FASTA"
-                    )
+        binary = decompressed(raw, source)
         hashing = _Hashing(binary)
         text = io.TextIOWrapper(
             io.BufferedReader(hashing, 1 << 20), encoding="utf-8-sig", errors="surrogateescape", newline=None

@@ -24,10 +24,10 @@ import numpy as np
 
 from protembed.cache import ensure_dir
 from protembed.embed import ModelRef, embed_fasta
-from protembed.errors import StoreError
+from protembed.errors import OutputExistsError, ResumeMismatchError, StoreError
 from protembed.features import Features, Ragged
 from protembed.flip import FlipError
-from protembed.reader import open_embeddings
+from protembed.reader import EmbeddingFile, open_embeddings
 
 
 def model_folder(cache_dir: Path, ref: ModelRef, layer: int, dtype: str) -> Path:
@@ -58,24 +58,58 @@ def model_features(
     folder = model_folder(cache_dir, ref, layer, dtype) / ("residues" if per_residue else "pooled")
     ensure_dir(folder, "feature cache folder")
     keys = [seq_key(s) for s in seqs]
+    local = Path(ref.source).is_dir()
+
+    def embed(fasta: Path, part: Path, overwrite: bool) -> None:
+        embed_fasta(
+            fasta, part, model=ref.source, revision=None if local else ref.revision,
+            layers=[layer], per_residue=per_residue, dtype=dtype,
+            store_dtype="float16" if per_residue else "float32", device=device, backend=backend,
+            overwrite=overwrite, quiet=True,
+            progress=None if progress is None else (lambda rows, _res, n: progress(rows, n)),
+        )  # fmt: skip
+
     with folder_lock(folder):
-        where = _index(folder)
-        missing = {k: s for k, s in zip(keys, seqs) if k not in where}  # first-seen order
-        if missing:  # the name follows the order too: a resumed part must get the same input
-            digest = hashlib.sha256("".join(missing).encode()).hexdigest()[:16]
-            part = folder / f"part-{digest}.h5"
-            fasta = folder / f"part-{digest}.fasta"
-            fasta.write_text("".join(f">{k}\n{s}\n" for k, s in missing.items()))
-            local = Path(ref.source).is_dir()
-            embed_fasta(
-                fasta, part, model=ref.source, revision=None if local else ref.revision,
-                layers=[layer], per_residue=per_residue, dtype=dtype,
-                store_dtype="float16" if per_residue else "float32", device=device, backend=backend,
-                quiet=True, progress=None if progress is None else (lambda rows, _res, n: progress(rows, n)),
-            )  # fmt: skip
-            fasta.unlink()
-            where.update(_rows(part))
-        return _gather(keys, where, per_residue)
+        for attempt in (1, 2):
+            where = _index(folder)
+            missing = {k: s for k, s in zip(keys, seqs) if k not in where}  # first-seen order
+            if missing:  # the name follows the order too: a resumed part must get the same input
+                digest = hashlib.sha256("".join(missing).encode()).hexdigest()[:16]
+                part = folder / f"part-{digest}.h5"
+                fasta = folder / f"part-{digest}.fasta"
+                fasta.write_text("".join(f">{k}\n{s}\n" for k, s in missing.items()))
+                try:  # resumes an interrupted part
+                    embed(fasta, part, overwrite=False)
+                except (OutputExistsError, ResumeMismatchError) as exc:  # ours, and it cannot resume
+                    _notice(f"feature cache: computing {part.name} again ({_first_clause(exc, part)})")
+                    embed(fasta, part, overwrite=True)
+                fasta.unlink()
+                where.update(_rows(part))
+            try:
+                return _gather(keys, where, per_residue)
+            except _DamagedPart as exc:
+                if attempt == 2:
+                    raise FlipError(f"{exc.part}: the feature cache cannot be read ({exc.reason})") from None
+                _notice(f"feature cache: {exc.part.name} is damaged ({exc.reason}); computing it again")
+                exc.part.unlink()
+        raise AssertionError("unreachable")
+
+
+class _DamagedPart(Exception):
+    """A complete part whose data cannot be read (the file was truncated or overwritten)."""
+
+    def __init__(self, part: Path, reason: str) -> None:
+        super().__init__(f"{part}: {reason}")
+        self.part, self.reason = part, reason
+
+
+def _notice(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _first_clause(exc: Exception, part: Path) -> str:
+    """The reason in an error about `part`, without the path and the --overwrite hint."""
+    return str(exc).removeprefix(f"{part}: ").split(";")[0]
 
 
 @contextmanager
@@ -108,8 +142,13 @@ def _index(folder: Path) -> dict[str, tuple[Path, int]]:
     for part in sorted(folder.glob("part-*.h5")):
         try:
             rows = _rows(part)
-        except StoreError:  # unfinished (a later run with the same sequences resumes it)
-            continue
+        except StoreError as exc:
+            try:
+                open_embeddings(part, allow_incomplete=True).close()
+            except StoreError:  # not an embeddings file at all: damaged, of no use to anyone
+                _notice(f"feature cache: removing {part.name} ({_first_clause(exc, part)})")
+                part.unlink()
+            continue  # unfinished: a later run with the same sequences resumes it
         where.update({k: v for k, v in rows.items() if k not in where})
     return where
 
@@ -125,6 +164,19 @@ def _rows(part: Path) -> dict[str, tuple[Path, int]]:
     return rows
 
 
+@contextmanager
+def _reading(part: Path) -> Iterator[EmbeddingFile]:
+    """An open complete part; any failure to read it is a _DamagedPart."""
+    try:
+        with open_embeddings(part) as emb:
+            yield emb
+    except StoreError as exc:
+        raise _DamagedPart(part, _first_clause(exc, part)) from None
+    except (OSError, KeyError) as exc:  # h5py: data past the end of a truncated file, a lost dataset
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _DamagedPart(part, first) from None
+
+
 def _gather(keys: list[str], where: dict[str, tuple[Path, int]], per_residue: bool) -> Features:
     """The features of `keys`, in order, read part by part (residues row by row, into one array)."""
     order = [where[k] for k in keys]
@@ -135,7 +187,7 @@ def _gather(keys: list[str], where: dict[str, tuple[Path, int]], per_residue: bo
     if not per_residue:
         pooled: np.ndarray | None = None
         for part, at in positions.items():
-            with open_embeddings(part) as emb:
+            with _reading(part) as emb:
                 rows = [order[i][1] for i in at]
                 mean, trunc = emb.pooled("mean"), emb.h5["truncated"][...]
                 if pooled is None:
@@ -145,7 +197,7 @@ def _gather(keys: list[str], where: dict[str, tuple[Path, int]], per_residue: bo
     spans: dict[int, tuple[int, int]] = {}
     dim = 0
     for part, at in positions.items():
-        with open_embeddings(part) as emb:
+        with _reading(part) as emb:
             offsets, trunc, dim = (
                 emb.h5["offsets"][...],
                 emb.h5["truncated"][...],
@@ -159,7 +211,7 @@ def _gather(keys: list[str], where: dict[str, tuple[Path, int]], per_residue: bo
     out_offsets[1:] = np.cumsum(lengths)
     data = np.empty((int(out_offsets[-1]), dim), dtype=np.float16)
     for part, at in positions.items():
-        with open_embeddings(part) as emb:
+        with _reading(part) as emb:
             residues = emb.h5["residues"]
             for i in at:  # rows in part order when the part was written by this task: sequential
                 a, b = spans[i]

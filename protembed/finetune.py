@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,7 @@ from protembed.flip import (
     Dataset,
     FlipError,
     Task,
-    check_sequence,
     get_task,
-    read_fasta,
 )
 from protembed.heads import (
     DEFAULT_HEAD,
@@ -54,6 +52,7 @@ from protembed.heads import (
 )
 from protembed.metrics import clean, confusion, floor
 from protembed.models.encoder import resolve_layers
+from protembed.records import read_records
 
 MAX_ONEHOT = 1024  # flattened one-hot features cover at most this many positions
 CONFIG, WEIGHTS, PREDICTIONS, PLOT = "config.json", "head.safetensors", "predictions.csv", "test.png"
@@ -262,7 +261,7 @@ def finetune(
                     "floor": clean(base),
                     "floor_kind": "train mean" if task.kind == "regression" else "majority class"},
         "seconds": {"features": round(t_features, 2), "total": round(time.perf_counter() - t0, 2)},
-        "history": history,
+        "history": [clean(h) for h in history],
     }  # fmt: skip
     test = [int(i) for i in rows["test"]]
     return Run(config, module, [data.ids[i] for i in test], [data.seqs[i] for i in test],
@@ -295,7 +294,7 @@ def save(run: Run, out_dir: Path, overwrite: bool = False) -> None:
     umask = os.umask(0)
     os.umask(umask)
     weights.chmod(0o666 & ~umask)  # safetensors creates it private; match the other files
-    (out_dir / CONFIG).write_text(json.dumps(run.config, indent=2) + "\n")
+    (out_dir / CONFIG).write_text(json.dumps(run.config, indent=2, allow_nan=False) + "\n")
     kind, classes = run.config["kind"], run.config["classes"]
     with open(out_dir / PREDICTIONS, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
@@ -350,11 +349,12 @@ def predict_fasta(
     """Apply a saved head to a FASTA file: rows (id, prediction) and the number of truncated inputs."""
     config, head = load(out_dir)
     ids, seqs = [], []
-    for line, header, body in read_fasta(fasta):
-        rid = header.split()[0] if header.split() else ""  # the rest is a free-text description
-        body = body.removesuffix("*")  # a translated stop codon, as `embed` drops it
-        check_sequence(fasta, line, rid, body)
-        ids.append(rid)
+    for rec in read_records(fasta):  # the header after the id is a free-text description
+        body = rec.body.removesuffix("*")  # a translated stop codon, as `embed` drops it
+        if not body:
+            raise rec.error("empty record (only a stop codon)")
+        replace(rec, body=body).check_residues()
+        ids.append(rec.id)
         seqs.append(body)
     task, dev = get_task(config["task"]), device or default_device()
     model_cfg = config["model"]

@@ -11,21 +11,16 @@ Validation = `SET=train VALIDATION=True`; train = the other `SET=train` records;
 
 from __future__ import annotations
 
-import gzip
-import io
 import math
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 
 from protembed.cache import default_cache_dir
 from protembed.errors import FastaError, ProtembedError
-from protembed.fasta import undecoded_byte
 from protembed.flip_fetch import FLIP_URL, Progress, fetch
+from protembed.records import Record, read_records
 
 IGNORE = -100  # label of residues without a usable label (unresolved); skipped by loss and metrics
 PARTS = ("train", "validation", "test")
@@ -112,120 +107,55 @@ def get_task(name: str) -> Task:
 # --- reading ------------------------------------------------------------------------------------
 
 
-def read_fasta(path: Path) -> Iterator[tuple[int, str, str]]:
-    """(header line number, header without '>', body) per record; plain or gzipped, multi-line bodies.
-
-    A byte that is not UTF-8 text is reported with its record and position.
-    """
-    header: str | None = None
-    body: list[str] = []
-    start = 0
-    try:
-        with _open_text(path) as fh:
-            for n, raw in enumerate(fh, 1):
-                line = raw.strip()
-                if line.startswith(">"):
-                    if header is not None:
-                        yield start, header, _body(path, start, header, body)
-                    header, body, start = line[1:].strip(), [], n
-                elif line:
-                    if header is None:
-                        raise FastaError(str(path), n, None, "text before the first '>' header")
-                    body.append(line)
-    except (OSError, EOFError) as exc:
-        raise FastaError(str(path), None, None, f"cannot read: {exc}") from None
-    if header is None:
-        raise FastaError(str(path), None, None, "no FASTA records")
-    yield start, header, _body(path, start, header, body)
-
-
-def _open_text(path: Path) -> TextIO:
-    """A UTF-8 text stream (undecodable bytes escaped) of a plain or gzipped file, or of stdin for `-`."""
-    if str(path) == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="surrogateescape")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape")
-    return open(path, encoding="utf-8-sig", errors="surrogateescape")
-
-
-def _body(path: Path, line: int, header: str, body: list[str]) -> str:
-    rid = header.split()[0] if header.split() else ""
-    if found := undecoded_byte(header):
-        rid = rid.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # printable
-        raise FastaError(str(path), line, rid, f"byte 0x{found[1]:02x} in the header is not UTF-8 text")
-    if not body:
-        raise FastaError(str(path), line, rid, "empty record")
-    seq = "".join(body)
-    if found := undecoded_byte(seq):
-        raise FastaError(
-            str(path), line, rid, f"byte 0x{found[1]:02x} at position {found[0] + 1} is not UTF-8 text"
-        )
-    return seq
-
-
-def parse_header(path: Path, line: int, header: str) -> tuple[str, dict[str, str]]:
-    """Record id and its `KEY=VALUE` annotations."""
-    fields = header.split()
-    if not fields:
-        raise FastaError(str(path), line, None, "header without an id")
+def parse_header(rec: Record) -> dict[str, str]:
+    """The `KEY=VALUE` annotations after the record id (keys upper-cased, each at most once)."""
     attrs: dict[str, str] = {}
-    for item in fields[1:]:
+    for item in rec.header.split()[1:]:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise FastaError(
-                str(path), line, fields[0], f"malformed annotation '{item}' (expected KEY=VALUE)"
-            )
+            raise rec.error(f"malformed annotation '{item}' (expected KEY=VALUE)")
+        if key.upper() in attrs:
+            raise rec.error(f"{key.upper()}= given twice")
         attrs[key.upper()] = value
-    return fields[0], attrs
+    return attrs
 
 
-def part_of(path: Path, line: int, rid: str, attrs: dict[str, str]) -> int:
+def part_of(rec: Record, attrs: dict[str, str]) -> int:
     """Train, validation or test from the SET and VALIDATION annotations."""
     s = attrs.get("SET", "").lower()
     v = attrs.get("VALIDATION", "False").lower()
     if s not in ("train", "test"):
-        raise FastaError(str(path), line, rid, f"SET must be train or test, got '{attrs.get('SET', '')}'")
+        raise rec.error(f"SET must be train or test, got '{attrs.get('SET', '')}'")
     if v not in ("true", "false"):
-        raise FastaError(
-            str(path), line, rid, f"VALIDATION must be True or False, got '{attrs['VALIDATION']}'"
-        )
+        raise rec.error(f"VALIDATION must be True or False, got '{attrs['VALIDATION']}'")
     return TEST if s == "test" else VALIDATION if v == "true" else TRAIN
-
-
-def check_sequence(path: Path, line: int, rid: str, seq: str) -> None:
-    """Sequences are letters only (ambiguity codes allowed; the encoders map them to <unk>)."""
-    if not seq.isalpha() or not seq.isascii():
-        pos = next(i for i, c in enumerate(seq) if not (c.isascii() and c.isalpha()))
-        raise FastaError(str(path), line, rid, f"invalid residue {seq[pos]!r} at position {pos + 1}")
 
 
 def read_sequence_task(task: Task, split: str, path: Path) -> Dataset:
     """A per-sequence task file: TARGET, SET and VALIDATION in every header."""
     ids, seqs, parts, targets = [], [], [], []
     index = {c: i for i, c in enumerate(task.classes)}
-    for line, header, body in read_fasta(path):
-        rid, attrs = parse_header(path, line, header)
-        check_sequence(path, line, rid, body)
+    for rec in read_records(path):
+        attrs = parse_header(rec)
+        rec.check_residues()
         if "TARGET" not in attrs:
-            raise FastaError(str(path), line, rid, "missing TARGET= annotation")
+            raise rec.error("missing TARGET= annotation")
         raw = attrs["TARGET"]
         if task.kind == "regression":
             try:
                 value = float(raw)
             except ValueError:
-                raise FastaError(str(path), line, rid, f"TARGET '{raw}' is not a number") from None
+                raise rec.error(f"TARGET '{raw}' is not a number") from None
             if not math.isfinite(value):
-                raise FastaError(str(path), line, rid, f"TARGET '{raw}' is not a finite number")
+                raise rec.error(f"TARGET '{raw}' is not a finite number")
             targets.append(value)
         elif raw in index:
             targets.append(index[raw])
         else:
-            raise FastaError(
-                str(path), line, rid, f"unknown class '{raw}' (expected one of {', '.join(index)})"
-            )
-        ids.append(rid)
-        seqs.append(body)
-        parts.append(part_of(path, line, rid, attrs))
+            raise rec.error(f"unknown class '{raw}' (expected one of {', '.join(index)})")
+        ids.append(rec.id)
+        seqs.append(rec.body)
+        parts.append(part_of(rec, attrs))
     dtype = np.float32 if task.kind == "regression" else np.int64
     return Dataset(
         task, split, ids, seqs, np.array(parts, dtype=np.int8), targets=np.array(targets, dtype=dtype)
@@ -237,59 +167,53 @@ def read_residue_task(
 ) -> Dataset:
     """A per-residue task: label records joined on id with the sequences (and the mask, if any)."""
     seqs: dict[str, str] = {}
-    for line, header, body in read_fasta(seq_path):
-        rid, _ = parse_header(seq_path, line, header)
-        check_sequence(seq_path, line, rid, body)
-        if rid in seqs:
-            raise FastaError(str(seq_path), line, rid, "duplicate id")
-        seqs[rid] = body
-    masks: dict[str, tuple[int, str]] = {}
+    for rec in read_records(seq_path):
+        parse_header(rec)
+        rec.check_residues()
+        if rec.id in seqs:
+            raise rec.error("duplicate id")
+        seqs[rec.id] = rec.body
+    masks: dict[str, Record] = {}
     if mask_path is not None:
-        masks = {parse_header(mask_path, ln, h)[0]: (ln, b) for ln, h, b in read_fasta(mask_path)}
+        masks = {rec.id: rec for rec in read_records(mask_path)}
     table = np.full(256, -1, dtype=np.int64)
     for i, c in enumerate(task.classes):
         table[ord(c)] = i
     ids, parts, labels, seen = [], [], [], set()
-    for line, header, body in read_fasta(label_path):
-        rid, attrs = parse_header(label_path, line, header)
+    for rec in read_records(label_path):
+        attrs, rid, body = parse_header(rec), rec.id, rec.body
         if rid in seen:
-            raise FastaError(str(label_path), line, rid, "duplicate id")
+            raise rec.error("duplicate id")
         seen.add(rid)
         if rid not in seqs:
-            raise FastaError(str(label_path), line, rid, f"no sequence with this id in {seq_path.name}")
+            raise rec.error(f"no sequence with this id in {seq_path.name}")
         if len(body) != len(seqs[rid]):
-            raise FastaError(
-                str(label_path), line, rid, f"{len(body)} labels for a sequence of {len(seqs[rid])} residues"
-            )
+            raise rec.error(f"{len(body)} labels for a sequence of {len(seqs[rid])} residues")
         lab = table[np.frombuffer(body.encode("latin-1", errors="replace"), dtype=np.uint8)]
         if (lab < 0).any():
             pos = int(np.flatnonzero(lab < 0)[0])
-            raise FastaError(
-                str(label_path),
-                line,
-                rid,
-                f"invalid label {body[pos]!r} at position {pos + 1} (expected one of "
-                f"{''.join(task.classes)})",
+            expected = "".join(task.classes)
+            raise rec.error(
+                f"invalid label {body[pos]!r} at position {pos + 1} (expected one of {expected})", pos
             )
         if mask_path is not None:
-            lab[_mask(mask_path, rid, masks, len(body))] = IGNORE
+            if rid not in masks:
+                raise FastaError(str(mask_path), None, rid, "no mask record for this id")
+            lab[_unresolved(masks[rid], len(body))] = IGNORE
         ids.append(rid)
-        parts.append(part_of(label_path, line, rid, attrs))
+        parts.append(part_of(rec, attrs))
         labels.append(lab)
     return Dataset(task, split, ids, [seqs[i] for i in ids], np.array(parts, dtype=np.int8), labels=labels)
 
 
-def _mask(path: Path, rid: str, masks: dict[str, tuple[int, str]], n: int) -> np.ndarray:
-    """Boolean array, True where the residue is NOT resolved."""
-    if rid not in masks:
-        raise FastaError(str(path), None, rid, "no mask record for this id")
-    line, bits = masks[rid]
+def _unresolved(mask: Record, n: int) -> np.ndarray:
+    """Boolean array, True where the residue is NOT resolved (mask 0)."""
+    bits = mask.body
     if len(bits) != n:
-        raise FastaError(
-            str(path), line, rid, f"mask of {len(bits)} positions for a sequence of {n} residues"
-        )
-    if set(bits) - {"0", "1"}:
-        raise FastaError(str(path), line, rid, "mask must contain only 0 and 1")
+        raise mask.error(f"mask of {len(bits)} positions for a sequence of {n} residues")
+    if bad := bits.strip("01"):
+        pos = bits.index(bad[0])
+        raise mask.error(f"mask must contain only 0 and 1, found {bad[0]!r} at position {pos + 1}", pos)
     return np.frombuffer(bits.encode(), dtype=np.uint8) == ord("0")
 
 
@@ -302,7 +226,9 @@ def find_file(root: Path, folder: str, name: str) -> Path:
         path = root / folder / f"{name}{suffix}"
         if path.is_file():
             return path
-    there = sorted(p.name for p in (root / folder).glob("*.fasta*")) if (root / folder).is_dir() else []
+    if not root.is_dir():
+        raise FlipError(f"--data-dir {root}: no such folder")
+    there = sorted(p.name for p in (root / folder).glob("*.fasta*") if p.is_file())
     listing = f" (found: {', '.join(there)})" if there else ""
     raise FlipError(f"no {name}.fasta[.gz] in {root / folder}{listing}")
 

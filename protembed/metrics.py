@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -111,6 +112,6 @@ def better(kind: str, new: float, best: float | None) -> bool:
     return new < best if kind == "regression" else new > best
 
 
-def clean(metrics: dict[str, float]) -> dict[str, float | None]:
+def clean(metrics: dict[str, Any]) -> dict[str, Any]:
     """NaN (undefined, e.g. Spearman of a constant) becomes None for JSON."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

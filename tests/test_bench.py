@@ -219,6 +219,8 @@ def test_no_json_without_flag_and_bad_options() -> None:
     assert both.exit_code == 2
     bad = invoke("--model", ESM2_CKPT, "--lengths", "8,x", *FAST)
     assert bad.exit_code == 2
+    huge_seed = invoke("--model", ESM2_CKPT, "--random-weights", "--seed", str(2**64), *FAST)
+    assert huge_seed.exit_code == 2 and "Traceback" not in huge_seed.output
     unknown = invoke("--model", "esm2-9m", "--random-weights", *FAST)
     assert unknown.exit_code == 1 and "unknown model 'esm2-9m'" in unknown.output
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -119,7 +123,7 @@ def test_feature_cache_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(fc, "embed_fasta", counting)
     folder = model_folder(tmp_path, ref, 3, "float32") / "pooled"
     folder.mkdir(parents=True)
-    (folder / "part-0.h5").write_text("an unfinished or foreign file is ignored")
+    (folder / "part-0.h5").write_text("not an embeddings file: removed")
     first = model_features(seqs, ref, 3, False, tmp_path)
     assert calls == [3]  # the duplicate is embedded once
     both = model_features(seqs, ref, 3, True, tmp_path)  # residues were not cached yet
@@ -139,11 +143,56 @@ def test_feature_cache_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     np.testing.assert_allclose(
         both.residues[1].astype(np.float32), direct.residues[0][:, 0], atol=2e-2, rtol=1e-2
     )
-    parts = sorted(p for p in folder.glob("part-*.h5") if p.name != "part-0.h5")
+    parts = sorted(folder.glob("part-*.h5"))
     assert len(parts) == 2 and not list(folder.glob("*.fasta"))
     with open_embeddings(parts[0]) as emb:  # an ordinary embeddings file, ids = sequence sha256
         assert list(emb.layers) == [3] and emb.attrs["model_source"] == str(ESM2.resolve())
         assert len(emb) in (1, 3) and all(len(i) == 64 for i in emb.ids)
+
+
+def test_backend_checked_even_when_features_are_cached(tmp_path: Path) -> None:
+    finetune_json("flip-gb1", tmp_path, "--model", ESM2, "--head", "ridge")  # fills the cache
+    common = ["--split", "two_vs_rest", "--data-dir", TINY, "--cache-dir", tmp_path / "cache", "-q"]
+    for backend, code, message in [
+        ("foo", 1, "--backend 'foo' is not one of auto, torch, te"),
+        ("te", 1, "Transformer Engine"),  # not installed, or no CUDA device
+    ]:
+        r = run_cli("finetune", "flip-gb1", "--model", ESM2, "--device", "cpu", "--backend", backend, *common)
+        assert r.exit_code == code and message in r.output, r.output
+    r = run_cli("finetune", "flip-gb1", "--features", "onehot", "--backend", "torch", *common)
+    assert r.exit_code == 2 and "one-hot features are not computed by a model" in r.output
+
+
+def test_damaged_feature_cache_is_recomputed(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A part that cannot be read or resumed is computed again, with a notice; the features are the same."""
+    ref = locate_model(str(ESM2))
+    seqs = ["MKTAYIAKQR", "MSEQ", "GGGHHH"]
+    good = model_features(seqs, ref, 3, True, tmp_path)
+    assert good.residues is not None
+    (part,) = (model_folder(tmp_path, ref, 3, "float32") / "residues").glob("part-*.h5")
+
+    def damage_and_check(damage: Callable[[], None], notice: str) -> None:
+        damage()
+        again = model_features(seqs, ref, 3, True, tmp_path)
+        assert again.residues is not None
+        np.testing.assert_array_equal(again.residues.data, good.residues.data)  # type: ignore[union-attr]
+        assert notice in capfd.readouterr().err
+
+    def truncate() -> None:
+        os.truncate(part, 3000)
+
+    def lose_residues() -> None:  # ids and flags still read; the data does not
+        with h5py.File(part, "r+") as h5:
+            del h5["residues"]
+
+    def older_unfinished() -> None:  # interrupted by a protembed that wrote other attributes
+        with h5py.File(part, "r+") as h5:
+            h5.attrs["complete"], h5.attrs["protembed_version"] = False, "0.0.1"
+            h5.attrs["dtype"] = "float16"
+
+    damage_and_check(truncate, f"feature cache: removing {part.name}")
+    damage_and_check(lose_residues, f"feature cache: {part.name} is damaged")
+    damage_and_check(older_unfinished, f"feature cache: computing {part.name} again (an unfinished output")
 
 
 def test_save_and_predict_round_trip(tmp_path: Path) -> None:
@@ -173,6 +222,13 @@ def test_save_and_predict_round_trip(tmp_path: Path) -> None:
         assert [g["prediction"] for g in got] == [r["predicted"] for r in saved]
         config = json.loads((out_dir / "config.json").read_text())
         assert config["task"] == get_name(task) and "test" in config["metrics"]
+    # --no-cache: the same predictions from features that are not kept
+    new_cache = tmp_path / "new-cache"
+    result = run_cli("predict", tmp_path / "flip-ss3", tmp_path / "flip-ss3.fasta", "-o", tmp_path / "nc.csv",
+                     "--device", "cpu", "--cache-dir", new_cache, "--no-cache", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "nc.csv").read_text() == (tmp_path / "flip-ss3.csv").read_text()
+    assert list(new_cache.iterdir()) == []
 
 
 def get_name(task: str) -> str:
@@ -293,6 +349,24 @@ def test_cli_option_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "error: training diverged" in r.output
 
 
+def test_undefined_metrics_saved_as_null(tmp_path: Path) -> None:
+    """Constant targets make every Spearman undefined: null in config.json, which stays strict JSON."""
+    data = copy_task(tmp_path, "gb1")
+    path = data / "gb1" / "two_vs_rest.fasta"
+    path.write_text(re.sub(r"TARGET=\S+", "TARGET=1.0", path.read_text()))
+    out = tmp_path / "head"
+    r = run_cli("finetune", "flip-gb1", "--features", "onehot", "--data-dir", data, "--epochs", "2",
+                "--device", "cpu", "--output", out, "-q")  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    config = json.loads((out / "config.json").read_text(), parse_constant=refuse)
+    assert config["metrics"]["test"]["spearman"] is None
+    assert [h["spearman"] for h in config["history"]] == [None, None]
+
+
 def test_non_finite_target_is_an_error(tmp_path: Path) -> None:
     data = copy_task(tmp_path, "gb1")
     path = data / "gb1" / "two_vs_rest.fasta"
@@ -322,7 +396,26 @@ def test_predict_reads_ordinary_fasta(tmp_path: Path, monkeypatch: pytest.Monkey
     fasta.write_bytes(b">a\nMKV\n>b\nMK\xe9V\n")  # Latin-1, not UTF-8: an error, not a traceback
     bad = run_cli("predict", out_dir, fasta, "--device", "cpu", "-q")
     assert bad.exit_code == 1 and "Traceback" not in bad.output
-    assert f"{fasta}:3: record 'b': byte 0xe9 at position 3 is not UTF-8 text" in bad.output
+    assert f"{fasta}:4: record 'b': byte 0xe9 at position 3 is not UTF-8 text" in bad.output
+
+
+def test_predict_input_defects_and_gzip_stdin(tmp_path: Path) -> None:
+    """predict reads FASTA as `embed` does: gzip from its bytes, spaces dropped, defects one line each."""
+    out_dir = tmp_path / "head"
+    finetune_json("flip-gb1", tmp_path, "--features", "onehot", "--head", "ridge", "--output", out_dir)
+    args = ["predict", str(out_dir), "-", "--device", "cpu", "-q"]
+    plain = runner.invoke(app, args, input=b">a\nMKT AYI\nAK\n")
+    zipped = runner.invoke(app, args, input=gzip.compress(b">a\nMKTAYIAK\n"))
+    assert plain.exit_code == zipped.exit_code == 0, plain.output + zipped.output
+    assert plain.stdout == zipped.stdout and "a," in plain.stdout
+    for data, message in [
+        (b">a\nMKV\n>b\n*\n", "<stdin>:3: record 'b': empty record (only a stop codon)"),
+        (b">\nMKV\n", "<stdin>:1: record '': header without an id"),
+        (b">a\nMKTAYIAK\nQR1S\n", "<stdin>:3: record 'a': invalid residue '1' at position 11"),
+    ]:
+        bad = runner.invoke(app, args, input=data)
+        assert bad.exit_code == 1 and message in bad.output, bad.output
+        assert "Traceback" not in bad.output
 
 
 def test_predict_rejects_weights_of_another_head(tmp_path: Path) -> None:

@@ -114,6 +114,14 @@ def test_unknown_split_and_missing_file() -> None:
         FlipError, match=r"no nope.fasta\[.gz\] in .*gb1 \(found: sampled.fasta, two_vs_rest.fasta\)"
     ):
         find_file(TINY, "gb1", "nope")
+    with pytest.raises(FlipError, match=r"--data-dir /nonexistent: no such folder"):
+        find_file(Path("/nonexistent"), "gb1", "two_vs_rest")
+
+
+def test_folder_named_like_a_file_is_not_listed(tmp_path: Path) -> None:
+    (tmp_path / "gb1" / "two_vs_rest.fasta").mkdir(parents=True)
+    with pytest.raises(FlipError, match=r"no two_vs_rest.fasta\[.gz\] in \S*gb1$"):
+        find_file(tmp_path, "gb1", "two_vs_rest")
 
 
 # --- malformed files: one defect each, one-line messages with path:line -------------------------
@@ -130,6 +138,7 @@ SEQ_OK = ">s1 TARGET=1.5 SET=train VALIDATION=False\nMKV\n"
         (">s1 TARGET=1 SET=dev\nMKV\n", r"record 's1': SET must be train or test, got 'dev'"),
         (">s1 TARGET=1 SET=train VALIDATION=maybe\nMKV\n", r"VALIDATION must be True or False, got 'maybe'"),
         (">s1 TARGET=1 SET=train oops\nMKV\n", r"malformed annotation 'oops' \(expected KEY=VALUE\)"),
+        (">s1 TARGET=1 SET=train target=2\nMKV\n", r"bad.fasta:1: record 's1': TARGET= given twice"),
         (SEQ_OK + ">s2 TARGET=1 SET=test\n", r"bad.fasta:3: record 's2': empty record"),
         (">s1 TARGET=1 SET=test\nMK1V\n", r"record 's1': invalid residue '1' at position 3"),
         ("", r"no FASTA records"),
@@ -152,7 +161,7 @@ def test_bytes_that_are_not_utf8(tmp_path: Path, gz: bool) -> None:
         path.write_bytes(gzip.compress(data) if gz else data)
 
     write(SEQ_OK.encode() + b">s2 TARGET=1 SET=test\nMK\xe9V\n")
-    with pytest.raises(FastaError, match=r"bad.fasta(.gz)?:3: record 's2': byte 0xe9 at position 3 is not"):
+    with pytest.raises(FastaError, match=r"bad.fasta(.gz)?:4: record 's2': byte 0xe9 at position 3 is not"):
         read_sequence_task(get_task("flip-gb1"), "x", path)
     write(b">s\xff2 TARGET=1 SET=test\nMKV\n")
     with pytest.raises(FastaError, match="record 's\ufffd2': byte 0xff in the header is not UTF-8 text"):
@@ -187,7 +196,11 @@ def test_unknown_class(tmp_path: Path) -> None:
             ">a\n011\n",
             r"mask.fasta:1: record 'a': mask of 3 positions for a sequence of 4",
         ),
-        (">a SET=train\nCCHH\n", ">a\n0121\n", r"mask must contain only 0 and 1"),
+        (
+            ">a SET=train\nCCHH\n",
+            ">a\n01\n21\n",
+            r"mask.fasta:3: record 'a': mask .* found '2' at position 3",
+        ),
         (">a SET=train\nCCHH\n", ">b\n0111\n", r"mask.fasta: record 'a': no mask record for this id"),
     ],
 )
