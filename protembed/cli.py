@@ -53,7 +53,8 @@ def handle_errors(fn: F) -> F:
         except ProtembedError as exc:
             if _DEBUG["on"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            one_line = " ".join(str(exc).split())  # texts quoted from HDF5 or the OS may hold newlines
+            err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print(

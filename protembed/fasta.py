@@ -1,10 +1,11 @@
 """FASTA input: one validating pass that indexes the file, then a second pass that yields sequences.
 
 Input is plain or gzip-compressed FASTA (gzip is recognised by its magic bytes, whatever the
-suffix) or ``-`` for stdin, which is spooled to a temporary file so that it can be read twice;
-`FastaIndex.cleanup` deletes that file (an ``atexit`` hook does too). Parsing uses Biopython's
-`SimpleFastaParser`; sequences are checked in batches with one table lookup through the model's
-`Alphabet`, so memory holds only ids, descriptions and a few numbers per record.
+suffix) or ``-`` for stdin. Stdin and named pipes (``<(zcat x.gz)``) are spooled to a temporary
+file so that they can be read twice; `FastaIndex.cleanup` deletes that file (an ``atexit`` hook
+does too). Parsing uses Biopython's `SimpleFastaParser`; sequences are checked in batches with one
+table lookup through the model's `Alphabet`, so memory holds only ids, descriptions and a few
+numbers per record.
 
 `FastaIndex.sha256` is the SHA-256 of the *decompressed* input bytes, so a file, its gzip copy
 and the same bytes piped through stdin share one hash. `FastaIndex.seq_hash` is the first 8 bytes
@@ -23,6 +24,7 @@ import itertools
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import zlib
@@ -58,7 +60,7 @@ class FastaIndex:
     """What the first pass learned; rows are records in file order (duplicate ids allowed)."""
 
     source: str  # what the user passed, for messages ("proteins.fa", "<stdin>")
-    path: Path  # the file the second pass re-reads (a temporary spool for stdin)
+    path: Path  # the file the second pass re-reads (a temporary spool for stdin or a pipe)
     ids: list[str]  # first word of each header
     descriptions: list[str]  # full header line without '>'
     n_residues: np.ndarray  # int64 [N] residue tokens per record; 0 for skipped rows
@@ -66,7 +68,7 @@ class FastaIndex:
     skip_reasons: dict[int, str]  # row -> one-line reason
     seq_hash: np.ndarray  # uint64 [N] BLAKE2b-64 of the token ids; 0 for skipped rows
     sha256: str  # SHA-256 of the decompressed input bytes
-    temporary: bool = False  # path is a spool of stdin that `cleanup` deletes
+    temporary: bool = False  # path is a spool that `cleanup` deletes
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -335,15 +337,32 @@ def _remove_stale_spools(folder: Path) -> None:
 
 
 def _resolve(path: str | Path) -> tuple[str, Path, bool]:
-    """(name for messages, file to read, whether that file is a stdin spool)."""
-    if str(path) != "-":
-        return str(path), Path(path), False
+    """(name for messages, file to read, whether that file is a spool).
+
+    Input is read twice, so stdin and other streams (a named pipe, `<(zcat x.gz)`) are first
+    copied to a temporary file.
+    """
+    stdin = str(path) == "-"
+    if not stdin:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:  # reported by the reader, with the path
+            return str(path), Path(path), False
+        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            return str(path), Path(path), False
     _remove_stale_spools(Path(tempfile.gettempdir()))
     fd, name = tempfile.mkstemp(prefix=f"{_SPOOL}{os.getpid()}-", suffix=".fasta")
     atexit.register(Path(name).unlink, missing_ok=True)
     with os.fdopen(fd, "wb") as spool:
-        shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
-    return "<stdin>", Path(name), True
+        if stdin:
+            shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+        else:
+            try:
+                with open(path, "rb") as stream:
+                    shutil.copyfileobj(stream, spool, 1 << 20)
+            except OSError as exc:
+                raise FastaError(str(path), None, None, f"cannot read input: {exc.strerror or exc}") from None
+    return ("<stdin>" if stdin else str(path)), Path(name), True
 
 
 def decompressed(raw: io.BufferedReader, source: str) -> BinaryIO:

@@ -86,7 +86,8 @@ def _check_shards(shards: list[Path]) -> tuple[dict[str, Any], list[tuple[int, i
             raise StoreError(f"{path}: made with other settings than {shards[0].name} ({', '.join(differ)})")
     starts = [a for a, _ in ranges]
     if starts[0] != 0 or any(ranges[i][1] != starts[i + 1] for i in range(len(ranges) - 1)):
-        raise StoreError(f"{shards[0].parent}: shards do not cover consecutive rows: {ranges}")
+        listing = ", ".join(f"{p.name} rows {a}:{b}" for p, (a, b) in zip(shards, ranges))
+        raise StoreError(f"{shards[0].resolve().parent}: shards do not cover consecutive rows ({listing})")
     assert settings is not None
     if len(budgets) == 1 and None not in budgets:  # kept only when every shard used the same
         settings["tokens_per_batch"] = budgets.pop()

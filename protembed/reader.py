@@ -20,7 +20,9 @@ from protembed.errors import OutputExistsError, ResumeMismatchError, StoreError
 FORMAT, FORMAT_VERSION = "protembed-embeddings", 1
 RECORD_DATASETS = ("ids", "descriptions", "lengths", "truncated", "skipped", "skip_reasons", "written")
 PER_RESIDUE_DATASETS = ("residues", "offsets")
-NOT_COMPARED = ("protembed_version", "created")  # every other root attribute must match to resume
+# Every other root attribute must match to resume. `model` is how the user named the model; the
+# model itself is `model_source` + `model_revision` (a path spelled another way is the same model).
+NOT_COMPARED = ("protembed_version", "created", "model")
 
 
 class EmbeddingFile:
@@ -125,9 +127,16 @@ class EmbeddingFile:
                     f"{self.path}: does not record the model's depth, so layer {layer} is ambiguous; "
                     f"pick one of {self.layers}"
                 )
-            layer = int(depth) + 1 + layer
+            if layer < -(int(depth) + 1):
+                raise StoreError(
+                    f"{self.path}: layer {layer} out of range for a model of {depth} blocks "
+                    f"(valid: {-(int(depth) + 1)}..{depth}; stored layers: {self.layers})"
+                )
+            given, layer = f"{layer} (= {int(depth) + 1 + layer})", int(depth) + 1 + layer
+        else:
+            given = str(layer)
         if layer not in self.layers:
-            raise StoreError(f"{self.path}: layer {layer} is not stored (stored layers: {self.layers})")
+            raise StoreError(f"{self.path}: layer {given} is not stored (stored layers: {self.layers})")
         return layer
 
     def _layer_axis(self, layer: int | None) -> int:
@@ -155,6 +164,12 @@ def open_embeddings(path: str | Path, allow_incomplete: bool = False) -> Embeddi
             raise StoreError(f"{path}: not a protembed embeddings file")
         if version != FORMAT_VERSION:
             raise StoreError(f"{path}: layout version {version} is not supported (this protembed reads 1)")
+        shards = plain(h5.attrs.get("virtual_shards")) or []  # `merge --virtual` / `embed --no-merge`
+        if lost := [name for name in shards if not (path.parent / name).is_file()]:
+            raise StoreError(
+                f"{path}: reads through to shard files that are not beside it: {', '.join(lost)} "
+                f"(copy them next to it, or run `protembed merge` where they are to get one plain file)"
+            )
         if not plain(h5.attrs.get("complete")) and not allow_incomplete:
             done = int(np.count_nonzero(h5["written"][...]))
             todo = int(np.count_nonzero(~h5["skipped"][...]))

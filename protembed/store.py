@@ -64,9 +64,9 @@ class EmbeddingWriter:
         self.pending: np.ndarray = np.flatnonzero(~written & ~skipped).astype(np.int64)
         self._fd = os.open(path, os.O_RDWR)
         self._poolings = [name for name in slabs if name not in ("residues", "written")]
-        self._rows: list[np.ndarray] = []
-        self._pooled: dict[str, list[np.ndarray]] = {name: [] for name in self._poolings}
-        self._residues: list[np.ndarray] = []
+        # (rows, pooled, residues) per write: one append each, so an interrupt between two
+        # statements of `write` (Ctrl-C on the main thread) never leaves rows without their data
+        self._pending: list[tuple[np.ndarray, dict[str, np.ndarray], list[np.ndarray]]] = []
         self._buffered, self._last_flush = 0, time.monotonic()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="protembed-writer")
         self._inflight: Future[None] | None = None
@@ -159,16 +159,16 @@ class EmbeddingWriter:
         """
         rows = np.asarray(rows, dtype=np.int64)
         assert not self._skipped[rows].any(), "skipped rows have no embeddings"
-        self._rows.append(rows)
-        for name in self._poolings:
-            assert pooled[name].shape[0] == rows.size
-            self._pooled[name].append(np.asarray(pooled[name]).astype(self._slabs[name].dtype))
-            self._buffered += self._pooled[name][-1].nbytes
+        assert sorted(pooled) == sorted(self._poolings)
+        assert all(pooled[name].shape[0] == rows.size for name in pooled)
+        converted = {name: np.asarray(pooled[name]).astype(self._slabs[name].dtype) for name in pooled}
+        per_residue: list[np.ndarray] = []
         if "residues" in self._slabs:
             assert residues is not None and len(residues) == rows.size, "per-residue output needs residues"
             dtype = self._slabs["residues"].dtype
-            self._residues.extend(np.asarray(r).astype(dtype) for r in residues)
-            self._buffered += sum(r.nbytes for r in self._residues[-rows.size :])
+            per_residue = [np.asarray(r).astype(dtype) for r in residues]
+        self._pending.append((rows, converted, per_residue))
+        self._buffered += sum(a.nbytes for a in converted.values()) + sum(r.nbytes for r in per_residue)
         if self._buffered >= self._flush_bytes or time.monotonic() - self._last_flush >= self._flush_seconds:
             self._hand_off()
 
@@ -209,11 +209,14 @@ class EmbeddingWriter:
     def _hand_off(self) -> None:
         """Give the buffer to the writer thread, after the previous hand-off has finished."""
         self._last_flush = time.monotonic()
-        if not self._rows:
+        if not self._pending:
             return
-        batch = (np.concatenate(self._rows), self._pooled, self._residues)
-        self._rows, self._residues, self._buffered = [], [], 0
-        self._pooled = {name: [] for name in self._poolings}
+        pending, self._pending, self._buffered = self._pending, [], 0
+        batch = (
+            np.concatenate([rows for rows, _, _ in pending]),
+            {name: [pooled[name] for _, pooled, _ in pending] for name in self._poolings},
+            [r for _, _, residues in pending for r in residues],
+        )
         self._wait()  # at most one batch in flight; also surfaces its error
         self._inflight = self._thread.submit(self._write_batch, *batch)
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
-from protembed.cli import app
+from protembed.cli import app, handle_errors
+from protembed.errors import StoreError
 from protembed.models import checkpoints
 from protembed.reader import open_embeddings
 from tests.helpers import fixture_dir, reference, rows_written
@@ -204,6 +206,10 @@ def test_existing_output_and_mismatched_resume(tmp_path: Path) -> None:
         f.attrs["complete"] = False
     r = embed(str(fasta), "-o", str(out), "--model", ESM, "--layer", "2")
     assert r.exit_code == 1 and "layers" in r.output, r.output
+    link = tmp_path / "same-checkpoint"
+    link.symlink_to(ESM)
+    r = embed(str(fasta), "-o", str(out), "--model", f"{link}/", "--layer", "1")  # the same model
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.parametrize(
@@ -298,3 +304,17 @@ def test_bad_input_fails_before_a_registry_model_is_fetched(
     fasta.write_text(">a\nMKTA\n")
     r = embed(str(fasta), "-o", str(tmp_path / "x.h5"), "--model", "esm2-650m")
     assert r.exit_code == 1 and "protembed download esm2-650m" in r.output, r.output  # then the model
+
+
+def test_error_text_with_newlines_prints_as_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """HDF5 and OS texts quoted in an error may hold newlines; the user still gets one line."""
+
+    @handle_errors
+    def fails() -> None:
+        raise StoreError("o.h5: cannot write output: write failed: time = Tue Nov 24\n, filename = 'o.h5'")
+
+    with pytest.raises(typer.Exit) as info:
+        fails()
+    err = capsys.readouterr().err
+    assert info.value.exit_code == 1 and err.count("\n") == 1
+    assert "time = Tue Nov 24 , filename = 'o.h5'" in err

@@ -91,8 +91,10 @@ def test_negative_layers_count_from_the_end_when_the_depth_is_recorded(tmp_path:
     export_per_protein(tmp_path / "in.h5", tmp_path / "five.h5", layer=5)
     with h5py.File(tmp_path / "last.h5", "r") as a, h5py.File(tmp_path / "five.h5", "r") as b:
         assert a.attrs["layer"] == 5 and np.array_equal(a["tr%2FQ2"][...], b["tr%2FQ2"][...])
-    with pytest.raises(StoreError, match=r"layer 4 is not stored"):
+    with pytest.raises(StoreError, match=r"layer -2 \(= 4\) is not stored \(stored layers: \[2, 5\]\)"):
         export_per_protein(tmp_path / "in.h5", tmp_path / "x.h5", layer=-2)
+    with pytest.raises(StoreError, match=r"layer -7 out of range for a model of 5 blocks \(valid: -6..5;"):
+        export_per_protein(tmp_path / "in.h5", tmp_path / "x.h5", layer=-7)
 
 
 def test_export_cli(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -58,6 +59,21 @@ def test_stdin_is_spooled_and_cleaned_up(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(gzip.compress(TEXT.encode()))))
     index = scan_fasta("-", ESM2)
     assert index.source == "<stdin>" and index.temporary and index.path.exists()
+    assert index.sha256 == scan_fasta(write(tmp_path, TEXT), ESM2).sha256
+    assert [row for row, _ in iter_records(index)] == [0, 1, 2]
+    index.cleanup()
+    assert not index.path.exists()
+
+
+def test_named_pipe_is_spooled(tmp_path: Path) -> None:
+    """A FIFO (what `<(zcat x.gz)` gives) cannot be read twice: it is spooled like stdin."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(gzip.compress(TEXT.encode())))
+    writer.start()
+    index = scan_fasta(fifo, ESM2)
+    writer.join()
+    assert index.source == str(fifo) and index.temporary and index.path != fifo
     assert index.sha256 == scan_fasta(write(tmp_path, TEXT), ESM2).sha256
     assert [row for row, _ in iter_records(index)] == [0, 1, 2]
     index.cleanup()

@@ -38,6 +38,7 @@ from protembed.pipeline import (
     run_pipeline,
     units_to_compute,
 )
+from protembed.reader import open_embeddings
 from tests.helpers import fixture_dir, rows_written
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
@@ -115,6 +116,13 @@ def test_torchrun_two_ranks_equal_one_process(many: Path, single: Path, merge: b
         assert_same_file(single, out)
     finally:
         os.chdir(cwd)
+    if not merge:  # without its shards, a virtual file would read as zeros: refused instead
+        shards[1].rename(other_dir / shards[1].name)
+        with pytest.raises(StoreError, match=rf"not beside it: {shards[1].name} \(copy them"):
+            open_embeddings(out)
+        r = subprocess.run([*PROTEMBED, "export", str(out), "-o", str(tmp_path / "x.h5")],
+                           env=ENV, capture_output=True, text=True)  # fmt: skip
+        assert r.returncode == 1 and "not beside it" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_shard_ranges_cover_every_row_at_window_boundaries() -> None:
@@ -255,6 +263,11 @@ def test_merge_refuses_partial_shards(single: Path, tmp_path: Path) -> None:
     r = subprocess.run([*PROTEMBED, "merge", str(out)], env=ENV, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("error:") and "unfinished" in r.stderr, r.stderr
     assert not out.exists()
+    with h5py.File(shard1, "r+") as f:  # both complete, but rank 1 is a copy of rank 0
+        f.attrs.update(shard_start=0, shard_stop=n, complete=True)
+    listing = r"\(job.shard-000-of-002.h5 rows 0:1200, job.shard-001-of-002.h5 rows 0:1200\)$"
+    with pytest.raises(StoreError, match=rf"^{tmp_path}: shards do not cover consecutive rows {listing}"):
+        merge_shards(out, find_shards(out))
 
 
 def test_ctrl_c_inside_a_result_put_does_not_hang_the_writer(tmp_path: Path) -> None:
