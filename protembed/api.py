@@ -19,6 +19,7 @@ import torch
 from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.batching import token_batches
 from protembed.compute import run_batch
+from protembed.errors import BackendError, OptionError
 from protembed.models.checkpoints import load_checkpoint, weights_sha256
 from protembed.models.encoder import Encoder, resolve_layers
 
@@ -63,7 +64,7 @@ class Model:
     def device(self) -> torch.device:
         return self.encoder.embed.weight.device
 
-    def layers(self, spec: Sequence[int | str] = (-1,)) -> list[int]:
+    def layers(self, spec: Sequence[int | str] | int | str = (-1,)) -> list[int]:
         """Resolve a layer list (negative, "final", "all") to non-negative indices."""
         return resolve_layers(spec, self.encoder.config)
 
@@ -71,13 +72,17 @@ class Model:
     def embed(
         self,
         sequences: Sequence[str],
-        layers: Sequence[int | str] = (-1,),
+        layers: Sequence[int | str] | int | str = (-1,),
         pooling: Sequence[str] = ("mean",),
         per_residue: bool = False,
         tokens_per_batch: int = 8192,
         max_residues: int | None = None,
     ) -> Embeddings:
         """Embed sequences in memory; longer ones are truncated to the model's maximum."""
+        if isinstance(sequences, (str, bytes)):
+            raise TypeError("sequences: pass a list of sequences, not one string")
+        if empty := [i for i, s in enumerate(sequences) if not s]:
+            raise ValueError(f"sequences: sequence {empty[0]} is empty")
         idx = self.layers(layers)
         limit = max_residues or self.encoder.config.max_residues
         tokens = [self.alphabet.encode(s, record=str(i)) for i, s in enumerate(sequences)]
@@ -96,6 +101,19 @@ class Model:
         return Embeddings(pooled=pooled, layers=idx, residues=residues, truncated=truncated)
 
 
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The requested torch device, checked to exist; default: first GPU, else CPU."""
+    try:
+        dev = torch.device(device or default_device())
+    except RuntimeError:
+        raise BackendError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise BackendError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return dev
+
+
 def load_model(
     model: str | Path,
     dtype: str | torch.dtype = "float32",
@@ -111,9 +129,11 @@ def load_model(
     """
     from protembed.backends import prepare, resolve_backend
 
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    dtype_name = next(name for name, dt in DTYPES.items() if dt == torch_dtype)
-    dev = torch.device(device or default_device())
+    dtype_name = next((name for name, dt in DTYPES.items() if dtype in (name, dt)), None)
+    if dtype_name is None:
+        raise OptionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype_name]
+    dev = check_device(device)
     path = Path(model)
     if path.is_dir():
         name, source, rev, ckpt = path.name, str(path.resolve()), weights_sha256(path), path

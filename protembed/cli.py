@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from protembed import __version__
-from protembed.errors import BackendError, ProtembedError
+from protembed.errors import ProtembedError
 
 if TYPE_CHECKING:
     import torch
@@ -70,19 +70,9 @@ def handle_errors(fn: F) -> F:
 
 def resolve_device(device: str | None) -> torch.device:
     """The requested torch device, checked to exist; default: first GPU, else CPU."""
-    import torch
+    from protembed.api import check_device
 
-    from protembed.api import default_device
-
-    try:
-        dev = torch.device(device or default_device())
-    except RuntimeError:
-        raise BackendError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {device!r} requested but CUDA is not available")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise BackendError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    return dev
+    return check_device(device)
 
 
 def print_json(data: Any) -> None:

@@ -100,6 +100,8 @@ def locate_model(
     """
     path = Path(model).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise OptionError(f"--revision names a Hub revision; {model} is a local directory")
         config = checkpoints.read_config(path)
         return ModelRef(model, str(path.resolve()), checkpoints.weights_sha256(path), path, config)
     from protembed.hub import resolve_model

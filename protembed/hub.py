@@ -43,7 +43,7 @@ from rich.progress import (
 )
 
 from protembed import __version__
-from protembed.errors import CheckpointError, HubError, UnknownModelError
+from protembed.errors import CheckpointError, HubError, OptionError, UnknownModelError
 from protembed.hub_cache import cache_root, cached_snapshot, disk_size, remove_files, write_ref
 from protembed.models.checkpoints import CONFIG_FILE, WEIGHT_FILES, config_from_dict, verify_checkpoint
 from protembed.models.encoder import EncoderConfig
@@ -69,6 +69,11 @@ def parse_model(model: str) -> tuple[str | None, str]:
     info = lookup(model)
     if info is not None:
         return info.name, info.repo_id
+    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:  # meant as a folder
+        path = Path(model).expanduser()
+        raise UnknownModelError(
+            model, list(MODELS), "not a directory" if path.exists() else "no such directory"
+        )
     if model.count("/") == 1:
         try:
             validate_repo_id(model)
@@ -104,6 +109,7 @@ def resolve_model(
     """
     local = _local_dir(model)
     if local is not None:
+        _no_revision(model, revision)
         return ResolvedModel(None, str(local), local, "local")
     name, repo_id = parse_model(model)
     hit = cached_snapshot(repo_id, revision, cache_dir)
@@ -111,8 +117,9 @@ def resolve_model(
         return ResolvedModel(name, repo_id, hit[0], hit[1])
     if constants.is_offline_mode() or not download:
         raise _not_cached(model, repo_id, revision, cache_dir)
+    at = f" at revision {revision}" if revision else ""
     _console.print(
-        f"{name or repo_id} is not cached: downloading {repo_id} into {cache_root(cache_dir)}",
+        f"{name or repo_id}{at} is not cached: downloading {repo_id} into {cache_root(cache_dir)}",
         highlight=False,
         markup=False,
     )
@@ -134,6 +141,7 @@ def download_model(
     """
     local = _local_dir(model)
     if local is not None:
+        _no_revision(model, revision)
         verify_checkpoint(local)
         return ResolvedModel(None, str(local), local, "local"), disk_size(local)
     name, repo_id = parse_model(model)
@@ -150,6 +158,11 @@ def download_model(
             raise HubError("--force needs the network but HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0")
         raise _not_cached(model, repo_id, revision, cache_dir)
     return _download(name, repo_id, revision, cache_dir, force, progress)
+
+
+def _no_revision(model: str, revision: str | None) -> None:
+    if revision is not None:
+        raise OptionError(f"--revision names a Hub revision; {model} is a local directory")
 
 
 def _not_cached(model: str, repo_id: str, revision: str | None, cache_dir: str | Path | None) -> HubError:

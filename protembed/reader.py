@@ -33,6 +33,8 @@ class EmbeddingFile:
         self.attrs: dict[str, Any] = {key: plain(value) for key, value in h5.attrs.items()}
         self.lengths: np.ndarray = h5["lengths"][...]
         self.skipped: np.ndarray = h5["skipped"][...]
+        # rows whose embeddings are on disk (all but skipped ones once the file is complete)
+        self.written: np.ndarray = h5["written"][...].astype(bool) if "written" in h5 else ~self.skipped
         self.layers: list[int] = [int(x) for x in np.atleast_1d(self.attrs.get("layers", [])).tolist()]
         self.poolings = [k for k in h5 if k not in (*RECORD_DATASETS, *PER_RESIDUE_DATASETS)]
 
@@ -74,7 +76,8 @@ class EmbeddingFile:
             raise StoreError(f"{self.path}: no record with id {key!r}") from None
 
     def pooled(self, kind: str = "mean", layer: int | None = None) -> np.ndarray:
-        """All rows of one pooling, as stored (float32 or float16); skipped rows are NaN.
+        """All rows of one pooling, as stored (float32 or float16); skipped rows are NaN, and so are
+        rows not written yet (a file opened with allow_incomplete).
 
         Returns (N, D) with one stored layer or when `layer` (a model layer index) is given,
         else (N, K, D).
@@ -84,8 +87,11 @@ class EmbeddingFile:
         ds = self._h5[kind]
         if layer is None or ds.ndim == 2:
             self._layer_axis(layer)
-            return ds[...]
-        return ds[:, self._layer_axis(layer)]
+            data = ds[...]
+        else:
+            data = ds[:, self._layer_axis(layer)]
+        data[~self.written & ~self.skipped] = np.nan
+        return data
 
     def residues(self, key: int | str, layer: int | None = None) -> np.ndarray:
         """Per-residue embeddings of one record (by row or id): (L, D), or (L, K, D) without `layer`."""
@@ -94,6 +100,8 @@ class EmbeddingFile:
         row = self.index(key) if isinstance(key, str) else int(key)
         if not 0 <= row < len(self):
             raise StoreError(f"{self.path}: row {row} out of range (0..{len(self) - 1})")
+        if not (self.written[row] or self.skipped[row]):
+            raise StoreError(f"{self.path}: row {row} is not written yet (the run is unfinished)")
         a, b = (int(x) for x in self._h5["offsets"][row : row + 2])
         ds = self._h5["residues"]
         if layer is None or ds.ndim == 2:

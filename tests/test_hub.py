@@ -27,6 +27,7 @@ from protembed.errors import CheckpointError, HubError, UnknownModelError
 from protembed.hub import download_model, resolve_model
 from protembed.hub_cache import cached_snapshot
 from protembed.models.checkpoints import load_checkpoint
+from tests.helpers import fixture_dir
 from tests.hub_server import FIXTURES, TOKEN, FakeHub, Fault, default_repos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,6 +306,20 @@ def test_unknown_name_suggests_close_names() -> None:
     result = CliRunner().invoke(app, ["download", "amplfy-120m"])
     assert result.exit_code == 1
     assert "unknown model 'amplfy-120m'; did you mean amplify-120m" in " ".join(result.output.split())
+
+
+def test_paths_and_revisions_of_local_models(tmp_path: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(app, ["download", str(tmp_path / "no" / "such")])
+    assert r.exit_code == 1 and "no such directory" in r.output
+    (tmp_path / "file").write_text("")
+    r = runner.invoke(app, ["download", str(tmp_path / "file")])
+    assert r.exit_code == 1 and "not a directory" in r.output
+    local = str(fixture_dir("esm2_t3_h64") / "checkpoint")
+    (tmp_path / "x.fa").write_text(">a\nMKV\n")
+    for args in (["download", local], ["embed", str(tmp_path / "x.fa"), "-m", local]):
+        r = runner.invoke(app, [*args, "--revision", "v2"])
+        assert r.exit_code == 1 and "--revision names a Hub revision" in r.output, r.output
 
 
 def test_local_directory_is_used_as_is() -> None:

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from protembed.alphabet import ALPHABETS
+from protembed.api import load_model
+from protembed.errors import BackendError, OptionError
 from protembed.models.encoder import Encoder, resolve_layers
 from protembed.pooling import mean_pool
-from tests.helpers import FIXTURE_NAMES, reference, run_packed
+from tests.helpers import FIXTURE_NAMES, fixture_dir, reference, run_packed
 
 TOL = 1e-4  # fixtures README: final representations within 1e-4 (a faithful port lands ~1e-5)
 
@@ -112,6 +114,25 @@ def test_layer_resolution() -> None:
         resolve_layers([7], esm)
     with pytest.raises(ValueError, match="out of range"):
         resolve_layers([-8], esm)
+    assert resolve_layers("all", esm) == list(range(7)) and resolve_layers(-1, esm) == [6]  # one item
+    with pytest.raises(ValueError, match="layer 'x' is not a number, 'all' or 'final'"):
+        resolve_layers(["x"], esm)
+
+
+def test_python_api_refuses_wrong_arguments() -> None:
+    """Mistakes through the Python API are clear errors, not silent results or KeyErrors."""
+    ckpt = fixture_dir("esm2_t3_h64") / "checkpoint"
+    with pytest.raises(OptionError, match="dtype 'float64' is not one of float32, bfloat16, float16"):
+        load_model(ckpt, dtype="float64")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="CUDA is not available"):
+            load_model(ckpt, device="cuda")
+    model = load_model(ckpt, dtype=torch.float32, device="cpu")
+    with pytest.raises(TypeError, match="a list of sequences, not one string"):
+        model.embed("MKTAY")
+    with pytest.raises(ValueError, match="sequence 1 is empty"):
+        model.embed(["MKV", ""])
+    assert model.embed(["MKV"], layers="all").pooled["mean"].shape == (1, 4, 64)
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)

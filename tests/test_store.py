@@ -186,7 +186,12 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"unfinished output \(19 of 38 records written\)"):
         open_embeddings(path)
     with open_embeddings(path, allow_incomplete=True) as emb:
-        assert not emb.attrs["complete"]
+        assert not emb.attrs["complete"] and np.flatnonzero(emb.written).tolist() == sorted(first.tolist())
+        mean = emb.pooled("mean")
+        assert np.isnan(mean[~emb.written]).all() and not np.isnan(mean[emb.written]).any()
+        unwritten = int(np.flatnonzero(~emb.written & ~emb.skipped)[0])
+        with pytest.raises(StoreError, match=rf"row {unwritten} is not written yet"):
+            emb.residues(unwritten)
 
     writer = open_writer(path)
     assert writer.pending.tolist() == sorted(set(range(N)) - set(SKIPPED) - set(first.tolist()))
@@ -199,14 +204,15 @@ def test_resume_with_other_settings_names_them(tmp_path: Path) -> None:
     path = tmp_path / "out.h5"
     open_writer(path).close(complete=False)
     with pytest.raises(ResumeMismatchError) as err:
-        open_writer(path, attrs=attrs(model="esm2-other", layers=[1, 2], max_length=None))
+        open_writer(path, attrs=attrs(model_revision="def456", layers=[1, 2], max_length=None))
     message = str(err.value)
     assert "\n" not in message and "--overwrite" in message
-    assert "model 'esm2-tiny' (file) vs 'esm2-other' (now)" in message
+    assert "model_revision 'abc123' (file) vs 'def456' (now)" in message
     assert (
         "layers [1, 3] (file) vs [1, 2] (now)" in message
         and "max_length 1022 (file) vs (unset) (now)" in message
     )
+    open_writer(path, attrs=attrs(model="tests/fixture/")).close(complete=False)  # same model, other name
     with pytest.raises(ResumeMismatchError, match="dataset residues"):
         open_writer(path, per_residue=False, attrs=attrs(per_residue=True))
     with pytest.raises(ResumeMismatchError, match="store_dtype 'float16' \\(file\\) vs 'float32'"):

@@ -55,11 +55,12 @@ class EncoderConfig:
         return asdict(self)
 
 
-def resolve_layers(spec: Sequence[int | str], config: EncoderConfig) -> list[int]:
-    """Non-negative, de-duplicated layer indices for a user's list (ints, "final" or "all")."""
+def resolve_layers(spec: Sequence[int | str] | int | str, config: EncoderConfig) -> list[int]:
+    """Non-negative, de-duplicated layer indices for a user's list (ints, "final" or "all"), or for
+    one such item alone."""
     n, top = config.n_layers, config.top_layer
     out: list[int] = []
-    for item in spec:
+    for item in [spec] if isinstance(spec, (str, int)) else spec:  # "all" or -1 alone
         if isinstance(item, str):
             word = item.strip().lower()
             if word == "all":
@@ -68,7 +69,10 @@ def resolve_layers(spec: Sequence[int | str], config: EncoderConfig) -> list[int
             if word in ("final", "normed"):
                 out.append(top)
                 continue
-            item = int(word)
+            try:
+                item = int(word)
+            except ValueError:
+                raise ValueError(f"layer {item!r} is not a number, 'all' or 'final'") from None
         idx = n + 1 + item if item < 0 else item
         if not 0 <= idx <= top:
             raise ValueError(f"layer {item} out of range for a {n}-layer model (valid: {-n - 1}..{top})")
