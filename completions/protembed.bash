@@ -54,6 +54,7 @@ _protembed() {
             embed:--dtype) _protembed_words 'float32 bfloat16 float16 fp8' ;;
             embed:--store-dtype) _protembed_words 'float32 float16' ;;
             embed:--long) _protembed_words 'truncate window' ;;
+            embed:--backend) _protembed_words 'auto torch te' ;;
             embed:--on-invalid) _protembed_words 'error skip' ;;
             embed:--compression) _protembed_words 'gzip lzf' ;;
             download:--cache-dir) _protembed_paths -f ;;
@@ -63,9 +64,11 @@ _protembed() {
             finetune:--data-dir) _protembed_paths -f ;;
             finetune:--cache-dir) _protembed_paths -f ;;
             finetune:-o|finetune:--output) _protembed_paths -f ;;
+            finetune:--backend) _protembed_words 'auto torch te' ;;
             predict:-o|predict:--output) _protembed_paths -f ;;
             predict:--cache-dir) _protembed_paths -f ;;
             bench:--dtype) _protembed_words 'float32 bfloat16 float16' ;;
+            bench:--backend) _protembed_words 'auto torch te' ;;
             bench:-i|bench:--input) _protembed_paths -f ;;
             bench:--compare) _protembed_words hf ;;
             bench:--plot) _protembed_paths -f ;;

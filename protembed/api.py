@@ -73,7 +73,7 @@ class Model:
         self,
         sequences: Sequence[str],
         layers: Sequence[int | str] | int | str = (-1,),
-        pooling: Sequence[str] = ("mean",),
+        pooling: Sequence[str] | str = ("mean",),
         per_residue: bool = False,
         tokens_per_batch: int = 8192,
         max_residues: int | None = None,
@@ -81,8 +81,15 @@ class Model:
         """Embed sequences in memory; longer ones are truncated to the model's maximum."""
         if isinstance(sequences, (str, bytes)):
             raise TypeError("sequences: pass a list of sequences, not one string")
-        if empty := [i for i, s in enumerate(sequences) if not s]:
-            raise ValueError(f"sequences: sequence {empty[0]} is empty")
+        sequences = list(sequences)  # a generator is read once
+        for i, seq in enumerate(sequences):
+            if not isinstance(seq, str):
+                raise TypeError(f"sequences: item {i} is {type(seq).__name__}, not str")
+            if not seq:
+                raise ValueError(f"sequences: sequence {i} is empty")
+        pooling = [pooling] if isinstance(pooling, str) else list(pooling)
+        if not pooling:
+            raise ValueError("pooling: name at least one of mean, cls")
         idx = self.layers(layers)
         limit = max_residues or self.encoder.config.max_residues
         tokens = [self.alphabet.encode(s, record=str(i)) for i, s in enumerate(sequences)]
@@ -136,6 +143,8 @@ def load_model(
     dev = check_device(device)
     path = Path(model)
     if path.is_dir():
+        if revision is not None:
+            raise OptionError(f"revision names a Hub revision; {model} is a local directory")
         name, source, rev, ckpt = path.name, str(path.resolve()), weights_sha256(path), path
     else:
         from protembed.hub import resolve_model

@@ -39,7 +39,9 @@ def resolve_backend(backend: str, device: str, dtype: str, compile: bool) -> str
             raise OptionError("--backend te runs in bfloat16, float16 or fp8; add --dtype bfloat16")
         te.check_available(fp8=dtype == "fp8", device=torch.device(device))
     elif dtype == "fp8":
-        raise OptionError("--dtype fp8 needs --backend te (Transformer Engine on a Hopper or newer GPU)")
+        raise OptionError(
+            "--dtype fp8 needs --backend te (Transformer Engine on an Ada, Hopper or newer GPU)"
+        )
     return backend
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from enum import Enum
 from functools import wraps
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -35,9 +36,16 @@ out_console = Console()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
 # options shared by several commands
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    te = "te"
+
+
 BackendOption = Annotated[
-    str, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
+    Backend, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
 ]
 CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile the model (torch backend).")]
 _DEBUG = {"on": False}

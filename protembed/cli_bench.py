@@ -15,6 +15,7 @@ from rich.table import Table
 from protembed import __version__
 from protembed.cache import check_file_output
 from protembed.cli import (
+    Backend,
     BackendOption,
     CompileOption,
     err_console,
@@ -197,7 +198,7 @@ def bench(
     ] = DEFAULT_MODEL,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: the GPU if any).")] = None,
     dtype: Annotated[DType, typer.Option(help="Weights and compute dtype.")] = DType.float32,
-    backend: BackendOption = "auto",
+    backend: BackendOption = Backend.auto,
     compile: CompileOption = False,
     lengths: Annotated[
         list[str] | None,
@@ -276,7 +277,7 @@ def bench(
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    resolved = resolve_backend(backend, str(dev), dtype.value, compile)
+    resolved = resolve_backend(backend.value, str(dev), dtype.value, compile)
     loaded = build_model(model, random_weights, DTYPES[dtype.value], dev, seed)
     config = loaded.encoder.config
     budgets = budgets or [default_token_budget(config, dev, DTYPES[dtype.value])]  # what embed would use

@@ -14,7 +14,7 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from protembed.cli import BackendOption, CompileOption, err_console, handle_errors, print_json
+from protembed.cli import Backend, BackendOption, CompileOption, err_console, handle_errors, print_json
 from protembed.errors import OptionError
 from protembed.registry import DEFAULT_MODEL
 
@@ -63,6 +63,8 @@ def default_output(input_path: str) -> Path:
     if input_path == "-":
         raise OptionError("reading stdin ('-') needs an output: add -o OUTPUT.h5")
     path = Path(input_path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # a pipe: `<(zcat x.gz)`
+        raise OptionError(f"reading a pipe ({input_path}) needs an output: add -o OUTPUT.h5")
     name = path.name
     for suffix in (".gz", ".fasta", ".fa", ".faa", ".fas", ".fna", ".seq", ".txt"):
         name = name.removesuffix(suffix)
@@ -112,7 +114,7 @@ def embed(
         bool, typer.Option("--per-residue", help="Also store every residue's vector.")
     ] = False,
     dtype: Annotated[
-        DType, typer.Option(help="Compute dtype (fp8: --backend te on a Hopper or newer GPU).")
+        DType, typer.Option(help="Compute dtype (fp8: --backend te on an Ada, Hopper or newer GPU).")
     ] = DType.float32,
     store_dtype: Annotated[StoreDType, typer.Option(help="Stored dtype.")] = StoreDType.float32,
     tokens_per_batch: Annotated[
@@ -131,7 +133,7 @@ def embed(
         str | None,
         typer.Option(help="cpu, cpu:N, cuda, cuda:0,1, 0,1,3 or all (default: every GPU, else the CPU)."),
     ] = None,
-    backend: BackendOption = "auto",
+    backend: BackendOption = Backend.auto,
     compile: CompileOption = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Require an unfinished output to continue.")
@@ -189,7 +191,8 @@ def embed(
             dtype=dtype.value, store_dtype=store_dtype.value, tokens_per_batch=tokens_per_batch,
             max_length=max_length, long_policy=long.value, device=device, overwrite=overwrite,
             on_invalid=on_invalid.value, compression=compression.value if compression else None,
-            merge=merge, backend=backend, compile=compile, progress=progress, started=started, quiet=quiet,
+            merge=merge, backend=backend.value, compile=compile, progress=progress, started=started,
+            quiet=quiet,
         )  # fmt: skip
     if as_json:
         print_json(summary.as_dict())

@@ -16,7 +16,15 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from protembed.cache import check_file_output, default_cache_dir, ensure_dir
-from protembed.cli import BackendOption, err_console, handle_errors, out_console, print_json, resolve_device
+from protembed.cli import (
+    Backend,
+    BackendOption,
+    err_console,
+    handle_errors,
+    out_console,
+    print_json,
+    resolve_device,
+)
 from protembed.errors import OutputExistsError, require_matplotlib
 from protembed.flip_fetch import FLIP_URL
 from protembed.registry import DEFAULT_MODEL
@@ -123,7 +131,7 @@ def finetune(
         bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")
     ] = False,
     device: Device = None,
-    backend: BackendOption = "auto",
+    backend: BackendOption = Backend.auto,
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
     plot_png: Annotated[
         bool, typer.Option("--plot", help="Also write a PNG of the test predictions.")
@@ -145,10 +153,10 @@ def finetune(
     spec = get_task(task.value)
     head_name = check_head(spec, head.value if head else None)
     dev = str(resolve_device(device))
-    if features is FeatureKind.onehot and backend != "auto":
+    if features is FeatureKind.onehot and backend is not Backend.auto:
         raise typer.BadParameter("one-hot features are not computed by a model", param_hint="--backend")
     if features is not FeatureKind.onehot:  # checked even when every feature is cached already
-        resolve_backend(backend, dev, "bfloat16" if backend == "te" else "float32", compile=False)
+        resolve_backend(backend.value, dev, "bfloat16" if backend is Backend.te else "float32", compile=False)
     if output is not None:
         check_output(output, overwrite)
     if plot_png:
@@ -184,7 +192,7 @@ def finetune(
 
         run = run_finetune(data, model=model_ref, head=head_name, layer=-1 if layer is None else layer,
                            epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience,
-                           device=dev, backend=backend, cache_dir=cache, on_embed=on_embed,
+                           device=dev, backend=backend.value, cache_dir=cache, on_embed=on_embed,
                            on_epoch=on_epoch)  # fmt: skip
     cfg = run.config
     if output is not None:

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -86,12 +87,12 @@ def model_features(
                 fasta.unlink()
                 where.update(_rows(part))
             try:
-                return _gather(keys, where, per_residue)
+                return _gather(keys, where, per_residue, ref.config.d_model)
             except _DamagedPart as exc:
                 if attempt == 2:
                     raise FlipError(f"{exc.part}: the feature cache cannot be read ({exc.reason})") from None
                 _notice(f"feature cache: {exc.part.name} is damaged ({exc.reason}); computing it again")
-                exc.part.unlink()
+                _remove(exc.part)
         raise AssertionError("unreachable")
 
 
@@ -147,7 +148,7 @@ def _index(folder: Path) -> dict[str, tuple[Path, int]]:
                 open_embeddings(part, allow_incomplete=True).close()
             except StoreError:  # not an embeddings file at all: damaged, of no use to anyone
                 _notice(f"feature cache: removing {part.name} ({_first_clause(exc, part)})")
-                part.unlink()
+                _remove(part)
             continue  # unfinished: a later run with the same sequences resumes it
         where.update({k: v for k, v in rows.items() if k not in where})
     return where
@@ -172,13 +173,27 @@ def _reading(part: Path) -> Iterator[EmbeddingFile]:
             yield emb
     except StoreError as exc:
         raise _DamagedPart(part, _first_clause(exc, part)) from None
-    except (OSError, KeyError) as exc:  # h5py: data past the end of a truncated file, a lost dataset
+    except (OSError, KeyError, IndexError, ValueError) as exc:  # truncated data, lost or misshapen datasets
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _DamagedPart(part, first) from None
 
 
-def _gather(keys: list[str], where: dict[str, tuple[Path, int]], per_residue: bool) -> Features:
-    """The features of `keys`, in order, read part by part (residues row by row, into one array)."""
+def _remove(part: Path) -> None:
+    """Delete a damaged part (a folder in its place too); a FlipError when the cache is not ours to change."""
+    try:
+        if part.is_dir() and not part.is_symlink():
+            shutil.rmtree(part)
+        else:
+            part.unlink()
+    except OSError as exc:
+        raise FlipError(
+            f"{part}: damaged, and it cannot be removed ({exc.strerror or exc}); delete it"
+        ) from None
+
+
+def _gather(keys: list[str], where: dict[str, tuple[Path, int]], per_residue: bool, dim: int) -> Features:
+    """The features of `keys`, in order, read part by part (residues row by row, into one array);
+    a part whose shapes do not fit (`dim` features per row) is a _DamagedPart."""
     order = [where[k] for k in keys]
     positions: dict[Path, list[int]] = {}
     for i, (part, _) in enumerate(order):
@@ -190,19 +205,19 @@ def _gather(keys: list[str], where: dict[str, tuple[Path, int]], per_residue: bo
             with _reading(part) as emb:
                 rows = [order[i][1] for i in at]
                 mean, trunc = emb.pooled("mean"), emb.h5["truncated"][...]
+                if mean.shape != (len(emb), dim) or trunc.shape != (len(emb),):
+                    raise _DamagedPart(part, f"mean {mean.shape}, expected {(len(emb), dim)}")
                 if pooled is None:
-                    pooled = np.zeros((len(keys), mean.shape[1]), dtype=np.float32)
+                    pooled = np.zeros((len(keys), dim), dtype=np.float32)
                 pooled[at], truncated[at] = mean[rows], trunc[rows]
         return Features(np.zeros((0, 0), np.float32) if pooled is None else pooled, None, truncated)
     spans: dict[int, tuple[int, int]] = {}
-    dim = 0
     for part, at in positions.items():
         with _reading(part) as emb:
-            offsets, trunc, dim = (
-                emb.h5["offsets"][...],
-                emb.h5["truncated"][...],
-                emb.h5["residues"].shape[1],
-            )
+            offsets, trunc = emb.h5["offsets"][...], emb.h5["truncated"][...]
+            shape, expected = emb.h5["residues"].shape, (int(offsets[-1]), dim)
+            if shape != expected or offsets.shape != (len(emb) + 1,) or trunc.shape != (len(emb),):
+                raise _DamagedPart(part, f"residues {shape}, expected {expected}")
             for i in at:
                 r = order[i][1]
                 spans[i], truncated[i] = (int(offsets[r]), int(offsets[r + 1])), bool(trunc[r])

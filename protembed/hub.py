@@ -156,7 +156,7 @@ def download_model(
     if constants.is_offline_mode():
         if force:
             raise HubError("--force needs the network but HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0")
-        raise _not_cached(model, repo_id, revision, cache_dir)
+        raise _not_cached(model, repo_id, revision, cache_dir, for_download=True)
     return _download(name, repo_id, revision, cache_dir, force, progress)
 
 
@@ -165,13 +165,18 @@ def _no_revision(model: str, revision: str | None) -> None:
         raise OptionError(f"--revision names a Hub revision; {model} is a local directory")
 
 
-def _not_cached(model: str, repo_id: str, revision: str | None, cache_dir: str | Path | None) -> HubError:
+def _not_cached(
+    model: str, repo_id: str, revision: str | None, cache_dir: str | Path | None, for_download: bool = False
+) -> HubError:
     cmd = f"protembed download {model}"
     cmd += f" --revision {revision}" if revision else ""
     cmd += f" --cache-dir {cache_dir}" if cache_dir is not None else ""
-    why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "downloads are off"
-    fix = "; or set HF_HUB_OFFLINE=0" if constants.is_offline_mode() else ""
-    return HubError(f"{repo_id} is not in the cache ({cache_root(cache_dir)}) and {why}: run `{cmd}`{fix}")
+    where = f"{repo_id} is not in the cache ({cache_root(cache_dir)})"
+    if not constants.is_offline_mode():
+        return HubError(f"{where} and downloads are off: run `{cmd}`")
+    if for_download:  # running `{cmd}` again would not help
+        return HubError(f"{where} and HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download")
+    return HubError(f"{where} and HF_HUB_OFFLINE is set: set HF_HUB_OFFLINE=0, or run `{cmd}` first")
 
 
 def _download(

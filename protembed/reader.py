@@ -173,7 +173,8 @@ def open_embeddings(path: str | Path, allow_incomplete: bool = False) -> Embeddi
         if version != FORMAT_VERSION:
             raise StoreError(f"{path}: layout version {version} is not supported (this protembed reads 1)")
         shards = plain(h5.attrs.get("virtual_shards")) or []  # `merge --virtual` / `embed --no-merge`
-        if lost := [name for name in shards if not (path.parent / name).is_file()]:
+        beside = path.resolve().parent  # where HDF5 looks, through a symlink too
+        if lost := [name for name in shards if not (beside / name).is_file()]:
             raise StoreError(
                 f"{path}: reads through to shard files that are not beside it: {', '.join(lost)} "
                 f"(copy them next to it, or run `protembed merge` where they are to get one plain file)"
@@ -183,7 +184,7 @@ def open_embeddings(path: str | Path, allow_incomplete: bool = False) -> Embeddi
             todo = int(np.count_nonzero(~h5["skipped"][...]))
             raise StoreError(
                 f"{path}: unfinished output ({done} of {todo} records written); rerun the same "
-                f"embed command to finish it, or pass allow_incomplete=True"
+                f"embed command to finish it (from Python: open_embeddings(..., allow_incomplete=True))"
             )
         return EmbeddingFile(h5, path)
     except BaseException:

@@ -7,8 +7,9 @@ labels or a 0/1 mask. So this reader only splits records and leaves that check t
 `Record.error` pointing its message at the file line of the offending character.
 
 Input is plain or gzip FASTA (recognised by its bytes), or `-` for stdin. Bodies may span lines;
-whitespace inside a line is dropped, as `embed` drops it. Text is decoded as UTF-8 with
-errors="surrogateescape", and a byte that is not UTF-8 is reported with its record and position.
+spaces inside a line and whitespace at its end are dropped, as `embed` (Biopython) drops them.
+Text is decoded as UTF-8 with errors="surrogateescape", and a byte that is not UTF-8 is reported
+with its record and position.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _records(source: str, text: io.TextIOWrapper) -> Iterator[Record]:
                 yield _record(source, start, header, parts, starts, lines)
             header, start, parts, starts, lines, size = raw[1:].strip(), n, [], [], [], 0
             continue
-        chunk = "".join(raw.split())
+        chunk = raw.rstrip().replace(" ", "")
         if not chunk:
             continue
         if header is None:
@@ -125,6 +126,8 @@ def _record(
         raise FastaError(source, line, shown, f"byte 0x{found[1]:02x} in the header is not UTF-8 text")
     if not rec.id:
         raise rec.error("header without an id")
+    if "\x00" in header:
+        raise rec.error("NUL byte in the header")
     if not rec.body:
         raise rec.error("empty record")
     if found := undecoded_byte(rec.body):

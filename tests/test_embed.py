@@ -17,7 +17,8 @@ import typer
 from typer.testing import CliRunner
 
 from protembed.cli import app, handle_errors
-from protembed.errors import StoreError
+from protembed.cli_embed import default_output
+from protembed.errors import OptionError, StoreError
 from protembed.models import checkpoints
 from protembed.reader import open_embeddings
 from tests.helpers import fixture_dir, reference, rows_written
@@ -318,3 +319,12 @@ def test_error_text_with_newlines_prints_as_one_line(capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert info.value.exit_code == 1 and err.count("\n") == 1
     assert "time = Tue Nov 24 , filename = 'o.h5'" in err
+
+
+def test_a_pipe_needs_an_output_name(tmp_path: Path) -> None:
+    """`embed <(zcat x.gz)` has no file name to put the output beside: -o is required, as for stdin."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OptionError, match=rf"reading a pipe \({fifo}\) needs an output: add -o OUTPUT.h5"):
+        default_output(str(fifo))
+    assert default_output(str(tmp_path / "p.fasta.gz")) == tmp_path / "p.h5"

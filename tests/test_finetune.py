@@ -154,7 +154,7 @@ def test_backend_checked_even_when_features_are_cached(tmp_path: Path) -> None:
     finetune_json("flip-gb1", tmp_path, "--model", ESM2, "--head", "ridge")  # fills the cache
     common = ["--split", "two_vs_rest", "--data-dir", TINY, "--cache-dir", tmp_path / "cache", "-q"]
     for backend, code, message in [
-        ("foo", 1, "--backend 'foo' is not one of auto, torch, te"),
+        ("foo", 2, "Invalid value for '--backend'"),
         ("te", 1, "Transformer Engine"),  # not installed, or no CUDA device
     ]:
         r = run_cli("finetune", "flip-gb1", "--model", ESM2, "--device", "cpu", "--backend", backend, *common)
@@ -190,6 +190,18 @@ def test_damaged_feature_cache_is_recomputed(tmp_path: Path, capfd: pytest.Captu
             h5.attrs["complete"], h5.attrs["protembed_version"] = False, "0.0.1"
             h5.attrs["dtype"] = "float16"
 
+    def misshapen() -> None:  # readable, but fewer residues than the offsets say
+        with h5py.File(part, "r+") as h5:
+            rows = h5["residues"][:5]
+            del h5["residues"]
+            h5["residues"] = rows
+
+    def folder_in_its_place() -> None:
+        part.unlink()
+        (part / "x").mkdir(parents=True)
+
+    damage_and_check(misshapen, f"feature cache: {part.name} is damaged (residues (5, 64), expected")
+    damage_and_check(folder_in_its_place, f"feature cache: removing {part.name}")
     damage_and_check(truncate, f"feature cache: removing {part.name}")
     damage_and_check(lose_residues, f"feature cache: {part.name} is damaged")
     damage_and_check(older_unfinished, f"feature cache: computing {part.name} again (an unfinished output")

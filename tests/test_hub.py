@@ -124,7 +124,14 @@ def test_offline_and_not_cached_says_what_to_run(hub: FakeHub, tmp_path: Path) -
     out = cli("download", "esm2-8m", hub=hub, home=tmp_path / "hf", HF_HUB_OFFLINE="1")
     assert out.returncode == 1
     line = one_error_line(out.stderr)
-    assert "`protembed download esm2-8m`" in line and "HF_HUB_OFFLINE=0" in line
+    assert "HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download" in line
+    assert "run `protembed download" not in line  # running the same command again would not help
+    (tmp_path / "x.fa").write_text(">a\nMKV\n")
+    out = cli(
+        "embed", str(tmp_path / "x.fa"), "-m", "esm2-8m", hub=hub, home=tmp_path / "hf", HF_HUB_OFFLINE="1"
+    )
+    line = one_error_line(out.stderr)
+    assert out.returncode == 1 and "set HF_HUB_OFFLINE=0, or run `protembed download esm2-8m` first" in line
     assert hub.requests == []
 
 

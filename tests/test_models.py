@@ -127,12 +127,26 @@ def test_python_api_refuses_wrong_arguments() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(BackendError, match="CUDA is not available"):
             load_model(ckpt, device="cuda")
+    with pytest.raises(OptionError, match="revision names a Hub revision"):
+        load_model(ckpt, revision="main")
     model = load_model(ckpt, dtype=torch.float32, device="cpu")
     with pytest.raises(TypeError, match="a list of sequences, not one string"):
         model.embed("MKTAY")
     with pytest.raises(ValueError, match="sequence 1 is empty"):
         model.embed(["MKV", ""])
+    with pytest.raises(TypeError, match="item 1 is NoneType, not str"):
+        model.embed(["MKV", None])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="pooling: name at least one"):
+        model.embed(["MKV"], pooling=[])
+    for bad in ([], True, [1.5]):
+        with pytest.raises(ValueError, match="no layers given|is not a number"):
+            model.embed(["MKV"], layers=bad)  # type: ignore[arg-type]
     assert model.embed(["MKV"], layers="all").pooled["mean"].shape == (1, 4, 64)
+    assert model.embed(iter(["MKV", "MKVL"]), layers=np.int64(2), pooling="cls").pooled["cls"].shape == (
+        2,
+        1,
+        64,
+    )
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)

@@ -117,6 +117,9 @@ def test_torchrun_two_ranks_equal_one_process(many: Path, single: Path, merge: b
     finally:
         os.chdir(cwd)
     if not merge:  # without its shards, a virtual file would read as zeros: refused instead
+        (other_dir / "link.h5").symlink_to(out)  # through a link, HDF5 finds the shards beside the target
+        with open_embeddings(other_dir / "link.h5") as emb:
+            assert len(emb) > 0
         shards[1].rename(other_dir / shards[1].name)
         with pytest.raises(StoreError, match=rf"not beside it: {shards[1].name} \(copy them"):
             open_embeddings(out)

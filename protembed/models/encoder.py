@@ -11,6 +11,7 @@ Negative indices count back from N, so -1 is the default layer of both families.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -60,7 +61,13 @@ def resolve_layers(spec: Sequence[int | str] | int | str, config: EncoderConfig)
     one such item alone."""
     n, top = config.n_layers, config.top_layer
     out: list[int] = []
-    for item in [spec] if isinstance(spec, (str, int)) else spec:  # "all" or -1 alone
+    # one item alone ("all", -1) or a list of them
+    items = [spec] if isinstance(spec, (str, numbers.Integral)) else list(spec)  # type: ignore[arg-type]
+    if not items:
+        raise ValueError("no layers given")
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, numbers.Integral)):
+            raise ValueError(f"layer {item!r} is not a number, 'all' or 'final'")
         if isinstance(item, str):
             word = item.strip().lower()
             if word == "all":
@@ -73,6 +80,7 @@ def resolve_layers(spec: Sequence[int | str] | int | str, config: EncoderConfig)
                 item = int(word)
             except ValueError:
                 raise ValueError(f"layer {item!r} is not a number, 'all' or 'final'") from None
+        item = int(item)
         idx = n + 1 + item if item < 0 else item
         if not 0 <= idx <= top:
             raise ValueError(f"layer {item} out of range for a {n}-layer model (valid: {-n - 1}..{top})")
