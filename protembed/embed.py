@@ -28,7 +28,7 @@ from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.backends import describe, prepare, resolve_backend
 from protembed.batching import default_token_budget
 from protembed.compute import COMPUTE_DTYPES, JobSpec
-from protembed.errors import OptionError, OutputExistsError
+from protembed.errors import OptionError, OutputExistsError, UnknownModelError
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
 from protembed.merge import merge_shards, shard_path, shard_ranges, write_virtual
 from protembed.models import checkpoints
@@ -44,7 +44,7 @@ from protembed.pipeline import (
     run_pipeline,
 )
 from protembed.pooling import POOLINGS
-from protembed.registry import lookup
+from protembed.registry import MODELS, lookup
 from protembed.store import EmbeddingWriter
 
 FLUSH_SECONDS = 5.0  # rows reach the disk at least this often
@@ -99,6 +99,8 @@ def locate_model(
     `on_config` sees a downloaded model's configuration before its weights are fetched.
     """
     path = Path(model).expanduser()
+    if not model.strip():  # Path("") is the current folder, not a model
+        raise UnknownModelError(model, list(MODELS), "the model name is empty")
     if path.is_dir():
         if revision is not None:
             raise OptionError(f"--revision names a Hub revision; {model} is a local directory")
@@ -190,6 +192,8 @@ def embed_fasta(
     # bad record fails in seconds, not after a download or weight hashing: now for a registry
     # model or a local checkpoint (whose weights are hashed later), else once a Hub model's
     # config.json has arrived and before its weights are fetched.
+    if not model.strip():  # Path("") is the current folder, not a model
+        raise UnknownModelError(model, list(MODELS), "the model name is empty")
     local = Path(model).expanduser()
     info = None if local.is_dir() else lookup(model)
     early = checkpoints.registry_config(info.name) if info is not None else None

@@ -88,6 +88,8 @@ def parse_model(model: str) -> tuple[str | None, str]:
 
 
 def _local_dir(model: str) -> Path | None:
+    if not model.strip():  # Path("") is the current folder
+        raise UnknownModelError(model, list(MODELS), "the model name is empty")
     path = Path(model).expanduser()
     return path.resolve() if path.is_dir() else None
 

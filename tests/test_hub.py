@@ -322,6 +322,9 @@ def test_paths_and_revisions_of_local_models(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     r = runner.invoke(app, ["download", str(tmp_path / "file")])
     assert r.exit_code == 1 and "not a directory" in r.output
+    for args in (["download", ""], ["embed", str(tmp_path / "x.fa"), "-m", ""]):  # not the current folder
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1 and "unknown model ''; the model name is empty" in r.output, r.output
     local = str(fixture_dir("esm2_t3_h64") / "checkpoint")
     (tmp_path / "x.fa").write_text(">a\nMKV\n")
     for args in (["download", local], ["embed", str(tmp_path / "x.fa"), "-m", local]):
