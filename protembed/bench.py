@@ -159,15 +159,19 @@ def measure_peak(device: torch.device, dtype: torch.dtype) -> Peak:
     """
     n, limit = 256, (8192 if device.type == "cuda" else 2048)
     gen = torch.Generator().manual_seed(0)
+    # On CPU the size grows by F.linear, the projections' kernel: float16 `matmul` takes a fallback
+    # about 8x slower there, which is timed only where it is the same kind of kernel.
+    kind = "linear" if device.type == "cpu" else "matmul"
+    product = torch.nn.functional.linear if kind == "linear" else torch.matmul
     while True:
         a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
-        times = time_repeats(partial(torch.matmul, a, b), device, 2)
+        times = time_repeats(partial(product, a, b), device, 2)
         if times[-1] >= 0.05 or n >= limit:
             break
         n *= 2
-    rates = {"matmul": 2 * n**3 / min(times + time_repeats(partial(torch.matmul, a, b), device, 3))}
-    if device.type == "cpu":  # the model's projections; another kernel for some dtypes (float16: ~8x faster)
-        rates["linear"] = 2 * n**3 / min(time_repeats(partial(torch.nn.functional.linear, a, b), device, 3))
+    rates = {kind: 2 * n**3 / min(times + time_repeats(partial(product, a, b), device, 3))}
+    if device.type == "cpu" and dtype != torch.float16:
+        rates["matmul"] = 2 * n**3 / min(time_repeats(partial(torch.matmul, a, b), device, 3))
     n_best = n
     if device.type == "cpu" and onednn_available() and dtype in (torch.float32, torch.bfloat16):
         for m in (n, 2 * n):  # its rate still varies with size here: keep the best

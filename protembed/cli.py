@@ -31,8 +31,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     rich_markup_mode="rich",
 )
-err_console = Console(stderr=True)
-out_console = Console()
+# emoji=False: ":fire:" in a file name or FASTA id must print as typed
+err_console = Console(stderr=True, emoji=False)
+out_console = Console(emoji=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -24,7 +24,7 @@ from protembed.cli import (
     print_json,
     resolve_device,
 )
-from protembed.errors import UnknownModelError, require_matplotlib
+from protembed.errors import OptionError, UnknownModelError, require_matplotlib
 from protembed.registry import DEFAULT_MODEL, MODELS, lookup
 
 if TYPE_CHECKING:  # torch and the bench machinery are imported when the command runs, not for --help
@@ -256,6 +256,8 @@ def bench(
     budgets = parse_ints(tokens_per_batch, "--tokens-per-batch") if tokens_per_batch else []
     if plot is not None:
         require_matplotlib()
+        if plot.suffix.lower() != ".png":
+            raise OptionError(f"--plot {plot}: the plot is a PNG; name the file *.png")
         check_file_output(plot)
     import torch
 
@@ -276,6 +278,8 @@ def bench(
 
     if threads is not None:
         torch.set_num_threads(threads)
+    if device is not None and device.startswith("cpu:"):
+        raise OptionError("bench times one process; --device cpu:N (worker processes) is for embed")
     dev = resolve_device(device)
     resolved = resolve_backend(backend.value, str(dev), dtype.value, compile)
     loaded = build_model(model, random_weights, DTYPES[dtype.value], dev, seed)

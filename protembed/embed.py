@@ -245,10 +245,29 @@ def _check_model_options(
 
 def distributed_env() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) under torchrun or a launcher setting its variables; else None."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    env = os.environ
+
+    def number(name: str, default: str | None) -> int:
+        text = env.get(name, default)
+        if text is None:
+            raise OptionError(
+                f"WORLD_SIZE={env['WORLD_SIZE']} is set but {name} is not (launch with torchrun)"
+            )
+        try:
+            return int(text)
+        except ValueError:
+            raise OptionError(f"{name}={text!r} is not a number (set by torchrun or your launcher)") from None
+
+    world = number("WORLD_SIZE", "1")
     if world <= 1:
         return None
-    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = number("RANK", None), number("LOCAL_RANK", "0")
+    if not 0 <= rank < world:
+        raise OptionError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world})")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in env:
+            raise OptionError(f"WORLD_SIZE={world} is set but {name} is not (launch with torchrun)")
+    return rank, world, local_rank
 
 
 def _embed_shard(

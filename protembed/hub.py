@@ -51,7 +51,7 @@ from protembed.registry import MODELS, lookup, suggest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
-_console = Console(stderr=True)
+_console = Console(stderr=True, emoji=False)
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,8 @@ def test_no_json_without_flag_and_bad_options() -> None:
     assert bad.exit_code == 2
     huge_seed = invoke("--model", ESM2_CKPT, "--random-weights", "--seed", str(2**64), *FAST)
     assert huge_seed.exit_code == 2 and "Traceback" not in huge_seed.output
+    workers = invoke("--model", ESM2_CKPT, "--device", "cpu:2", *FAST)
+    assert workers.exit_code == 1 and "--device cpu:N (worker processes) is for embed" in workers.output
     unknown = invoke("--model", "esm2-9m", "--random-weights", *FAST)
     assert unknown.exit_code == 1 and "unknown model 'esm2-9m'" in unknown.output
 
@@ -243,6 +245,9 @@ def test_plot(tmp_path) -> None:
     result = invoke("--model", ESM2_CKPT, "--device", "cpu", "--lengths", "8,16", "--plot", str(png), *FAST)
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("bench.txt", "bench"):  # refused before anything runs
+        result = invoke("--model", ESM2_CKPT, "--plot", str(tmp_path / name), *FAST)
+        assert result.exit_code == 1 and "the plot is a PNG; name the file *.png" in result.output
 
 
 def test_plot_without_matplotlib(tmp_path, monkeypatch) -> None:

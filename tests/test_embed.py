@@ -328,3 +328,33 @@ def test_a_pipe_needs_an_output_name(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match=rf"reading a pipe \({fifo}\) needs an output: add -o OUTPUT.h5"):
         default_output(str(fifo))
     assert default_output(str(tmp_path / "p.fasta.gz")) == tmp_path / "p.h5"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not"),
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a number"),
+        ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK=5 is outside 0..1"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 is set but MASTER_ADDR is not"),
+    ],
+)
+def test_broken_launcher_environment_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    fasta = tmp_path / "a.fa"
+    fasta.write_text(">a\nMKV\n")
+    r = embed(str(fasta), "-o", str(tmp_path / "a.h5"), "--model", ESM, "--device", "cpu")
+    assert r.exit_code == 1 and f"error: {message}" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_colons_in_names_print_as_typed(tmp_path: Path) -> None:
+    """Rich would turn ':fire:' into an emoji; ids and file names must print verbatim."""
+    fasta = tmp_path / "a:fire:.fa"
+    fasta.write_text(">id:smile:\nMK1\n")
+    r = embed(str(fasta), "-o", str(tmp_path / "a.h5"), "--model", ESM)
+    assert r.exit_code == 1 and "a:fire:.fa:2: record 'id:smile:': invalid residue '1'" in r.output, r.output
