@@ -65,8 +65,7 @@ def read_records(path: Path) -> Iterator[Record]:
     """Every record of a FASTA file, in order; a one-line FastaError for a defect or unreadable file.
 
     Empty records, headers without an id or with a NUL byte, and bytes that are not UTF-8 are
-    errors; so is a file
-    with no records or with text before the first header.
+    errors; so is a file with no records or with text before the first header.
     """
     stdin = str(path) == "-"
     source = "<stdin>" if stdin else str(path)  # as `embed` names it
