@@ -20,7 +20,7 @@ from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.batching import token_batches
 from protembed.compute import run_batch
 from protembed.errors import BackendError, OptionError
-from protembed.models.checkpoints import load_checkpoint, weights_sha256
+from protembed.models.checkpoints import load_checkpoint, local_checkpoint, weights_sha256
 from protembed.models.encoder import Encoder, resolve_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -141,11 +141,9 @@ def load_model(
         raise OptionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype_name]
     dev = check_device(device)
-    path = Path(model)
-    if path.is_dir():
-        if revision is not None:
-            raise OptionError(f"revision names a Hub revision; {model} is a local directory")
-        name, source, rev, ckpt = path.name, str(path.resolve()), weights_sha256(path), path
+    path = local_checkpoint(str(model), revision)
+    if path is not None:
+        name, source, rev, ckpt = path.name, str(path), weights_sha256(path), path
     else:
         from protembed.hub import resolve_model
 

@@ -31,6 +31,14 @@ def ensure_dir(path: Path, what: str) -> Path:
     return path
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one existing file (through links too)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_file_output(path: Path) -> None:
     """StoreError unless a file can be created at `path` (its folder exists and is writable)."""
     if path.is_dir():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from enum import Enum
@@ -14,6 +13,7 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from protembed.cache import same_file
 from protembed.cli import Backend, BackendOption, CompileOption, err_console, handle_errors, print_json
 from protembed.errors import OptionError
 from protembed.registry import DEFAULT_MODEL
@@ -69,14 +69,6 @@ def default_output(input_path: str) -> Path:
     for suffix in (".gz", ".fasta", ".fa", ".faa", ".fas", ".fna", ".seq", ".txt"):
         name = name.removesuffix(suffix)
     return path.with_name((name or path.name) + ".h5")
-
-
-def same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one existing file (through links too)."""
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def parse_layers(text: str) -> list[int | str]:

@@ -28,7 +28,7 @@ from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.backends import describe, prepare, resolve_backend
 from protembed.batching import default_token_budget
 from protembed.compute import COMPUTE_DTYPES, JobSpec
-from protembed.errors import OptionError, OutputExistsError, UnknownModelError
+from protembed.errors import OptionError, OutputExistsError
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
 from protembed.merge import merge_shards, shard_path, shard_ranges, write_virtual
 from protembed.models import checkpoints
@@ -44,7 +44,7 @@ from protembed.pipeline import (
     run_pipeline,
 )
 from protembed.pooling import POOLINGS
-from protembed.registry import MODELS, lookup
+from protembed.registry import lookup
 from protembed.store import EmbeddingWriter
 
 FLUSH_SECONDS = 5.0  # rows reach the disk at least this often
@@ -98,14 +98,10 @@ def locate_model(
 
     `on_config` sees a downloaded model's configuration before its weights are fetched.
     """
-    path = Path(model).expanduser()
-    if not model.strip():  # Path("") is the current folder, not a model
-        raise UnknownModelError(model, list(MODELS), "the model name is empty")
-    if path.is_dir():
-        if revision is not None:
-            raise OptionError(f"--revision names a Hub revision; {model} is a local directory")
+    path = checkpoints.local_checkpoint(model, revision)
+    if path is not None:
         config = checkpoints.read_config(path)
-        return ModelRef(model, str(path.resolve()), checkpoints.weights_sha256(path), path, config)
+        return ModelRef(model, str(path), checkpoints.weights_sha256(path), path, config)
     from protembed.hub import resolve_model
 
     resolved = resolve_model(model, revision=revision, progress=progress, on_config=on_config)
@@ -192,12 +188,10 @@ def embed_fasta(
     # bad record fails in seconds, not after a download or weight hashing: now for a registry
     # model or a local checkpoint (whose weights are hashed later), else once a Hub model's
     # config.json has arrived and before its weights are fetched.
-    if not model.strip():  # Path("") is the current folder, not a model
-        raise UnknownModelError(model, list(MODELS), "the model name is empty")
-    local = Path(model).expanduser()
-    info = None if local.is_dir() else lookup(model)
+    local = checkpoints.local_checkpoint(model, revision)
+    info = None if local is not None else lookup(model)
     early = checkpoints.registry_config(info.name) if info is not None else None
-    if local.is_dir():
+    if local is not None:
         early = checkpoints.read_config(local)
     scanned: list[FastaIndex] = []
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from protembed.cache import check_file_output
+from protembed.cache import check_file_output, same_file
 from protembed.errors import OutputExistsError, StoreError
 from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings
 
@@ -73,7 +73,7 @@ def export_per_protein(
         OutputExistsError: the output exists and not `overwrite`.
     """
     source, output = Path(source), Path(output)
-    if output.exists() and source.exists() and os.path.samefile(source, output):
+    if same_file(source, output):
         raise StoreError(f"{output}: the output is the source file; choose another -o")
     check_file_output(output)
     if output.exists() and not overwrite:

@@ -132,7 +132,7 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
                 bad[len(ids)] = (0, "NUL byte in the header")
             if not title.isascii() and (found := undecoded_byte(title)):
                 bad[len(ids)] = (0, f"byte 0x{found[1]:02x} in the header is not UTF-8 text")
-            title = _storable(title)
+            title = storable(title)
             try:
                 ids.append(title.split(None, 1)[0])
             except IndexError:  # '>' with nothing after it
@@ -184,7 +184,7 @@ def iter_records(index: FastaIndex) -> Iterator[tuple[int, str]]:
     row = -1
     with _reading(index.path, index.source) as (handle, _):
         for row, (title, seq) in enumerate(SimpleFastaParser(handle)):
-            title = _storable(title)  # as the scan stored it
+            title = storable(title)  # as the scan stored it
             if row >= len(index.ids) or (title.split(None, 1) or [""])[0] != index.ids[row]:
                 raise FastaError(
                     index.source, None, None, f"input changed since it was scanned (record {row + 1})"
@@ -277,7 +277,7 @@ def _check_batch(
     return n_res, seq_hash, [(j, *reasons[j]) for j in sorted(reasons)]
 
 
-def _storable(title: str) -> str:
+def storable(title: str) -> str:
     """A header as HDF5 can store it: NUL and bytes that are not UTF-8 become U+FFFD."""
     title = title.replace("\x00", "\ufffd")
     return title if title.isascii() else _ESCAPED.sub("\ufffd", title)
@@ -291,8 +291,8 @@ def undecoded_byte(text: str) -> tuple[int, int] | None:
 
 
 def _reason(pos: int, char: str) -> str:
-    if _ESCAPED.fullmatch(char):
-        return f"byte 0x{ord(char) - 0xDC00:02x} at position {pos} is not UTF-8 text"
+    if found := undecoded_byte(char):
+        return f"byte 0x{found[1]:02x} at position {pos} is not UTF-8 text"
     return f"invalid residue {char!r} at position {pos}"
 
 
@@ -414,7 +414,7 @@ def _first_header(text: Iterator[str], source: str) -> list[str]:
         if not line.strip():
             continue
         if line[0] != ">":
-            snippet = _storable(line.strip()[:30])
+            snippet = storable(line.strip()[:30])
             raise FastaError(
                 source, len(head), None, f"not FASTA: expected a '>' header line, found {snippet!r}"
             )

@@ -85,7 +85,9 @@ def model_features(
                     _notice(f"feature cache: computing {part.name} again ({_first_clause(exc, part)})")
                     embed(fasta, part, overwrite=True)
                 fasta.unlink()
-                where.update(_rows(part))
+                written = _rows(part)
+                assert written is not None, "embed_fasta returned with the part unfinished"
+                where.update(written)
             try:
                 return _gather(keys, where, per_residue, ref.config.d_model)
             except _DamagedPart as exc:
@@ -143,20 +145,22 @@ def _index(folder: Path) -> dict[str, tuple[Path, int]]:
     for part in sorted(folder.glob("part-*.h5")):
         try:
             rows = _rows(part)
-        except StoreError as exc:
-            try:
-                open_embeddings(part, allow_incomplete=True).close()
-            except StoreError:  # not an embeddings file at all: damaged, of no use to anyone
-                _notice(f"feature cache: removing {part.name} ({_first_clause(exc, part)})")
-                _remove(part)
+        except StoreError as exc:  # not an embeddings file at all: damaged, of no use to anyone
+            _notice(f"feature cache: removing {part.name} ({_first_clause(exc, part)})")
+            _remove(part)
+            continue
+        if rows is None:
             continue  # unfinished: a later run with the same sequences resumes it
         where.update({k: v for k, v in rows.items() if k not in where})
     return where
 
 
-def _rows(part: Path) -> dict[str, tuple[Path, int]]:
-    """Sequence key -> (part, row) of one complete part; StoreError if it is unfinished."""
-    with open_embeddings(part) as emb:
+def _rows(part: Path) -> dict[str, tuple[Path, int]] | None:
+    """Sequence key -> (part, row) of one complete part; None if it is unfinished, StoreError if it
+    is not an embeddings file."""
+    with open_embeddings(part, allow_incomplete=True) as emb:
+        if not emb.attrs.get("complete"):
+            return None
         skipped, ids = emb.skipped, emb.ids
     rows: dict[str, tuple[Path, int]] = {}
     for row, key in enumerate(ids):

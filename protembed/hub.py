@@ -43,9 +43,15 @@ from rich.progress import (
 )
 
 from protembed import __version__
-from protembed.errors import CheckpointError, HubError, OptionError, UnknownModelError
+from protembed.errors import CheckpointError, HubError, UnknownModelError
 from protembed.hub_cache import cache_root, cached_snapshot, disk_size, remove_files, write_ref
-from protembed.models.checkpoints import CONFIG_FILE, WEIGHT_FILES, config_from_dict, verify_checkpoint
+from protembed.models.checkpoints import (
+    CONFIG_FILE,
+    WEIGHT_FILES,
+    config_from_dict,
+    local_checkpoint,
+    verify_checkpoint,
+)
 from protembed.models.encoder import EncoderConfig
 from protembed.registry import MODELS, lookup, suggest
 
@@ -87,13 +93,6 @@ def parse_model(model: str) -> tuple[str | None, str]:
     raise UnknownModelError(model, list(MODELS), hint)
 
 
-def _local_dir(model: str) -> Path | None:
-    if not model.strip():  # Path("") is the current folder
-        raise UnknownModelError(model, list(MODELS), "the model name is empty")
-    path = Path(model).expanduser()
-    return path.resolve() if path.is_dir() else None
-
-
 def resolve_model(
     model: str,
     *,
@@ -109,9 +108,8 @@ def resolve_model(
     (with a notice on stderr) unless `download` is False or `HF_HUB_OFFLINE` is set; `on_config`
     then sees its configuration before the weights are fetched, and may raise to stop there.
     """
-    local = _local_dir(model)
+    local = local_checkpoint(model, revision)
     if local is not None:
-        _no_revision(model, revision)
         return ResolvedModel(None, str(local), local, "local")
     name, repo_id = parse_model(model)
     hit = cached_snapshot(repo_id, revision, cache_dir)
@@ -141,9 +139,8 @@ def download_model(
 
     Returns the resolved model and its size on disk in bytes. `force` downloads every file again.
     """
-    local = _local_dir(model)
+    local = local_checkpoint(model, revision)
     if local is not None:
-        _no_revision(model, revision)
         verify_checkpoint(local)
         return ResolvedModel(None, str(local), local, "local"), disk_size(local)
     name, repo_id = parse_model(model)
@@ -160,11 +157,6 @@ def download_model(
             raise HubError("--force needs the network but HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0")
         raise _not_cached(model, repo_id, revision, cache_dir, for_download=True)
     return _download(name, repo_id, revision, cache_dir, force, progress)
-
-
-def _no_revision(model: str, revision: str | None) -> None:
-    if revision is not None:
-        raise OptionError(f"--revision names a Hub revision; {model} is a local directory")
 
 
 def _not_cached(

@@ -34,7 +34,7 @@ class EmbeddingFile:
         self.lengths: np.ndarray = h5["lengths"][...]
         self.skipped: np.ndarray = h5["skipped"][...]
         # rows whose embeddings are on disk (all but skipped ones once the file is complete)
-        self.written: np.ndarray = h5["written"][...].astype(bool) if "written" in h5 else ~self.skipped
+        self.written: np.ndarray = h5["written"][...].astype(bool)
         self.layers: list[int] = [int(x) for x in np.atleast_1d(self.attrs.get("layers", [])).tolist()]
         self.poolings = [k for k in h5 if k not in (*RECORD_DATASETS, *PER_RESIDUE_DATASETS)]
 

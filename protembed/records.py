@@ -24,7 +24,7 @@ from gzip import BadGzipFile
 from pathlib import Path
 
 from protembed.errors import FastaError
-from protembed.fasta import decompressed, undecoded_byte
+from protembed.fasta import decompressed, storable, undecoded_byte
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ def _record(
 ) -> Record:
     rec = Record(source, line, header, "".join(parts), tuple(starts), tuple(lines))
     if found := undecoded_byte(header):
-        shown = rec.id.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # printable
-        raise FastaError(source, line, shown, f"byte 0x{found[1]:02x} in the header is not UTF-8 text")
+        reason = f"byte 0x{found[1]:02x} in the header is not UTF-8 text"
+        raise FastaError(source, line, storable(rec.id), reason)  # the id as it can be printed
     if not rec.id:
         raise rec.error("header without an id")
     if "\x00" in header:

@@ -258,6 +258,25 @@ def registry_config(name: str) -> EncoderConfig:
     return cfg
 
 
+def local_checkpoint(model: str, revision: str | None = None) -> Path | None:
+    """The resolved folder when `model` names a local checkpoint directory, else None.
+
+    An empty name is an UnknownModelError (not the current folder); a `revision` with a local
+    folder is an OptionError (revisions are the Hub's).
+    """
+    from protembed.errors import OptionError, UnknownModelError
+    from protembed.registry import MODELS
+
+    if not model.strip():
+        raise UnknownModelError(model, list(MODELS), "the model name is empty")
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return None
+    if revision is not None:
+        raise OptionError(f"--revision names a Hub revision; {model} is a local directory")
+    return path.resolve()
+
+
 def weights_sha256(path: Path) -> str:
     """SHA-256 over a local checkpoint's weight files (its `model_revision`).
 
