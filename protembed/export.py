@@ -24,6 +24,12 @@ from protembed.errors import OutputExistsError, StoreError
 from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings
 
 LAYOUTS = ("per-protein",)
+# Root attributes of the source that describe its own layout, not the model or the input: an export
+# leaves them out and writes `what`, `layer` and `n_sequences` (datasets written) instead.
+_LAYOUT_ATTRS = frozenset(
+    {"layers", "pooling", "per_residue", "complete", "n_sequences", "virtual_shards"}
+    | {"shard_start", "shard_stop", "shard_rank", "shard_world_size"}
+)
 CHUNK_BYTES = 1 << 18  # target chunk size of compressed embedding datasets
 _BLOCK_BYTES = 64 << 20  # read this much of the source at a time
 
@@ -87,11 +93,13 @@ def export_per_protein(
         try:
             with h5py.File(tmp, "w") as out:
                 for key in emb.h5.attrs:
-                    out.attrs.create(key, emb.h5.attrs[key], dtype=emb.h5.attrs.get_id(key).dtype)
+                    if key not in _LAYOUT_ATTRS:
+                        out.attrs.create(key, emb.h5.attrs[key], dtype=emb.h5.attrs.get_id(key).dtype)
                 out.attrs.update(format="protembed-per-protein", layout="per-protein", what=what)
                 if layer is not None or emb.layers:
                     out.attrs["layer"] = layer if layer is not None else emb.layers[0]
                 n = _write_records(emb, out, what, layer)
+                out.attrs["n_sequences"] = n
             os.replace(tmp, output)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

@@ -62,7 +62,9 @@ def test_export_pooled_one_layer(tmp_path: Path) -> None:
         assert np.allclose(h5["sp|P1|A#2"][...], 3.0) and np.allclose(h5["sp|P1|A#2#2"][...], 5.0)
         assert h5["50%25%2Fx"].attrs["original_id"] == "50%/x"
         assert h5.attrs["layout"] == "per-protein" and h5.attrs["what"] == "mean" and h5.attrs["layer"] == 6
-        assert h5.attrs["model"] == "tiny" and list(h5.attrs["pooling"]) == ["mean", "cls"]
+        assert h5.attrs["model"] == "tiny" and h5.attrs["n_sequences"] == 6
+        # The source's layout attributes do not describe the export and are left out.
+        assert not {"layers", "pooling", "per_residue", "complete"} & set(h5.attrs)
 
 
 def test_export_residues_of_one_layer(tmp_path: Path) -> None:
