@@ -66,15 +66,33 @@ def handle_errors(fn: F) -> F:
             err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err_console.print(
-                "[yellow]interrupted[/]: everything written so far is kept; "
-                "run the same command again to resume",
-                highlight=False,
-                soft_wrap=True,
-            )
+            hint = _INTERRUPT_HINTS.get(fn.__name__, lambda _: "")(kwargs)
+            text = f"; {hint}" if hint else ""
+            err_console.print(f"[yellow]interrupted[/]{escape(text)}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _embed_hint(options: dict[str, Any]) -> str:
+    if options.get("overwrite"):  # the same command would start over
+        return "everything written so far is kept; run the command again without --overwrite to resume"
+    return "everything written so far is kept; run the same command again to resume"
+
+
+def _cache_hint(options: dict[str, Any]) -> str:
+    if options.get("no_cache") or getattr(options.get("features"), "value", None) == "onehot":
+        return ""  # nothing kept
+    return "features computed so far are cached; run the same command again to go on from there"
+
+
+# What Ctrl-C leaves behind, by command function; commands not listed keep nothing to resume.
+_INTERRUPT_HINTS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "embed": _embed_hint,
+    "finetune": _cache_hint,
+    "predict": _cache_hint,
+    "download": lambda _: "run the same command again to go on with the download",
+}
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -10,6 +10,7 @@ file that reads through to the shards (which must then stay beside it).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,23 @@ def shard_path(output: Path, rank: int, world: int) -> Path:
 
 
 def find_shards(output: Path) -> list[Path]:
-    """The shard files of an output, in rank order; StoreError when a rank's file is missing."""
-    found = sorted(output.parent.glob(f"{output.stem}.shard-*-of-*{output.suffix or '.h5'}"))
-    if not found:
+    """The shard files of an output, in rank order.
+
+    Raises:
+        StoreError: no shards, a rank's file missing, or shards of runs with different world sizes.
+    """
+    suffix = output.suffix or ".h5"
+    pattern = re.compile(re.escape(output.stem) + r"\.shard-\d{3,}-of-(\d{3,})" + re.escape(suffix))
+    worlds = sorted({int(m.group(1)) for p in output.parent.iterdir() if (m := pattern.fullmatch(p.name))})
+    if not worlds:
         raise StoreError(f"{output}: no shard files ({shard_path(output, 0, 1).name} ...) beside it")
-    world = int(found[0].stem.rsplit("-of-", 1)[1])
-    expected = [shard_path(output, r, world) for r in range(world)]
+    if len(worlds) > 1:
+        sets = ", ".join(f"*-of-{w:03d}" for w in worlds)
+        raise StoreError(
+            f"{output}: shard files of runs with different numbers of ranks beside it ({sets}); "
+            "move away the set that does not belong to this output"
+        )
+    expected = [shard_path(output, r, worlds[0]) for r in range(worlds[0])]
     missing = [p.name for p in expected if not p.exists()]
     if missing:
         raise StoreError(f"{output}: shard files missing: {', '.join(missing)}")

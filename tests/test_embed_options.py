@@ -140,3 +140,19 @@ def test_lock_is_shared_by_every_path_to_one_output(tmp_path: Path) -> None:
             _Lock(link)
     finally:
         held.release()
+
+
+def test_ctrl_c_hint_fits_the_command(tmp_path: Path, fasta: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_module, "embed_fasta", interrupted)
+    out = tmp_path / "o.h5"
+    plain = run("embed", fasta, "-o", out, "--model", ESM)
+    assert plain.exit_code == 130 and "run the same command again to resume" in plain.output
+    # With --overwrite the same command would start over: the hint says to drop it.
+    again = run("embed", fasta, "-o", out, "--model", ESM, "--overwrite")
+    assert again.exit_code == 130 and "run the command again without --overwrite to resume" in again.output
+    monkeypatch.setattr("protembed.export.export_per_protein", interrupted)
+    export = run("export", out, "-o", tmp_path / "x.h5")
+    assert export.exit_code == 130 and export.output.strip() == "interrupted"

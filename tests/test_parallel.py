@@ -251,6 +251,12 @@ def test_merge_refuses_partial_shards(single: Path, tmp_path: Path) -> None:
     shutil.copy(single, shard0)
     with pytest.raises(StoreError, match="shard files missing: job.shard-001-of-002.h5"):
         find_shards(out)
+    stale = tmp_path / "job.shard-000-of-003.h5"  # a set left by an earlier run with 3 ranks
+    shutil.copy(single, stale)
+    with pytest.raises(StoreError, match=r"different numbers of ranks beside it \(\*-of-002, \*-of-003\)"):
+        find_shards(out)
+    stale.unlink()
+    (tmp_path / "job.shard-000-of-002.h5.partial").touch()  # other names beside them are ignored
     shutil.copy(single, shard1)
     with pytest.raises(StoreError, match="not a shard of a torchrun job"):
         merge_shards(out, find_shards(out))
