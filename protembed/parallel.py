@@ -88,8 +88,9 @@ class WorkerPool:
         # half-way through sending a result, ends its pipe: reading it then fails instead of hanging.
         for _, send in pipes:
             send.close()
+        names = worker_names(self.devices)
         workers: dict[Connection, tuple[Any, str]] = {
-            recv: (p, dev) for (recv, _), p, dev in zip(pipes, procs, self.devices)
+            recv: (p, name) for (recv, _), p, name in zip(pipes, procs, names)
         }
         in_flight, reading, limit = 0, True, 2 * len(procs)
         try:
@@ -105,7 +106,7 @@ class WorkerPool:
                     continue
                 ready = wait(list(workers), timeout=POLL_SECONDS)
                 if not ready:
-                    _check_alive(procs, self.devices)
+                    _check_alive(procs, names)
                 for conn in ready:
                     assert isinstance(conn, Connection)
                     proc, dev = workers[conn]
@@ -133,6 +134,15 @@ class WorkerPool:
             tasks.close()
             for conn in workers:
                 conn.close()
+
+
+def worker_names(devices: list[str]) -> list[str]:
+    """How messages name each worker: its device, numbered where several share one (`cpu:N`)."""
+    names = []
+    for k, dev in enumerate(devices):
+        total = devices.count(dev)
+        names.append(f"{dev} (worker {devices[:k].count(dev) + 1} of {total})" if total > 1 else dev)
+    return names
 
 
 def _stopped(device: str, exitcode: int | None) -> str:

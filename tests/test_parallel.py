@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,7 +30,7 @@ from protembed.compute import BatchResult
 from protembed.errors import BackendError, StoreError
 from protembed.fasta import duplicate_groups, scan_fasta
 from protembed.merge import find_shards, merge_shards, shard_ranges
-from protembed.parallel import parse_devices
+from protembed.parallel import parse_devices, worker_names
 from protembed.pipeline import (
     TAIL_BATCHES,
     Work,
@@ -224,7 +225,8 @@ def test_killed_worker_stops_cleanly_and_rerun_completes(many: Path, single: Pat
     assert time.time() - t0 < 15
     assert proc.returncode == 1
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "worker on cpu stopped" in lines[0] and "resume" in lines[0], err
+    assert len(lines) == 1 and re.search(r"worker on cpu \(worker [12] of 2\) stopped", lines[0]), err
+    assert "resume" in lines[0]
     kept = rows_written(out)
     assert kept > 0
     subprocess.run([*PROTEMBED, *embed_args(many, out, "--device", "cpu:2")], check=True, env=ENV)
@@ -343,3 +345,8 @@ def test_ctrl_c_inside_a_result_put_does_not_hang_the_writer(tmp_path: Path) -> 
     assert not thread.is_alive(), "the pipeline hung after Ctrl-C"
     assert outcome and isinstance(outcome[0], KeyboardInterrupt)
     assert written == [[0]], "the result handed over before Ctrl-C was still written"
+
+
+def test_workers_sharing_a_device_are_numbered_in_messages() -> None:
+    assert worker_names(["cpu", "cpu"]) == ["cpu (worker 1 of 2)", "cpu (worker 2 of 2)"]
+    assert worker_names(["cuda:0", "cuda:1"]) == ["cuda:0", "cuda:1"]
