@@ -14,7 +14,7 @@ from rich.table import Table
 
 from protembed import __version__
 from protembed.cache import check_file_output
-from protembed.cli import (
+from protembed.cli_common import (
     Backend,
     BackendOption,
     CompileOption,

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from protembed.cache import same_file
-from protembed.cli import Backend, BackendOption, CompileOption, err_console, handle_errors, print_json
+from protembed.cli_common import Backend, BackendOption, CompileOption, err_console, handle_errors, print_json
 from protembed.errors import OptionError
 from protembed.registry import DEFAULT_MODEL
 

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from protembed.cache import check_file_output, default_cache_dir, ensure_dir
-from protembed.cli import (
+from protembed.cli_common import (
     Backend,
     BackendOption,
     err_console,

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.table import Table
 
-from protembed.cli import err_console, handle_errors, out_console, print_json
+from protembed.cli_common import err_console, handle_errors, out_console, print_json
 from protembed.registry import MODELS
 
 CacheDir = Annotated[

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from protembed.cli import err_console, handle_errors
+from protembed.cli_common import err_console, handle_errors
 
 
 class Layout(str, Enum):

@@ -16,7 +16,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from protembed.cli import app, handle_errors
+from protembed.cli import app
+from protembed.cli_common import handle_errors
 from protembed.cli_embed import default_output
 from protembed.errors import OptionError, StoreError
 from protembed.models import checkpoints

@@ -1,0 +1,96 @@
+"""What every `protembed` command module shares: consoles, shared options, the error-to-exit-code
+mapping, device resolution and JSON output. The Typer app and its commands are in `cli.py`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from functools import wraps
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from protembed.errors import ProtembedError
+
+if TYPE_CHECKING:
+    import torch
+
+# emoji=False: ":fire:" in a file name or FASTA id must print as typed
+err_console = Console(stderr=True, emoji=False)
+out_console = Console(emoji=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# options shared by several commands
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    te = "te"
+
+
+BackendOption = Annotated[
+    Backend, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
+]
+CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile the model (torch backend).")]
+DEBUG = {"on": False}  # set by `protembed --debug`: known errors raise with their traceback
+
+
+def handle_errors(fn: F) -> F:
+    """Turn known errors into `error: <one line>` on stderr with exit code 1 (130 on Ctrl-C)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ProtembedError as exc:
+            if DEBUG["on"]:
+                raise
+            one_line = " ".join(str(exc).split())  # texts quoted from HDF5 or the OS may hold newlines
+            err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            hint = _INTERRUPT_HINTS.get(fn.__name__, lambda _: "")(kwargs)
+            text = f"; {hint}" if hint else ""
+            err_console.print(f"[yellow]interrupted[/]{escape(text)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _embed_hint(options: dict[str, Any]) -> str:
+    if options.get("overwrite"):  # the same command would start over
+        return "everything written so far is kept; run the command again without --overwrite to resume"
+    return "everything written so far is kept; run the same command again to resume"
+
+
+def _cache_hint(options: dict[str, Any]) -> str:
+    if options.get("no_cache") or getattr(options.get("features"), "value", None) == "onehot":
+        return ""  # nothing kept
+    return "features computed so far are cached; run the same command again to go on from there"
+
+
+# What Ctrl-C leaves behind, by command function; commands not listed keep nothing to resume.
+_INTERRUPT_HINTS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "embed": _embed_hint,
+    "finetune": _cache_hint,
+    "predict": _cache_hint,
+    "download": lambda _: "run the same command again to go on with the download",
+}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The requested torch device, checked to exist; default: first GPU, else CPU."""
+    from protembed.api import check_device
+
+    return check_device(device)
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
