@@ -78,7 +78,9 @@ class Model:
         tokens_per_batch: int = 8192,
         max_residues: int | None = None,
     ) -> Embeddings:
-        """Embed sequences in memory; longer ones are truncated to the model's maximum."""
+        """Embed sequences in memory; longer ones are truncated to `max_residues` (default and
+        maximum: the model's). Each sequence is read as `embed` reads a record: a final `*` is
+        dropped."""
         if isinstance(sequences, (str, bytes)):
             raise TypeError("sequences: pass a list of sequences, not one string")
         sequences = list(sequences)  # a generator is read once
@@ -91,8 +93,16 @@ class Model:
         if not pooling:
             raise ValueError("pooling: name at least one of mean, cls")
         idx = self.layers(layers)
-        limit = max_residues or self.encoder.config.max_residues
+        top = self.encoder.config.max_residues
+        limit = top if max_residues is None else max_residues
+        if isinstance(limit, bool) or not 1 <= limit <= top:
+            raise ValueError(f"max_residues: {max_residues!r} is outside 1..{top} for this model")
+        if isinstance(tokens_per_batch, bool) or tokens_per_batch < 1:
+            raise ValueError(f"tokens_per_batch: {tokens_per_batch!r} must be at least 1")
         tokens = [self.alphabet.encode(s, record=str(i)) for i, s in enumerate(sequences)]
+        for i, t in enumerate(tokens):
+            if t.size <= 2:  # BOS and EOS only: the sequence was just a '*'
+                raise ValueError(f"sequences: sequence {i} is empty once its final '*' is dropped")
         truncated = np.array([t.size - 2 > limit for t in tokens], dtype=bool)
         tokens = [np.concatenate([t[: limit + 1], t[-1:]]) if cut else t for t, cut in zip(tokens, truncated)]
         d = self.encoder.config.d_model

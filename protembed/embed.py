@@ -110,9 +110,16 @@ def locate_model(
 
 
 def check_options(
-    poolings: Sequence[str], long_policy: str, dtype: str, store_dtype: str, on_invalid: str
+    poolings: Sequence[str],
+    long_policy: str,
+    dtype: str,
+    store_dtype: str,
+    on_invalid: str,
+    tokens_per_batch: int | None = None,
 ) -> None:
     """Refuse impossible option values before anything is read."""
+    if tokens_per_batch is not None and (isinstance(tokens_per_batch, bool) or tokens_per_batch < 1):
+        raise OptionError(f"--tokens-per-batch {tokens_per_batch} must be at least 1")
     bad = [p for p in poolings if p not in POOLINGS]
     if bad or not poolings:
         raise OptionError(f"unknown pooling {', '.join(bad) or '(none)'}; choose from {', '.join(POOLINGS)}")
@@ -153,8 +160,8 @@ def embed_fasta(
     *,
     model: str = "esm2-650m",
     revision: str | None = None,
-    layers: Sequence[int | str] = (-1,),
-    poolings: Sequence[str] = ("mean",),
+    layers: Sequence[int | str] | int | str = (-1,),
+    poolings: Sequence[str] | str = ("mean",),
     per_residue: bool = False,
     dtype: str = "float32",
     store_dtype: str = "float32",
@@ -181,7 +188,8 @@ def embed_fasta(
     download progress of a model that is not cached yet.
     """
     t0 = time.perf_counter()
-    check_options(poolings, long_policy, dtype, store_dtype, on_invalid)
+    poolings = [poolings] if isinstance(poolings, str) else list(poolings)
+    check_options(poolings, long_policy, dtype, store_dtype, on_invalid, tokens_per_batch)
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
     resolved = resolve_backend(backend, devices[0], dtype, compile)
     # Validate the options and the whole input as soon as the model's shape is known, so that a
@@ -224,14 +232,14 @@ def embed_fasta(
 
 
 def _check_model_options(
-    cfg: EncoderConfig, name: str, layers: Sequence[int | str], max_length: int | None
+    cfg: EncoderConfig, name: str, layers: Sequence[int | str] | int | str, max_length: int | None
 ) -> tuple[list[int], int]:
     """Resolved layers and residue limit for a model; OptionError when they do not fit it."""
     try:
-        layer_idx = resolve_layers(list(layers), cfg)
+        layer_idx = resolve_layers(layers, cfg)
     except ValueError as exc:
         raise OptionError(str(exc)) from None
-    limit = max_length or cfg.max_residues
+    limit = cfg.max_residues if max_length is None else max_length
     if not 1 <= limit <= cfg.max_residues:
         raise OptionError(f"--max-length {limit} is outside 1..{cfg.max_residues} for {name}")
     return layer_idx, limit

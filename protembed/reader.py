@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import numbers
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,11 @@ class EmbeddingFile:
 
     def stored_layer(self, layer: int) -> int:
         """A stored layer's non-negative index; negative ones count from the end (-1 = last block)."""
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise StoreError(
+                f"{self.path}: layer {layer!r} is not a layer number (stored layers: {self.layers})"
+            )
+        layer = int(layer)
         if layer < 0:
             depth = self.attrs.get("model_layers")
             if depth is None:

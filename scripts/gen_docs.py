@@ -452,8 +452,10 @@ EXIT_STATUS = [
     ("1", "An error in the input or the environment: a bad FASTA record, an unknown model, a missing "
      "or broken checkpoint, an existing output without --overwrite, an unavailable device or backend. "
      "One line starting with error: is printed on standard error (--debug adds the traceback)."),
-    ("2", "A usage error: an unknown option or command, a missing argument, or an invalid value."),
-    ("130", "Interrupted (Ctrl-C). What was written is kept; run the same command again to resume."),
+    ("2", "A command line that does not parse: an unknown option or command, a missing argument, a "
+     "value of the wrong type or not among an option's fixed choices. Other bad values exit with 1."),
+    ("130", "Interrupted (Ctrl-C). What was written is kept; the message says how to go on (for embed: "
+     "run the same command again, without --overwrite, to resume)."),
 ]  # fmt: skip
 OVERVIEW = [
     Example("protembed models", "the registry models, and which are in the cache"),

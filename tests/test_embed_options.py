@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from protembed import embed as embed_module
 from protembed.cli import app
-from protembed.errors import OutputExistsError
+from protembed.errors import OptionError, OutputExistsError
 from protembed.models import checkpoints
 from protembed.store import _Lock
 from tests.helpers import fixture_dir
@@ -156,3 +156,20 @@ def test_ctrl_c_hint_fits_the_command(tmp_path: Path, fasta: Path, monkeypatch: 
     monkeypatch.setattr("protembed.export.export_per_protein", interrupted)
     export = run("export", out, "-o", tmp_path / "x.h5")
     assert export.exit_code == 130 and export.output.strip() == "interrupted"
+
+
+def test_embed_fasta_checks_what_the_cli_checks(tmp_path: Path, fasta: Path) -> None:
+    """The function behind `embed` refuses the values the command line refuses, and takes one
+    layer or pooling as well as a list."""
+    out = tmp_path / "api.h5"
+    for kwargs, message in [
+        ({"tokens_per_batch": 0}, "--tokens-per-batch 0 must be at least 1"),
+        ({"tokens_per_batch": -10}, "--tokens-per-batch -10 must be at least 1"),
+        ({"max_length": 0}, r"--max-length 0 is outside 1\.\.1022"),
+    ]:
+        with pytest.raises(OptionError, match=message):
+            embed_module.embed_fasta(fasta, out, model=ESM, **kwargs)  # type: ignore[arg-type]
+    assert not out.exists()
+    embed_module.embed_fasta(fasta, out, model=ESM, layers="all", poolings="cls", quiet=True)
+    with h5py.File(out, "r") as f:
+        assert list(f.attrs["layers"]) == [0, 1, 2, 3] and f["cls"].shape == (12, 4, 64)

@@ -141,6 +141,16 @@ def test_python_api_refuses_wrong_arguments() -> None:
     for bad in ([], True, [1.5]):
         with pytest.raises(ValueError, match="no layers given|is not a number"):
             model.embed(["MKV"], layers=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sequence 1 is empty once its final"):
+        model.embed(["MKV", "*"])
+    limit = model.encoder.config.max_residues
+    for bad_limit in (-1, 0, limit + 1):
+        with pytest.raises(ValueError, match=rf"max_residues: {bad_limit} is outside 1\.\.{limit}"):
+            model.embed(["MKV"], max_residues=bad_limit)
+    cut = model.embed(["MKTAYIAK"], max_residues=3, per_residue=True)
+    assert cut.truncated.tolist() == [True] and cut.residues is not None and cut.residues[0].shape[0] == 3
+    with pytest.raises(ValueError, match="tokens_per_batch: 0 must be at least 1"):
+        model.embed(["MKV"], tokens_per_batch=0)
     assert model.embed(["MKV"], layers="all").pooled["mean"].shape == (1, 4, 64)
     assert model.embed(iter(["MKV", "MKVL"]), layers=np.int64(2), pooling="cls").pooled["cls"].shape == (
         2,

@@ -143,6 +143,8 @@ def test_roundtrip_layout_and_reader(tmp_path: Path) -> None:
         assert emb.residues(5).shape == (0, K, D)
         with pytest.raises(StoreError, match=r"layer 2 is not stored \(stored layers: \[1, 3\]\)"):
             emb.pooled("mean", layer=2)
+        with pytest.raises(StoreError, match=r"layer 'final' is not a layer number \(stored layers"):
+            emb.residues(9, layer="final")  # type: ignore[arg-type]
         with pytest.raises(StoreError, match="no record with id 'nope'"):
             emb.index("nope")
         with pytest.raises(StoreError, match="no 'max' embeddings"):
