@@ -28,7 +28,7 @@ from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.backends import describe, prepare, resolve_backend
 from protembed.batching import default_token_budget
 from protembed.compute import COMPUTE_DTYPES, JobSpec
-from protembed.errors import OptionError, OutputExistsError
+from protembed.errors import OptionError, OutputCompleteError, OutputExistsError
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
 from protembed.merge import merge_shards, shard_path, shard_ranges, write_virtual
 from protembed.models import checkpoints
@@ -44,6 +44,7 @@ from protembed.pipeline import (
     run_pipeline,
 )
 from protembed.pooling import POOLINGS
+from protembed.reader import unfinished_output
 from protembed.registry import lookup
 from protembed.store import EmbeddingWriter
 
@@ -286,7 +287,8 @@ def _embed_shard(
     import torch.distributed as tdist
 
     rank, world, local_rank = dist
-    if output.exists() and not plan.overwrite:
+    if output.exists() and not plan.overwrite and not unfinished_output(output):
+        # (an unfinished one is a merge that was stopped: the shards are done and it resumes)
         raise OutputExistsError(f"{output}: exists; pass --overwrite to replace it")
     if plan.device is None:
         n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -301,7 +303,9 @@ def _embed_shard(
         tdist.init_process_group("gloo", timeout=timedelta(days=7))
     try:
         shard = shard_path(output, rank, world)
-        summary = _embed_rows(index, shard, plan, (start, stop), shard_attrs, progress, started, t0)
+        summary = _embed_rows(
+            index, shard, plan, (start, stop), shard_attrs, progress, started, t0, complete_ok=True
+        )
         tdist.barrier()
         if rank == 0:
             shards = [shard_path(output, r, world) for r in range(world)]
@@ -347,8 +351,13 @@ def _embed_rows(
     progress: Progress | None,
     started: Callable[[int, int], None] | None,
     t0: float,
+    complete_ok: bool = False,
 ) -> EmbedSummary:
-    """Embed rows [start, stop) of the input into `output` (the whole input, or one shard)."""
+    """Embed rows [start, stop) of the input into `output` (the whole input, or one shard).
+
+    `complete_ok`: an output already complete with these settings is done (nothing computed);
+    for shards, which a job's earlier run may have finished while others did not.
+    """
     devices = parse_devices(plan.device)
     start, stop = rows
     in_range = slice(start, stop)
@@ -371,22 +380,64 @@ def _embed_rows(
         "window_stride": int(max(plan.limit // 2, 1)) if window else None, "tokens_per_batch": int(budget),
         **extra_attrs,
     }  # fmt: skip
-    writer = EmbeddingWriter.open(
-        output, attrs=attrs, ids=index.ids[in_range], descriptions=index.descriptions[in_range],
-        lengths=lengths[in_range], truncated=truncated[in_range], skipped=skipped[in_range],
-        skip_reasons={r - start: why for r, why in index.skip_reasons.items() if start <= r < stop},
-        n_layers=len(plan.layers), d_model=plan.ref.config.d_model, poolings=plan.poolings,
-        per_residue=plan.per_residue, store_dtype=plan.store_dtype, compression=plan.compression,
-        overwrite=plan.overwrite, flush_seconds=FLUSH_SECONDS,
-    )  # fmt: skip
+    try:
+        writer: EmbeddingWriter | None = EmbeddingWriter.open(
+            output, attrs=attrs, ids=index.ids[in_range], descriptions=index.descriptions[in_range],
+            lengths=lengths[in_range], truncated=truncated[in_range], skipped=skipped[in_range],
+            skip_reasons={r - start: why for r, why in index.skip_reasons.items() if start <= r < stop},
+            n_layers=len(plan.layers), d_model=plan.ref.config.d_model, poolings=plan.poolings,
+            per_residue=plan.per_residue, store_dtype=plan.store_dtype, compression=plan.compression,
+            overwrite=plan.overwrite, flush_seconds=FLUSH_SECONDS, complete_ok=complete_ok,
+        )  # fmt: skip
+    except OutputCompleteError:
+        if not complete_ok:
+            raise
+        writer = None  # finished by an earlier run of this job
     scope = np.arange(start, stop)[~skipped[in_range]]
     pending = np.zeros(len(index), dtype=bool)
-    pending[writer.pending + start] = True
-    resumed = scope.size - writer.pending.size
+    if writer is not None:
+        pending[writer.pending + start] = True
+    resumed = scope.size - int(pending.sum())
     # identical sequences are computed once per output (per shard under torchrun)
     out_of_scope = np.ones(len(index), dtype=bool)
     out_of_scope[scope] = False
     members = plan_members(scope, duplicate_groups(index.seq_hash, out_of_scope))
+    if writer is not None:
+        _compute(index, plan, writer, members, pending, lengths, budget, devices, start, progress, started)
+    elif started is not None:
+        started(0, 0)
+    elapsed = time.perf_counter() - t0
+    computed = sum(1 for g in members.values() if pending[g].any())
+    done_res = int(lengths[pending].sum())
+    return EmbedSummary(
+        output=str(output), model=plan.ref.name, device=",".join(devices),
+        backend=describe(plan.backend, plan.dtype, plan.compile), layers=plan.layers,
+        records=stop - start, residues=int(lengths[scope].sum()), computed=computed, resumed=resumed,
+        duplicates=int(pending.sum()) - computed, truncated=int(truncated[in_range].sum()),
+        skipped=int(skipped[in_range].sum()), elapsed_s=round(elapsed, 3),
+        residues_per_s=round(done_res / elapsed, 1) if elapsed > 0 else 0.0,
+        output_bytes=output.stat().st_size,
+        skip_reasons={r: why for r, why in index.skip_reasons.items() if start <= r < stop},
+    )  # fmt: skip
+
+
+def _compute(
+    index: FastaIndex,
+    plan: _Plan,
+    writer: EmbeddingWriter,
+    members: dict[int, np.ndarray],
+    pending: np.ndarray,
+    lengths: np.ndarray,
+    budget: int,
+    devices: list[str],
+    start: int,
+    progress: Progress | None,
+    started: Callable[[int, int], None] | None,
+) -> None:
+    """Compute the pending rows on the devices, write them and mark the output complete."""
+    window = plan.long_policy == "window"
+    torch_dtype = COMPUTE_DTYPES[plan.dtype]
+    first = torch.device(devices[0])
     with writer:
         window_of = read_windows(_token_counts(index, plan))
         work = Work(index, plan.alphabet, members, pending, lengths, plan.limit, window, window_of, start)
@@ -405,16 +456,3 @@ def _embed_rows(
         if pending.any():
             run_pipeline(work, spec, executor, writer, progress)
         writer.close(complete=True)
-    elapsed = time.perf_counter() - t0
-    computed = sum(1 for g in members.values() if pending[g].any())
-    done_res = int(lengths[pending].sum())
-    return EmbedSummary(
-        output=str(output), model=plan.ref.name, device=",".join(devices),
-        backend=describe(plan.backend, plan.dtype, plan.compile), layers=plan.layers,
-        records=stop - start, residues=int(lengths[scope].sum()), computed=computed, resumed=resumed,
-        duplicates=int(pending.sum()) - computed, truncated=int(truncated[in_range].sum()),
-        skipped=int(skipped[in_range].sum()), elapsed_s=round(elapsed, 3),
-        residues_per_s=round(done_res / elapsed, 1) if elapsed > 0 else 0.0,
-        output_bytes=output.stat().st_size,
-        skip_reasons={r: why for r, why in index.skip_reasons.items() if start <= r < stop},
-    )  # fmt: skip

@@ -60,6 +60,10 @@ class OutputExistsError(ProtembedError):
     """An output that would be overwritten or that another run is writing."""
 
 
+class OutputCompleteError(OutputExistsError):
+    """The output is already complete (with `complete_ok`: and made with the same settings)."""
+
+
 class ResumeMismatchError(ProtembedError):
     """An incomplete output whose settings differ from the current command."""
 

@@ -107,11 +107,13 @@ def _check_shards(shards: list[Path]) -> tuple[dict[str, Any], list[tuple[int, i
 
 
 def merge_shards(output: Path, shards: list[Path], overwrite: bool = False) -> Path:
-    """Join complete shards into one plain output, identical to a single-process run."""
+    """Join complete shards into one plain output, identical to a single-process run (compressed
+    as the shards are). An unfinished output of an earlier merge of the same shards resumes."""
     settings, _ = _check_shards(shards)
     files = [open_embeddings(p) for p in shards]
     try:
         first = files[0]
+        compression = first.h5[first.poolings[0]].compression  # the job's --compression
         ids = [i for f in files for i in f.ids]
         writer = EmbeddingWriter.open(
             output, attrs=settings, ids=ids, descriptions=[d for f in files for d in f.descriptions],
@@ -121,12 +123,14 @@ def merge_shards(output: Path, shards: list[Path], overwrite: bool = False) -> P
             skip_reasons={i: r for i, r in enumerate(r for f in files for r in f.skip_reasons) if r},
             n_layers=len(first.layers), d_model=first.h5[first.poolings[0]].shape[-1],
             poolings=first.poolings, per_residue="residues" in first.h5,
-            store_dtype=str(first.attrs["store_dtype"]), compression=None, overwrite=overwrite,
+            store_dtype=str(first.attrs["store_dtype"]), compression=compression, overwrite=overwrite,
         )  # fmt: skip
+        todo = np.zeros(len(ids), dtype=bool)
+        todo[writer.pending] = True  # all rows, less those a stopped merge already copied
         with writer:
             base = 0
             for f in files:
-                _copy_rows(f, writer, base)
+                _copy_rows(f, writer, base, todo[base : base + len(f)])
                 base += len(f)
             writer.close(complete=True)
     finally:
@@ -135,10 +139,11 @@ def merge_shards(output: Path, shards: list[Path], overwrite: bool = False) -> P
     return output
 
 
-def _copy_rows(f: Any, writer: EmbeddingWriter, base: int) -> None:
+def _copy_rows(f: Any, writer: EmbeddingWriter, base: int, todo: np.ndarray) -> None:
+    """Copy the rows of shard `f` marked in `todo` to rows base + i of the output."""
     for start in range(0, len(f), COPY_ROWS):
         stop = min(start + COPY_ROWS, len(f))
-        rows = np.arange(start, stop)[~f.skipped[start:stop]]
+        rows = np.flatnonzero(todo[start:stop]) + start
         if not rows.size:
             continue
         pooled = {}

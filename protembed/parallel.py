@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -161,6 +162,7 @@ def _check_alive(procs: list, devices: list[str]) -> None:
 def _worker(device: str, spec: JobSpec, cpu_threads: int, tasks: Any, results: Connection) -> None:
     """Worker process: load the model on `device`, compute units until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops workers
+    exit_with_parent()
     from protembed.backends import prepare
     from protembed.compute import COMPUTE_DTYPES
     from protembed.models.checkpoints import load_checkpoint
@@ -185,6 +187,20 @@ def _worker(device: str, spec: JobSpec, cpu_threads: int, tasks: Any, results: C
         _tell(results, ("error", f"{device}: {exc}"))
     except Exception as exc:  # a bug or a driver error: report it with its type, then stop
         _tell(results, ("error", f"{device}: worker failed: {type(exc).__name__}: {exc}"))
+
+
+def exit_with_parent() -> None:
+    """End this worker as soon as the main process is gone (killed with -9 it cannot stop us):
+    a worker blocked on the task queue would otherwise live on, holding memory and the GPU."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="protembed-parent-watch", daemon=True).start()
 
 
 def _tell(results: Connection, message: tuple[str, str]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from protembed.errors import OutputExistsError, ResumeMismatchError, StoreError
+from protembed.errors import OutputCompleteError, OutputExistsError, ResumeMismatchError, StoreError
 
 FORMAT, FORMAT_VERSION = "protembed-embeddings", 1
 RECORD_DATASETS = ("ids", "descriptions", "lengths", "truncated", "skipped", "skip_reasons", "written")
@@ -211,19 +211,31 @@ def plain(value: Any) -> Any:
     return value
 
 
+def unfinished_output(path: Path) -> bool:
+    """Whether `path` is a protembed embeddings file that is not complete yet."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return h5.attrs.get("format") == FORMAT and not h5.attrs.get("complete")
+    except OSError:
+        return False
+
+
 def check_resumable(
     path: Path,
     attrs: dict[str, Any],
     big: dict[str, tuple[int, ...]],
     lengths: np.ndarray,
     skipped: np.ndarray,
+    complete_ok: bool = False,
 ) -> None:
     """Check that an existing output is an unfinished one made with these settings.
 
     `attrs` are the new root attributes and `big` the shapes of the embedding datasets.
 
     Raises:
-        OutputExistsError: not a protembed file of this layout version, or already complete.
+        OutputCompleteError: already complete; with `complete_ok`, only once its settings are
+            found to be these (a shard finished by an earlier run of the same job).
+        OutputExistsError: not a protembed file of this layout version.
         ResumeMismatchError: made with other settings; names each one, file vs now.
     """
     hint = "pass --overwrite to replace it"
@@ -237,13 +249,14 @@ def check_resumable(
             raise OutputExistsError(f"{path}: exists and is not a protembed embeddings file; {hint}")
         if old.get("format_version") != FORMAT_VERSION:
             raise OutputExistsError(f"{path}: written in layout version {old.get('format_version')}; {hint}")
-        if old.get("complete"):
-            raise OutputExistsError(f"{path}: a complete output already exists; {hint}")
+        complete = bool(old.get("complete"))
+        if complete and not complete_ok:
+            raise OutputCompleteError(f"{path}: a complete output already exists; {hint}")
         new = {k: plain(v) for k, v in attrs.items()}
         diffs = [
             f"{key} {_show(old.get(key))} (file) vs {_show(new.get(key))} (now)"
             for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and key not in NOT_COMPARED
+            if old.get(key) != new.get(key) and key not in (*NOT_COMPARED, "complete")
         ]
         have = {k: h5[k].shape for k in h5 if k not in RECORD_DATASETS and k != "offsets"}
         for key in sorted(k for k in set(have) | set(big) if have.get(k) != big.get(k)):
@@ -253,10 +266,13 @@ def check_resumable(
         elif not np.array_equal(h5["lengths"][...], lengths):
             diffs.append("record lengths differ")
     if diffs:
+        state = "a complete" if complete else "an unfinished"
         raise ResumeMismatchError(
-            f"{path}: an unfinished output with other settings exists: {'; '.join(diffs)}; "
+            f"{path}: {state} output with other settings exists: {'; '.join(diffs)}; "
             f"rerun with the same settings to resume, or {hint}"
         )
+    if complete:
+        raise OutputCompleteError(f"{path}: complete, made with these settings")
 
 
 def _show(value: Any) -> str:

@@ -92,6 +92,7 @@ class EmbeddingWriter:
         overwrite: bool,
         flush_seconds: float = 5.0,
         flush_bytes: int = 64 << 20,
+        complete_ok: bool = False,
     ) -> EmbeddingWriter:
         """Create the output, or reopen an unfinished one made with the same settings.
 
@@ -99,8 +100,10 @@ class EmbeddingWriter:
         `reader.NOT_COMPARED` must match to resume.
 
         Raises:
-            OutputExistsError: a complete output or a non-protembed file is in the way (and not
-                `overwrite`), or another run holds the lock.
+            OutputCompleteError: the output is complete (with `complete_ok`: and was made with
+                these settings, so there is nothing left to do).
+            OutputExistsError: a non-protembed file is in the way (and not `overwrite`), or
+                another run holds the lock.
             ResumeMismatchError: an unfinished output made with other settings exists.
             StoreError: the output path cannot be written.
         """
@@ -125,7 +128,7 @@ class EmbeddingWriter:
         lock = _Lock(path)
         try:
             if path.exists() and not overwrite:
-                check_resumable(path, full, big, lengths, skipped)
+                check_resumable(path, full, big, lengths, skipped, complete_ok)
             else:
                 records = {
                     "ids": np.array(ids, dtype=object),

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 import pytest
 
+from protembed import merge as merge_module
 from protembed.alphabet import ALPHABETS
 from protembed.batching import split_tail, token_batches
 from protembed.compute import BatchResult
@@ -39,7 +40,7 @@ from protembed.pipeline import (
     run_pipeline,
     units_to_compute,
 )
-from protembed.reader import open_embeddings
+from protembed.reader import open_embeddings, unfinished_output
 from tests.helpers import fixture_dir, rows_written
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
@@ -129,6 +130,44 @@ def test_torchrun_two_ranks_equal_one_process(many: Path, single: Path, merge: b
         assert r.returncode == 1 and "not beside it" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_torchrun_rerun_takes_finished_shards_and_a_stopped_merge(
+    many: Path, single: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun of a job whose shards are done (a rank finished before the job was stopped) or
+    whose merge was stopped half-way finishes it without recomputing; --compression holds."""
+    fasta = tmp_path / many.name
+    shutil.copy(many, fasta)
+    out = tmp_path / "tr.h5"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+
+    def job(*extra: str) -> None:
+        rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        cmd = [*launcher, *rendezvous, "-m", "protembed", *embed_args(fasta, out, "--compression", "gzip")]
+        subprocess.run([*cmd, *extra], check=True, env=ENV, capture_output=True)
+
+    job("--no-merge")
+    shards = sorted(tmp_path.glob("tr.shard-*"))
+    out.unlink()  # both shards done, no output: as if the job stopped before rank 0 merged
+    copied: list[int] = []
+    real_copy = merge_module._copy_rows
+
+    def stop_after_one_shard(*args: Any) -> None:
+        if copied:
+            raise KeyboardInterrupt
+        copied.append(1)
+        real_copy(*args)
+
+    monkeypatch.setattr(merge_module, "_copy_rows", stop_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        merge_shards(out, shards)
+    assert unfinished_output(out) and 0 < rows_written(out) < 1200
+    job()
+    assert not any(p.exists() for p in shards)  # merged, then removed
+    assert_same_file(single, out)
+    with h5py.File(out, "r") as f:
+        assert f["mean"].compression == "gzip" and f["residues"].compression == "gzip"
+
+
 def test_shard_ranges_cover_every_row_at_window_boundaries() -> None:
     rng = np.random.default_rng(3)
     n_tokens = rng.integers(30, 1000, 5000)
@@ -212,6 +251,39 @@ def _start_and_wait(cmd: list[str], out: Path) -> subprocess.Popen:
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     return proc
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, sys, time
+from protembed import parallel
+
+def idle_worker():  # like a worker waiting on an empty task queue
+    parallel.exit_with_parent()
+    time.sleep(600)
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=idle_worker)
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_end_when_the_main_process_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], env=ENV, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    worker = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)  # kill -9: the main process cannot stop its workers itself
+    proc.wait(timeout=30)
+    deadline = time.time() + 20
+    while Path(f"/proc/{worker}").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    alive = Path(f"/proc/{worker}").exists()
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "a worker outlived the main process"
 
 
 def test_killed_worker_stops_cleanly_and_rerun_completes(many: Path, single: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from protembed.errors import OutputExistsError, ResumeMismatchError, StoreError
+from protembed.errors import OutputCompleteError, OutputExistsError, ResumeMismatchError, StoreError
 from protembed.reader import open_embeddings
 from protembed.store import EmbeddingWriter
 
@@ -332,3 +332,19 @@ def test_kill_9_mid_run_then_resume(tmp_path: Path) -> None:
     write_all(writer, writer.pending)
     writer.close(complete=True)
     assert_same_file(whole, path)
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_complete_output_with_complete_ok(tmp_path: Path, compression: str | None) -> None:
+    """A finished shard is accepted as done only when made with the same settings."""
+    path = tmp_path / "out.h5"
+    writer = open_writer(path, compression=compression)
+    write_all(writer, writer.pending)
+    writer.close(complete=True)
+    with pytest.raises(OutputExistsError, match="a complete output already exists"):
+        open_writer(path, compression=compression)
+    with pytest.raises(OutputCompleteError, match="complete, made with these settings"):
+        open_writer(path, compression=compression, complete_ok=True)
+    with pytest.raises(ResumeMismatchError, match=r"a complete output with other settings exists: layers"):
+        open_writer(path, compression=compression, complete_ok=True, attrs=attrs(layers=[1, 2]))
+    assert not (tmp_path / "out.h5.lock").exists()
