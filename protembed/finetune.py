@@ -328,8 +328,10 @@ def load(out_dir: Path) -> tuple[dict[str, Any], nn.Module]:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise FlipError(f"{cfg_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if config.get("format") != FORMAT:
-        raise FlipError(f"{cfg_path}: not a protembed FLIP head (format {config.get('format')!r})")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise FlipError(f"{cfg_path}: not a protembed FLIP head (format {found!r})")
+    _check_saved(config, cfg_path)
     try:
         head = build_head(config["head_config"])
         head.load_state_dict(load_file(str(w_path)))
@@ -337,6 +339,22 @@ def load(out_dir: Path) -> tuple[dict[str, Any], nn.Module]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FlipError(f"{w_path}: not the weights of the head in {CONFIG} ({first})") from None
     return config, head.eval()
+
+
+def _check_saved(config: dict[str, Any], cfg_path: Path) -> None:
+    """The fields `predict` reads, as `finetune` writes them; FlipError naming the first that is not."""
+    try:
+        task = get_task(str(config.get("task")))
+    except FlipError:
+        raise FlipError(f"{cfg_path}: unknown task {config.get('task')!r}") from None
+    if config.get("classes") != list(task.classes):
+        raise FlipError(f"{cfg_path}: classes {config.get('classes')!r} are not those of {task.name}")
+    scale = config.get("target_scale")
+    if not (isinstance(scale, list) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale)):
+        raise FlipError(f"{cfg_path}: target_scale {scale!r} is not two numbers")
+    model = config.get("model")
+    if model is not None and not (isinstance(model, dict) and {"ref", "layer"} <= set(model)):
+        raise FlipError(f"{cfg_path}: model {model!r} has no ref and layer")
 
 
 def predict_fasta(

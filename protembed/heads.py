@@ -238,7 +238,14 @@ def train(
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            try:
+                opt.step()
+            except RuntimeError as exc:  # e.g. lr * weight decay beyond float range
+                if "overflow" not in str(exc):
+                    raise
+                raise FlipError(
+                    f"training diverged (step overflows in epoch {epoch}); try a smaller --lr"
+                ) from None
             total += loss.item() * len(rows)
             seen += len(rows)
         val = score(kind, decode(kind, predict(head, x, val_rows, device), scale), y_val, scale)

@@ -357,8 +357,9 @@ def test_cli_option_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
     r = run_cli(*onehot, "--device", "cpu", "--output", tmp_path / "afile" / "x")
     assert r.exit_code == 1 and "cannot create output folder" in r.output and "Traceback" not in r.output
-    r = run_cli(*onehot, "--device", "cpu", "--lr", "1e30", "--epochs", "2")
-    assert r.exit_code == 1 and "error: training diverged" in r.output
+    for lr in ("1e30", "1e300"):  # a huge loss; a step beyond float range
+        r = run_cli(*onehot, "--device", "cpu", "--lr", lr, "--epochs", "2")
+        assert r.exit_code == 1 and "error: training diverged" in r.output, r.output
 
 
 def test_undefined_metrics_saved_as_null(tmp_path: Path) -> None:
@@ -436,6 +437,21 @@ def test_predict_rejects_weights_of_another_head(tmp_path: Path) -> None:
     (out_dir / "head.safetensors").write_bytes(b"junk")
     r = run_cli("predict", out_dir, TINY / "gb1" / "two_vs_rest.fasta", "--device", "cpu", "-q")
     assert r.exit_code == 1 and "not the weights of the head in config.json" in r.output
+
+
+def test_predict_rejects_an_edited_config(tmp_path: Path) -> None:
+    out_dir = tmp_path / "head"
+    finetune_json("flip-gb1", tmp_path, "--features", "onehot", "--head", "ridge", "--output", out_dir)
+    saved = json.loads((out_dir / "config.json").read_text())
+    for field, value, message in [
+        ("classes", ["C", "E"], "classes ['C', 'E'] are not those of flip-gb1"),
+        ("task", "flip-nope", "unknown task 'flip-nope'"),
+        ("target_scale", [1.0], "target_scale [1.0] is not two numbers"),
+        ("model", {"layer": 3}, "has no ref and layer"),
+    ]:
+        (out_dir / "config.json").write_text(json.dumps({**saved, field: value}))
+        r = run_cli("predict", out_dir, TINY / "gb1" / "two_vs_rest.fasta", "--device", "cpu", "-q")
+        assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
 
 
 def test_local_checkpoint_revision_follows_its_weights(tmp_path: Path) -> None:
