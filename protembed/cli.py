@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from protembed import __version__
-from protembed.cli_common import DEBUG
+from protembed.cli_common import DEBUG, stop_on_sigterm
 
 app = typer.Typer(
     name="protembed",
@@ -42,6 +42,7 @@ def root(
 
 def main() -> None:
     """Console-script entry point."""
+    stop_on_sigterm()
     app()
 
 

@@ -4,6 +4,7 @@ mapping, device resolution and JSON output. The Typer app and its commands are i
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -40,8 +41,22 @@ CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile th
 DEBUG = {"on": False}  # set by `protembed --debug`: known errors raise with their traceback
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `kill`, `docker stop`), stopping a command as Ctrl-C does."""
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise `Terminated` in the main thread: outputs are closed as on Ctrl-C."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def handle_errors(fn: F) -> F:
-    """Turn known errors into `error: <one line>` on stderr with exit code 1 (130 on Ctrl-C)."""
+    """Turn known errors into `error: <one line>` on stderr with exit code 1 (130 on Ctrl-C, 143 on
+    SIGTERM)."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -53,11 +68,12 @@ def handle_errors(fn: F) -> F:
             one_line = " ".join(str(exc).split())  # texts quoted from HDF5 or the OS may hold newlines
             err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             hint = _INTERRUPT_HINTS.get(fn.__name__, lambda _: "")(kwargs)
             text = f"; {hint}" if hint else ""
-            err_console.print(f"[yellow]interrupted[/]{escape(text)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(130) from None
+            word, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+            err_console.print(f"[yellow]{word}[/]{escape(text)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -161,7 +161,8 @@ def _check_alive(procs: list, devices: list[str]) -> None:
 
 def _worker(device: str, spec: JobSpec, cpu_threads: int, tasks: Any, results: Connection) -> None:
     """Worker process: load the model on `device`, compute units until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and SIGTERM and
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stops its workers (or they end with it)
     exit_with_parent()
     from protembed.backends import prepare
     from protembed.compute import COMPUTE_DTYPES

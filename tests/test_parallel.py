@@ -317,6 +317,22 @@ def test_ctrl_c_leaves_a_resumable_file(many: Path, single: Path, tmp_path: Path
     assert_same_file(single, out)
 
 
+def test_sigterm_stops_like_ctrl_c(many: Path, single: Path, tmp_path: Path) -> None:
+    """What a scheduler's time limit sends: rows finished are kept, the lock is gone, exit 143."""
+    out = tmp_path / "terminated.h5"
+    proc = _start_and_wait(embed_args(many, out, "--device", "cpu:2"), out)
+    workers = [pid for pid, cmd in _children(proc.pid) if "spawn_main" in cmd]
+    for pid in [proc.pid, *workers]:  # as SLURM signals every process of the step
+        os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().startswith("terminated;") and "Traceback" not in err, err
+    assert not out.with_name(out.name + ".lock").exists()
+    assert 0 < rows_written(out) < 1200
+    subprocess.run([*PROTEMBED, *embed_args(many, out)], check=True, env=ENV)
+    assert_same_file(single, out)
+
+
 def test_merge_refuses_partial_shards(single: Path, tmp_path: Path) -> None:
     out = tmp_path / "job.h5"
     with pytest.raises(StoreError, match="no shard files"):
