@@ -13,6 +13,7 @@ tokenising, compute, and writing overlap):
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from protembed.batching import default_token_budget
 from protembed.compute import COMPUTE_DTYPES, JobSpec
 from protembed.errors import OptionError, OutputCompleteError, OutputExistsError
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
-from protembed.merge import merge_shards, shard_path, shard_ranges, write_virtual
+from protembed.merge import merge_shards, shard_path, shard_ranges, shard_worlds, write_virtual
 from protembed.models import checkpoints
 from protembed.models.encoder import EncoderConfig, resolve_layers
 from protembed.parallel import WorkerPool, parse_devices
@@ -296,6 +297,11 @@ def _embed_shard(
         if not n_gpu:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    stale = [w for w in shard_worlds(output) if w != world]
+    if rank == 0 and stale:  # left by a run with another number of ranks: not used, not removed
+        sets = ", ".join(f"*-of-{w:03d}" for w in stale)
+        note = f"shard files of a run with another number of ranks are beside {output} ({sets})"
+        print(f"note: {note}; this run of {world} ranks does not use them", file=sys.stderr)
     n_tokens = _token_counts(index, plan)
     start, stop = shard_ranges(n_tokens, read_windows(n_tokens), world)[rank]
     shard_attrs = {"shard_start": start, "shard_stop": stop, "shard_rank": rank, "shard_world_size": world}

@@ -46,15 +46,24 @@ def shard_path(output: Path, rank: int, world: int) -> Path:
     return output.with_name(f"{output.stem}.shard-{rank:03d}-of-{world:03d}{output.suffix or '.h5'}")
 
 
+def shard_worlds(output: Path) -> list[int]:
+    """World sizes of the shard files beside `output` (`*-of-<world>`), ascending."""
+    suffix = output.suffix or ".h5"
+    pattern = re.compile(re.escape(output.stem) + r"\.shard-\d{3,}-of-(\d{3,})" + re.escape(suffix))
+    try:
+        names = [p.name for p in output.parent.iterdir()]
+    except OSError:
+        return []
+    return sorted({int(m.group(1)) for name in names if (m := pattern.fullmatch(name))})
+
+
 def find_shards(output: Path) -> list[Path]:
     """The shard files of an output, in rank order.
 
     Raises:
         StoreError: no shards, a rank's file missing, or shards of runs with different world sizes.
     """
-    suffix = output.suffix or ".h5"
-    pattern = re.compile(re.escape(output.stem) + r"\.shard-\d{3,}-of-(\d{3,})" + re.escape(suffix))
-    worlds = sorted({int(m.group(1)) for p in output.parent.iterdir() if (m := pattern.fullmatch(p.name))})
+    worlds = shard_worlds(output)
     if not worlds:
         raise StoreError(f"{output}: no shard files ({shard_path(output, 0, 1).name} ...) beside it")
     if len(worlds) > 1:

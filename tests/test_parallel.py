@@ -140,10 +140,10 @@ def test_torchrun_rerun_takes_finished_shards_and_a_stopped_merge(
     out = tmp_path / "tr.h5"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
 
-    def job(*extra: str) -> None:
+    def job(*extra: str) -> str:
         rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
         cmd = [*launcher, *rendezvous, "-m", "protembed", *embed_args(fasta, out, "--compression", "gzip")]
-        subprocess.run([*cmd, *extra], check=True, env=ENV, capture_output=True)
+        return subprocess.run([*cmd, *extra], check=True, env=ENV, capture_output=True, text=True).stderr
 
     job("--no-merge")
     shards = sorted(tmp_path.glob("tr.shard-*"))
@@ -161,7 +161,10 @@ def test_torchrun_rerun_takes_finished_shards_and_a_stopped_merge(
     with pytest.raises(KeyboardInterrupt):
         merge_shards(out, shards)
     assert unfinished_output(out) and 0 < rows_written(out) < 1200
-    job()
+    (tmp_path / "tr.shard-000-of-003.h5").touch()  # left by a run with 3 ranks: named, not used
+    err = job()
+    assert "note: shard files of a run with another number of ranks are beside" in err
+    assert "(*-of-003); this run of 2 ranks does not use them" in err
     assert not any(p.exists() for p in shards)  # merged, then removed
     assert_same_file(single, out)
     with h5py.File(out, "r") as f:
