@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,10 +96,13 @@ class Model:
         idx = self.layers(layers)
         top = self.encoder.config.max_residues
         limit = top if max_residues is None else max_residues
-        if isinstance(limit, bool) or not 1 <= limit <= top:
-            raise ValueError(f"max_residues: {max_residues!r} is outside 1..{top} for this model")
-        if isinstance(tokens_per_batch, bool) or tokens_per_batch < 1:
-            raise ValueError(f"tokens_per_batch: {tokens_per_batch!r} must be at least 1")
+        if not _whole(limit) or not 1 <= limit <= top:
+            raise ValueError(
+                f"max_residues: {max_residues!r} is not a whole number in 1..{top} for this model"
+            )
+        if not _whole(tokens_per_batch) or tokens_per_batch < 1:
+            raise ValueError(f"tokens_per_batch: {tokens_per_batch!r} is not a whole number >= 1")
+        limit = int(limit)
         tokens = [self.alphabet.encode(s, record=str(i)) for i, s in enumerate(sequences)]
         for i, t in enumerate(tokens):
             if t.size <= 2:  # BOS and EOS only: the sequence was just a '*'
@@ -116,6 +120,11 @@ class Model:
                 for j, r in enumerate(rows):
                     residues[r] = result.residues[j]
         return Embeddings(pooled=pooled, layers=idx, residues=residues, truncated=truncated)
+
+
+def _whole(value: object) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_device(device: str | torch.device | None) -> torch.device:

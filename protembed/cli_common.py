@@ -96,6 +96,7 @@ _INTERRUPT_HINTS: dict[str, Callable[[dict[str, Any]], str]] = {
     "finetune": _cache_hint,
     "predict": _cache_hint,
     "download": lambda _: "run the same command again to go on with the download",
+    "merge": lambda _: "rows joined so far are kept; run the same command again to go on",
 }
 
 

@@ -12,6 +12,7 @@ tokenising, compute, and writing overlap):
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.backends import describe, prepare, resolve_backend
 from protembed.batching import default_token_budget
 from protembed.compute import COMPUTE_DTYPES, JobSpec
-from protembed.errors import OptionError, OutputCompleteError, OutputExistsError
+from protembed.errors import OptionError, OutputCompleteError, OutputExistsError, StoreError
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
 from protembed.merge import merge_shards, shard_path, shard_ranges, shard_worlds, write_virtual
 from protembed.models import checkpoints
@@ -120,7 +121,8 @@ def check_options(
     tokens_per_batch: int | None = None,
 ) -> None:
     """Refuse impossible option values before anything is read."""
-    if tokens_per_batch is not None and (isinstance(tokens_per_batch, bool) or tokens_per_batch < 1):
+    whole = isinstance(tokens_per_batch, numbers.Integral) and not isinstance(tokens_per_batch, bool)
+    if tokens_per_batch is not None and (not whole or tokens_per_batch < 1):
         raise OptionError(f"--tokens-per-batch {tokens_per_batch} must be at least 1")
     bad = [p for p in poolings if p not in POOLINGS]
     if bad or not poolings:
@@ -242,7 +244,11 @@ def _check_model_options(
     except ValueError as exc:
         raise OptionError(str(exc)) from None
     limit = cfg.max_residues if max_length is None else max_length
-    if not 1 <= limit <= cfg.max_residues:
+    if (
+        isinstance(limit, bool)
+        or not isinstance(limit, numbers.Integral)
+        or not 1 <= limit <= cfg.max_residues
+    ):
         raise OptionError(f"--max-length {limit} is outside 1..{cfg.max_residues} for {name}")
     return layer_idx, limit
 
@@ -288,8 +294,7 @@ def _embed_shard(
     import torch.distributed as tdist
 
     rank, world, local_rank = dist
-    if output.exists() and not plan.overwrite and not unfinished_output(output):
-        # (an unfinished one is a merge that was stopped: the shards are done and it resumes)
+    if output.exists() and not plan.overwrite and not _stopped_merge(output, world, merge):
         raise OutputExistsError(f"{output}: exists; pass --overwrite to replace it")
     if plan.device is None:
         n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -322,10 +327,22 @@ def _embed_shard(
             else:
                 write_virtual(output, shards, overwrite=plan.overwrite)
             summary.output, summary.output_bytes = str(output), output.stat().st_size
-        tdist.barrier()
+        try:
+            tdist.barrier()
+        except RuntimeError:  # rank 0 stopped while joining the shards: its message says why
+            if rank == 0:
+                raise
+            raise StoreError(f"{output}: rank 0 could not join the shards (see its message)") from None
     finally:
         tdist.destroy_process_group()
     return summary
+
+
+def _stopped_merge(output: Path, world: int, merge: bool) -> bool:
+    """Whether an existing `output` is the unfinished merge of this job's shards (all of them are
+    beside it, as rank 0 merges only once every shard is done): a rerun resumes it."""
+    shards = [shard_path(output, r, world) for r in range(world)]
+    return merge and unfinished_output(output) and all(p.exists() for p in shards)
 
 
 def _token_counts(index: FastaIndex, plan: _Plan) -> np.ndarray:

@@ -343,18 +343,39 @@ def load(out_dir: Path) -> tuple[dict[str, Any], nn.Module]:
 
 def _check_saved(config: dict[str, Any], cfg_path: Path) -> None:
     """The fields `predict` reads, as `finetune` writes them; FlipError naming the first that is not."""
+
+    def bad(field: str, why: str) -> FlipError:
+        return FlipError(f"{cfg_path}: {field} {config.get(field)!r} {why}")
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
     try:
         task = get_task(str(config.get("task")))
     except FlipError:
-        raise FlipError(f"{cfg_path}: unknown task {config.get('task')!r}") from None
+        raise bad("task", "is not a FLIP task") from None
     if config.get("classes") != list(task.classes):
-        raise FlipError(f"{cfg_path}: classes {config.get('classes')!r} are not those of {task.name}")
+        raise bad("classes", f"are not those of {task.name}")
     scale = config.get("target_scale")
-    if not (isinstance(scale, list) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale)):
-        raise FlipError(f"{cfg_path}: target_scale {scale!r} is not two numbers")
+    pair = scale if isinstance(scale, list) and len(scale) == 2 else []
+    if not (pair and all(is_int(v) or isinstance(v, float) for v in pair)):
+        raise bad("target_scale", "is not two numbers")
+    if not isinstance(config.get("head_config"), dict):
+        raise bad("head_config", "is not a head's settings")
     model = config.get("model")
-    if model is not None and not (isinstance(model, dict) and {"ref", "layer"} <= set(model)):
-        raise FlipError(f"{cfg_path}: model {model!r} has no ref and layer")
+    features = config.get("features", "onehot" if model is None else "model")
+    if features == "model":
+        if not (isinstance(model, dict) and isinstance(model.get("ref"), str) and is_int(model.get("layer"))
+                and isinstance(model.get("revision"), (str, type(None)))):  # fmt: skip
+            raise bad("model", "is not a model with ref, layer and revision")
+    elif features == "onehot":
+        if model is not None:
+            raise bad("model", "is set, but the features are one-hot")
+        n = config.get("onehot_length")
+        if task.level == "sequence" and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise bad("onehot_length", "is not a positive whole number")
+    else:
+        raise bad("features", "is neither 'model' nor 'onehot'")
 
 
 def predict_fasta(

@@ -445,9 +445,14 @@ def test_predict_rejects_an_edited_config(tmp_path: Path) -> None:
     saved = json.loads((out_dir / "config.json").read_text())
     for field, value, message in [
         ("classes", ["C", "E"], "classes ['C', 'E'] are not those of flip-gb1"),
-        ("task", "flip-nope", "unknown task 'flip-nope'"),
+        ("task", "flip-nope", "task 'flip-nope' is not a FLIP task"),
         ("target_scale", [1.0], "target_scale [1.0] is not two numbers"),
-        ("model", {"layer": 3}, "has no ref and layer"),
+        ("target_scale", [True, False], "is not two numbers"),
+        ("head_config", None, "head_config None is not a head's settings"),
+        ("model", {"ref": "x", "layer": 3}, "is set, but the features are one-hot"),
+        ("onehot_length", "x", "onehot_length 'x' is not a positive whole number"),
+        ("features", "model", "model None is not a model with ref, layer and revision"),
+        ("features", "esm", "features 'esm' is neither"),
     ]:
         (out_dir / "config.json").write_text(json.dumps({**saved, field: value}))
         r = run_cli("predict", out_dir, TINY / "gb1" / "two_vs_rest.fasta", "--device", "cpu", "-q")

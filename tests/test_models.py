@@ -144,13 +144,16 @@ def test_python_api_refuses_wrong_arguments() -> None:
     with pytest.raises(ValueError, match="sequence 1 is empty once its final"):
         model.embed(["MKV", "*"])
     limit = model.encoder.config.max_residues
-    for bad_limit in (-1, 0, limit + 1):
-        with pytest.raises(ValueError, match=rf"max_residues: {bad_limit} is outside 1\.\.{limit}"):
-            model.embed(["MKV"], max_residues=bad_limit)
+    for bad_limit in (-1, 0, limit + 1, 5.0):
+        with pytest.raises(
+            ValueError, match=rf"max_residues: {bad_limit} is not a whole number in 1\.\.{limit}"
+        ):
+            model.embed(["MKV"], max_residues=bad_limit)  # type: ignore[arg-type]
     cut = model.embed(["MKTAYIAK"], max_residues=3, per_residue=True)
     assert cut.truncated.tolist() == [True] and cut.residues is not None and cut.residues[0].shape[0] == 3
-    with pytest.raises(ValueError, match="tokens_per_batch: 0 must be at least 1"):
-        model.embed(["MKV"], tokens_per_batch=0)
+    for bad_budget in (0, 10.5, None):
+        with pytest.raises(ValueError, match=f"tokens_per_batch: {bad_budget} is not a whole number >= 1"):
+            model.embed(["MKV"], tokens_per_batch=bad_budget)  # type: ignore[arg-type]
     assert model.embed(["MKV"], layers="all").pooled["mean"].shape == (1, 4, 64)
     assert model.embed(iter(["MKV", "MKVL"]), layers=np.int64(2), pooling="cls").pooled["cls"].shape == (
         2,

@@ -171,6 +171,22 @@ def test_torchrun_rerun_takes_finished_shards_and_a_stopped_merge(
         assert f["mean"].compression == "gzip" and f["residues"].compression == "gzip"
 
 
+def test_torchrun_refuses_an_unfinished_single_process_output_at_once(single: Path, tmp_path: Path) -> None:
+    fasta = tmp_path / "in.fa"
+    fasta.write_text("".join(f">p{i}\nMKTAYIAKQR{'A' * i}\n" for i in range(40)))
+    out = tmp_path / "left.h5"
+    shutil.copy(single, out)
+    with h5py.File(out, "r+") as f:  # an unfinished output of a single-process run
+        f.attrs["complete"] = False
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    r = subprocess.run([*launcher, *rendezvous, "-m", "protembed", *embed_args(fasta, out)],
+                       env=ENV, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode != 0 and r.stderr.count("left.h5: exists; pass --overwrite") == 2, r.stderr
+    assert not list(tmp_path.glob("*.shard-*"))  # refused before any rank computed (torchrun's own
+    # ChildFailedError traceback follows the ranks' one-line errors)
+
+
 def test_shard_ranges_cover_every_row_at_window_boundaries() -> None:
     rng = np.random.default_rng(3)
     n_tokens = rng.integers(30, 1000, 5000)
@@ -340,6 +356,8 @@ def test_merge_refuses_partial_shards(single: Path, tmp_path: Path) -> None:
     out = tmp_path / "job.h5"
     with pytest.raises(StoreError, match="no shard files"):
         find_shards(out)
+    with pytest.raises(StoreError, match="no shard files"):  # no such folder: the same message
+        find_shards(tmp_path / "nowhere" / "job.h5")
     shard0, shard1 = tmp_path / "job.shard-000-of-002.h5", tmp_path / "job.shard-001-of-002.h5"
     shutil.copy(single, shard0)
     with pytest.raises(StoreError, match="shard files missing: job.shard-001-of-002.h5"):
