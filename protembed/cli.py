@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from protembed import __version__
-from protembed.cli_common import DEBUG, stop_on_sigterm
+from protembed import __version__, signals
+from protembed.cli_common import DEBUG
 
 app = typer.Typer(
     name="protembed",
@@ -42,7 +42,7 @@ def root(
 
 def main() -> None:
     """Console-script entry point."""
-    stop_on_sigterm()
+    signals.install()
     app()
 
 

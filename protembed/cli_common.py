@@ -4,7 +4,6 @@ mapping, device resolution and JSON output. The Typer app and its commands are i
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -15,7 +14,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from protembed import signals
 from protembed.errors import ProtembedError
+from protembed.signals import Terminated
 
 if TYPE_CHECKING:
     import torch
@@ -41,19 +42,6 @@ CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile th
 DEBUG = {"on": False}  # set by `protembed --debug`: known errors raise with their traceback
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's time limit, `kill`, `docker stop`), stopping a command as Ctrl-C does."""
-
-
-def stop_on_sigterm() -> None:
-    """Make SIGTERM raise `Terminated` in the main thread: outputs are closed as on Ctrl-C."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def handle_errors(fn: F) -> F:
     """Turn known errors into `error: <one line>` on stderr with exit code 1 (130 on Ctrl-C, 143 on
     SIGTERM)."""
@@ -61,7 +49,9 @@ def handle_errors(fn: F) -> F:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            signals.clear()  # a request dropped where no check followed: the command finished anyway
+            return result
         except ProtembedError as exc:
             if DEBUG["on"]:
                 raise
@@ -69,6 +59,7 @@ def handle_errors(fn: F) -> F:
             err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
+            signals.clear()
             hint = _INTERRUPT_HINTS.get(fn.__name__, lambda _: "")(kwargs)
             text = f"; {hint}" if hint else ""
             word, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)

@@ -19,6 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from protembed import signals
 from protembed.cache import check_file_output, same_file
 from protembed.errors import OutputExistsError, StoreError
 from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings
@@ -162,4 +163,5 @@ def compressed_copy(source: Path, output: Path, compression: str) -> None:
             )
             step = max(1, _BLOCK_BYTES // (ds.dtype.itemsize * int(np.prod(ds.shape[1:]))) // rows) * rows
             for a in range(0, ds.shape[0], step):  # whole chunks at a time
+                signals.check()
                 out[a : a + step] = ds[a : a + step]

@@ -17,6 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from protembed import signals
 from protembed.errors import StoreError
 from protembed.reader import FORMAT, open_embeddings, plain
 from protembed.store import EmbeddingWriter
@@ -151,6 +152,7 @@ def merge_shards(output: Path, shards: list[Path], overwrite: bool = False) -> P
 def _copy_rows(f: Any, writer: EmbeddingWriter, base: int, todo: np.ndarray) -> None:
     """Copy the rows of shard `f` marked in `todo` to rows base + i of the output."""
     for start in range(0, len(f), COPY_ROWS):
+        signals.check()
         stop = min(start + COPY_ROWS, len(f))
         rows = np.flatnonzero(todo[start:stop]) + start
         if not rows.size:

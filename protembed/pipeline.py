@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from protembed import signals
 from protembed.alphabet import Alphabet
 from protembed.batching import split_tail, token_batches
 from protembed.compute import BatchResult, JobSpec, SequenceTooLargeError, compute_unit
@@ -149,7 +150,8 @@ def run_pipeline(
             while next_result() is not DONE:  # drain so the compute side never blocks
                 pass
 
-    def get() -> Unit | None:
+    def get() -> Unit | None:  # called by the executor in the main thread, once per unit
+        signals.check()
         return None if errors else units.get()
 
     reader = threading.Thread(target=read, name="protembed-reader", daemon=True)

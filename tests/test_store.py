@@ -13,7 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
+from protembed import signals
 from protembed.errors import OutputCompleteError, OutputExistsError, ResumeMismatchError, StoreError
+from protembed.export import compressed_copy
 from protembed.reader import open_embeddings
 from protembed.store import EmbeddingWriter
 
@@ -348,3 +350,16 @@ def test_complete_output_with_complete_ok(tmp_path: Path, compression: str | Non
     with pytest.raises(ResumeMismatchError, match=r"a complete output with other settings exists: layers"):
         open_writer(path, compression=compression, complete_ok=True, attrs=attrs(layers=[1, 2]))
     assert not (tmp_path / "out.h5.lock").exists()
+
+
+def test_a_dropped_stop_request_is_raised_at_the_next_step(tmp_path: Path) -> None:
+    """A SIGTERM whose exception Python dropped (raised inside an h5py finaliser) still stops the
+    next long loop, here the compressed rewrite of a finished output."""
+    source = write_complete(tmp_path / "done.h5")
+    signals._pending[:] = [signals.Terminated]  # what the handler leaves when its raise is dropped
+    try:
+        with pytest.raises(signals.Terminated):
+            compressed_copy(source, tmp_path / "packed.h5", "gzip")
+        signals.check()  # raised once, then gone
+    finally:
+        signals.clear()
