@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.batching import token_batches
 from protembed.compute import run_batch
-from protembed.errors import BackendError, OptionError
+from protembed.errors import BackendError, OptionError, is_whole
 from protembed.models.checkpoints import load_checkpoint, local_checkpoint, weights_sha256
 from protembed.models.encoder import Encoder, resolve_layers
 
@@ -96,11 +95,11 @@ class Model:
         idx = self.layers(layers)
         top = self.encoder.config.max_residues
         limit = top if max_residues is None else max_residues
-        if not _whole(limit) or not 1 <= limit <= top:
+        if not is_whole(limit) or not 1 <= limit <= top:
             raise ValueError(
                 f"max_residues: {max_residues!r} is not a whole number in 1..{top} for this model"
             )
-        if not _whole(tokens_per_batch) or tokens_per_batch < 1:
+        if not is_whole(tokens_per_batch) or tokens_per_batch < 1:
             raise ValueError(f"tokens_per_batch: {tokens_per_batch!r} is not a whole number >= 1")
         limit = int(limit)
         tokens = [self.alphabet.encode(s, record=str(i)) for i, s in enumerate(sequences)]
@@ -120,11 +119,6 @@ class Model:
                 for j, r in enumerate(rows):
                     residues[r] = result.residues[j]
         return Embeddings(pooled=pooled, layers=idx, residues=residues, truncated=truncated)
-
-
-def _whole(value: object) -> bool:
-    """An integer (Python or numpy), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_device(device: str | torch.device | None) -> torch.device:

@@ -12,7 +12,6 @@ tokenising, compute, and writing overlap):
 
 from __future__ import annotations
 
-import numbers
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.backends import describe, prepare, resolve_backend
 from protembed.batching import default_token_budget
 from protembed.compute import COMPUTE_DTYPES, JobSpec
-from protembed.errors import OptionError, OutputCompleteError, OutputExistsError, StoreError
+from protembed.errors import OptionError, OutputCompleteError, OutputExistsError, StoreError, is_whole
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
 from protembed.merge import merge_shards, shard_path, shard_ranges, shard_worlds, write_virtual
 from protembed.models import checkpoints
@@ -121,8 +120,7 @@ def check_options(
     tokens_per_batch: int | None = None,
 ) -> None:
     """Refuse impossible option values before anything is read."""
-    whole = isinstance(tokens_per_batch, numbers.Integral) and not isinstance(tokens_per_batch, bool)
-    if tokens_per_batch is not None and (not whole or tokens_per_batch < 1):
+    if tokens_per_batch is not None and (not is_whole(tokens_per_batch) or tokens_per_batch < 1):
         raise OptionError(f"--tokens-per-batch {tokens_per_batch} must be at least 1")
     bad = [p for p in poolings if p not in POOLINGS]
     if bad or not poolings:
@@ -244,11 +242,7 @@ def _check_model_options(
     except ValueError as exc:
         raise OptionError(str(exc)) from None
     limit = cfg.max_residues if max_length is None else max_length
-    if (
-        isinstance(limit, bool)
-        or not isinstance(limit, numbers.Integral)
-        or not 1 <= limit <= cfg.max_residues
-    ):
+    if not is_whole(limit) or not 1 <= limit <= cfg.max_residues:
         raise OptionError(f"--max-length {limit} is outside 1..{cfg.max_residues} for {name}")
     return layer_idx, limit
 
@@ -302,8 +296,8 @@ def _embed_shard(
         if not n_gpu:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    stale = [w for w in shard_worlds(output) if w != world]
-    if rank == 0 and stale:  # left by a run with another number of ranks: not used, not removed
+    stale = [w for w in shard_worlds(output) if w != world] if rank == 0 else []
+    if stale:  # left by a run with another number of ranks: not used, not removed
         sets = ", ".join(f"*-of-{w:03d}" for w in stale)
         note = f"shard files of a run with another number of ranks are beside {output} ({sets})"
         print(f"note: {note}; this run of {world} ranks does not use them", file=sys.stderr)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from typing import TypeGuard
+
+
+def is_whole(value: object) -> TypeGuard[int]:
+    """Whether a user-given value is a whole number (a Python or numpy integer, not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class ProtembedError(Exception):

@@ -26,7 +26,7 @@ from protembed import __version__
 from protembed.api import default_device
 from protembed.cache import default_cache_dir, ensure_dir
 from protembed.embed import locate_model
-from protembed.errors import OptionError, OutputExistsError, require_matplotlib
+from protembed.errors import OptionError, OutputExistsError, is_whole, require_matplotlib
 from protembed.feature_cache import model_features
 from protembed.features import Features, Ragged, onehot_flat, onehot_residues
 from protembed.flip import (
@@ -347,9 +347,6 @@ def _check_saved(config: dict[str, Any], cfg_path: Path) -> None:
     def bad(field: str, why: str) -> FlipError:
         return FlipError(f"{cfg_path}: {field} {config.get(field)!r} {why}")
 
-    def is_int(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
     try:
         task = get_task(str(config.get("task")))
     except FlipError:
@@ -358,21 +355,21 @@ def _check_saved(config: dict[str, Any], cfg_path: Path) -> None:
         raise bad("classes", f"are not those of {task.name}")
     scale = config.get("target_scale")
     pair = scale if isinstance(scale, list) and len(scale) == 2 else []
-    if not (pair and all(is_int(v) or isinstance(v, float) for v in pair)):
+    if not (pair and all(is_whole(v) or isinstance(v, float) for v in pair)):
         raise bad("target_scale", "is not two numbers")
     if not isinstance(config.get("head_config"), dict):
         raise bad("head_config", "is not a head's settings")
     model = config.get("model")
     features = config.get("features", "onehot" if model is None else "model")
     if features == "model":
-        if not (isinstance(model, dict) and isinstance(model.get("ref"), str) and is_int(model.get("layer"))
+        if not (isinstance(model, dict) and isinstance(model.get("ref"), str) and is_whole(model.get("layer"))
                 and isinstance(model.get("revision"), (str, type(None)))):  # fmt: skip
             raise bad("model", "is not a model with ref, layer and revision")
     elif features == "onehot":
         if model is not None:
             raise bad("model", "is set, but the features are one-hot")
         n = config.get("onehot_length")
-        if task.level == "sequence" and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        if task.level == "sequence" and not (is_whole(n) and n >= 1):
             raise bad("onehot_length", "is not a positive whole number")
     else:
         raise bad("features", "is neither 'model' nor 'onehot'")

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import numbers
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from protembed.errors import OutputCompleteError, OutputExistsError, ResumeMismatchError, StoreError
+from protembed.errors import OutputCompleteError, OutputExistsError, ResumeMismatchError, StoreError, is_whole
 
 FORMAT, FORMAT_VERSION = "protembed-embeddings", 1
 RECORD_DATASETS = ("ids", "descriptions", "lengths", "truncated", "skipped", "skip_reasons", "written")
@@ -129,7 +128,7 @@ class EmbeddingFile:
 
     def stored_layer(self, layer: int) -> int:
         """A stored layer's non-negative index; negative ones count from the end (-1 = last block)."""
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        if not is_whole(layer):
             raise StoreError(
                 f"{self.path}: layer {layer!r} is not a layer number (stored layers: {self.layers})"
             )

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from protembed.errors import is_whole
 from protembed.models.attention import Workspace
 from protembed.models.layers import Block, Embedding, Rotary, make_norm
 from protembed.models.packing import Packing
@@ -66,7 +67,7 @@ def resolve_layers(spec: Sequence[int | str] | int | str, config: EncoderConfig)
     if not items:
         raise ValueError("no layers given")
     for item in items:
-        if isinstance(item, bool) or not isinstance(item, (str, numbers.Integral)):
+        if not (isinstance(item, str) or is_whole(item)):
             raise ValueError(f"layer {item!r} is not a number, 'all' or 'final'")
         if isinstance(item, str):
             word = item.strip().lower()
