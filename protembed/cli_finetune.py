@@ -140,9 +140,10 @@ def finetune(
 ) -> None:
     """Train a small head on frozen features for a FLIP task and report test metrics."""
     from protembed.backends import resolve_backend
-    from protembed.finetune import PLOT, check_head, check_output, plot, save  # torch: not for --help
+    from protembed.finetune import check_head  # torch: not for --help
     from protembed.finetune import finetune as run_finetune
     from protembed.flip import get_task, load_task
+    from protembed.saved_head import PLOT, check_output, plot, save
 
     if features is FeatureKind.onehot and model is not None:
         raise typer.BadParameter("--model and --features onehot exclude each other", param_hint="--model")
@@ -279,7 +280,7 @@ def predict(
     quiet: Quiet = False,
 ) -> None:
     """Apply a saved FLIP head to new sequences: CSV of id and prediction."""
-    from protembed.finetune import predict_fasta
+    from protembed.saved_head import predict_fasta
 
     if out is not None and out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")

@@ -1,32 +1,21 @@
-"""Fit a FLIP head on frozen features, evaluate it, save it, and apply a saved head to new sequences.
-
-A saved head is a directory: `head.safetensors` (weights), `config.json` (task, split, features,
-model, layer, head, target scaling, metrics) and `predictions.csv` (the test split).
-"""
+"""Fit a FLIP head on frozen features and evaluate it; `saved_head` writes it to disk and applies it."""
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from protembed import __version__
 from protembed.api import default_device
-from protembed.cache import default_cache_dir, ensure_dir
 from protembed.embed import locate_model
-from protembed.errors import OptionError, OutputExistsError, is_whole, require_matplotlib
+from protembed.errors import OptionError
 from protembed.feature_cache import model_features
 from protembed.features import Features, Ragged, onehot_flat, onehot_residues
 from protembed.flip import (
@@ -36,7 +25,6 @@ from protembed.flip import (
     Dataset,
     FlipError,
     Task,
-    get_task,
 )
 from protembed.heads import (
     DEFAULT_HEAD,
@@ -50,12 +38,10 @@ from protembed.heads import (
     score,
     train,
 )
-from protembed.metrics import clean, confusion, floor
+from protembed.metrics import clean, floor
 from protembed.models.encoder import resolve_layers
-from protembed.records import read_records
 
 MAX_ONEHOT = 1024  # flattened one-hot features cover at most this many positions
-CONFIG, WEIGHTS, PREDICTIONS, PLOT = "config.json", "head.safetensors", "predictions.csv", "test.png"
 FORMAT = "protembed-flip-head/1"
 
 
@@ -271,186 +257,3 @@ def finetune(
 def _model_ref(model: str) -> str:
     path = Path(model)
     return str(path.resolve()) if path.is_dir() else model
-
-
-# --- saving, loading, predicting ----------------------------------------------------------------
-
-
-def check_output(out_dir: Path, overwrite: bool) -> None:
-    """OutputExistsError if `out_dir` already holds a saved head and overwrite is off."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"{out_dir} exists and is not a folder")
-    if not overwrite and out_dir.exists() and any(out_dir.iterdir()):
-        raise OutputExistsError(f"{out_dir} is not empty (pass --overwrite to replace it)")
-    ensure_dir(out_dir, "output folder")  # fail now, not after training
-
-
-def save(run: Run, out_dir: Path, overwrite: bool = False) -> None:
-    """Write head weights, config and the test predictions to `out_dir`."""
-    check_output(out_dir, overwrite)  # creates the folder
-    (out_dir / PLOT).unlink(missing_ok=True)  # a plot of an earlier run
-    weights = out_dir / WEIGHTS
-    save_file({k: v.detach().cpu().contiguous() for k, v in run.head.state_dict().items()}, str(weights))
-    umask = os.umask(0)
-    os.umask(umask)
-    weights.chmod(0o666 & ~umask)  # safetensors creates it private; match the other files
-    (out_dir / CONFIG).write_text(json.dumps(run.config, indent=2, allow_nan=False) + "\n")
-    kind, classes = run.config["kind"], run.config["classes"]
-    with open(out_dir / PREDICTIONS, "w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["id", "sequence", "measured", "predicted"])
-        for rid, seq, true, pred in zip(run.test_ids, run.test_seqs, run.test_true, run.test_pred):
-            w.writerow(
-                [
-                    rid,
-                    seq,
-                    format_value(kind, run.config["level"], classes, true),
-                    format_value(kind, run.config["level"], classes, pred),
-                ]
-            )
-
-
-def format_value(kind: str, level: str, classes: list[str], value: np.ndarray) -> str:
-    """A value as CSV text: a number, a class name, or one character per residue ('-' = no label)."""
-    if kind == "regression":
-        return f"{float(np.asarray(value).reshape(-1)[0]):.6g}"
-    if level == "sequence":
-        return classes[int(np.asarray(value).reshape(-1)[0])]
-    return "".join("-" if int(v) == IGNORE else classes[int(v)] for v in value)
-
-
-def load(out_dir: Path) -> tuple[dict[str, Any], nn.Module]:
-    """The config and head module of a saved head directory."""
-    cfg_path, w_path = out_dir / CONFIG, out_dir / WEIGHTS
-    if not cfg_path.is_file() or not w_path.is_file():
-        raise FlipError(f"{out_dir} is not a saved head (needs {CONFIG} and {WEIGHTS})")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FlipError(f"{cfg_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        found = config.get("format") if isinstance(config, dict) else None
-        raise FlipError(f"{cfg_path}: not a protembed FLIP head (format {found!r})")
-    _check_saved(config, cfg_path)
-    try:
-        head = build_head(config["head_config"])
-        head.load_state_dict(load_file(str(w_path)))
-    except (KeyError, ValueError, TypeError, RuntimeError, OSError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FlipError(f"{w_path}: not the weights of the head in {CONFIG} ({first})") from None
-    return config, head.eval()
-
-
-def _check_saved(config: dict[str, Any], cfg_path: Path) -> None:
-    """The fields `predict` reads, as `finetune` writes them; FlipError naming the first that is not."""
-
-    def bad(field: str, why: str) -> FlipError:
-        return FlipError(f"{cfg_path}: {field} {config.get(field)!r} {why}")
-
-    try:
-        task = get_task(str(config.get("task")))
-    except FlipError:
-        raise bad("task", "is not a FLIP task") from None
-    if config.get("classes") != list(task.classes):
-        raise bad("classes", f"are not those of {task.name}")
-    scale = config.get("target_scale")
-    pair = scale if isinstance(scale, list) and len(scale) == 2 else []
-    if not (pair and all(is_whole(v) or isinstance(v, float) for v in pair)):
-        raise bad("target_scale", "is not two numbers")
-    if not isinstance(config.get("head_config"), dict):
-        raise bad("head_config", "is not a head's settings")
-    model = config.get("model")
-    features = config.get("features", "onehot" if model is None else "model")
-    if features == "model":
-        if not (isinstance(model, dict) and isinstance(model.get("ref"), str) and is_whole(model.get("layer"))
-                and isinstance(model.get("revision"), (str, type(None)))):  # fmt: skip
-            raise bad("model", "is not a model with ref, layer and revision")
-    elif features == "onehot":
-        if model is not None:
-            raise bad("model", "is set, but the features are one-hot")
-        n = config.get("onehot_length")
-        if task.level == "sequence" and not (is_whole(n) and n >= 1):
-            raise bad("onehot_length", "is not a positive whole number")
-    else:
-        raise bad("features", "is neither 'model' nor 'onehot'")
-
-
-def predict_fasta(
-    out_dir: Path,
-    fasta: Path,
-    device: str | None = None,
-    cache_dir: Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[list[list[str]], int]:
-    """Apply a saved head to a FASTA file: rows (id, prediction) and the number of truncated inputs."""
-    config, head = load(out_dir)
-    ids, seqs = [], []
-    for rec in read_records(fasta):  # the header after the id is a free-text description
-        body = rec.body.removesuffix("*")  # a translated stop codon, as `embed` drops it
-        if not body:
-            raise rec.error("empty record (only a stop codon)")
-        replace(rec, body=body).check_residues()
-        ids.append(rec.id)
-        seqs.append(body)
-    task, dev = get_task(config["task"]), device or default_device()
-    model_cfg = config["model"]
-    if model_cfg is not None:
-        revision = model_cfg.get("revision")
-        revision = None if revision == "local" else revision  # heads saved before weight digests
-        model_cfg = {"ref": model_cfg["ref"], "layer": model_cfg["layer"], "revision": revision}
-    feats = featurize(
-        seqs, task, model_cfg, config.get("onehot_length"), cache_dir or default_cache_dir(), dev, progress
-    )
-    x = feats.residues if task.level == "residue" else feats.pooled
-    assert x is not None
-    scale = (float(config["target_scale"][0]), float(config["target_scale"][1]))
-    preds = decode(task.kind, predict(head.to(dev), x, None, dev), scale)
-    rows = []
-    for rid, seq, pred in zip(ids, seqs, preds):
-        text = format_value(task.kind, task.level, config["classes"], pred)
-        if task.level == "residue":
-            text += "-" * (len(seq) - len(text))  # residues past the model's maximum length
-        rows.append([rid, text])
-    return rows, int(feats.truncated.sum())
-
-
-# --- plotting -----------------------------------------------------------------------------------
-
-
-def plot(run: Run, path: Path) -> None:
-    """Predicted vs measured (regression) or a row-normalized confusion matrix (classification), as PNG."""
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = run.config
-    true = np.concatenate([np.atleast_1d(t) for t in run.test_true])
-    pred = np.concatenate([np.atleast_1d(p) for p in run.test_pred])
-    metrics = cfg["metrics"]["test"]
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    if cfg["kind"] == "regression":
-        ax.scatter(true, pred, s=4, alpha=0.4)
-        lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
-        unit = f" ({cfg['unit']})" if cfg["unit"] else ""
-        ax.set(xlabel=f"measured{unit}", ylabel=f"predicted{unit}")
-        title = f"RMSE {_fmt(metrics['rmse'])}, Spearman {_fmt(metrics['spearman'])}"
-    else:
-        k = len(cfg["classes"])
-        cm = confusion(pred, true, k).astype(np.float64)
-        cm /= np.maximum(cm.sum(1, keepdims=True), 1)
-        ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
-        ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="measured")
-        ax.set_xticklabels(cfg["classes"], rotation=90 if k > 5 else 0)
-        ax.set_yticklabels(cfg["classes"])
-        title = f"accuracy {_fmt(metrics['accuracy'])}%"
-    ax.set_title(f"{cfg['task']} / {cfg['split']} (test): {title}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
