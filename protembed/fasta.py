@@ -1,11 +1,10 @@
 """FASTA input: one validating pass that indexes the file, then a second pass that yields sequences.
 
 Input is plain or gzip-compressed FASTA (gzip is recognised by its magic bytes, whatever the
-suffix) or ``-`` for stdin. Stdin and named pipes (``<(zcat x.gz)``) are spooled to a temporary
-file so that they can be read twice; `FastaIndex.cleanup` deletes that file (an ``atexit`` hook
-does too). Parsing uses Biopython's `SimpleFastaParser`; sequences are checked in batches with one
-table lookup through the model's `Alphabet`, so memory holds only ids, descriptions and a few
-numbers per record.
+suffix) or ``-`` for stdin, opened by `fasta_io`; `FastaIndex.cleanup` deletes the temporary
+copy of stdin or a pipe. Parsing uses Biopython's `SimpleFastaParser`; sequences are checked in
+batches with one table lookup through the model's `Alphabet`, so memory holds only ids,
+descriptions and a few numbers per record.
 
 `FastaIndex.sha256` is the SHA-256 of the *decompressed* input bytes, so a file, its gzip copy
 and the same bytes piped through stdin share one hash. `FastaIndex.seq_hash` is the first 8 bytes
@@ -16,43 +15,22 @@ hundred million), so `duplicate_groups` trusts equal hashes without comparing se
 
 from __future__ import annotations
 
-import atexit
-import gzip
 import hashlib
-import io
-import itertools
-import os
-import re
-import shutil
-import stat
-import sys
-import tempfile
-import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import NoReturn
 
 import numpy as np
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from protembed.alphabet import Alphabet
 from protembed.errors import FastaError, InvalidSequenceError
+from protembed.fasta_io import locate_lines, reading, resolve_input, storable, undecoded_byte
 
 _BATCH_CHARS = 1 << 22  # residues checked per vectorised batch
 _BATCH_RECORDS = 1 << 15
 _INVALID, _DROP = 255, 254  # byte-table codes; token ids are < 254
-# Text is decoded with errors="surrogateescape": a byte that is not UTF-8 becomes U+DC80..U+DCFF,
-# so such a record is reported (and skippable) like any other bad record.
-_ESCAPED = re.compile("[\udc80-\udcff]")
-_MAGIC = {
-    b"BZh": "bzip2-compressed",
-    b"\xfd7zXZ": "xz-compressed",
-    b"\x28\xb5\x2f\xfd": "zstd-compressed",
-    b"PK\x03\x04": "a zip archive",
-    b"\x89HDF": "an HDF5 file",
-}
 
 
 @dataclass
@@ -94,7 +72,7 @@ def scan_fasta(path: str | Path, alphabet: Alphabet, on_invalid: str = "error") 
     """
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', not {on_invalid!r}")
-    source, file, temporary = _resolve(path)
+    source, file, temporary = resolve_input(path)
     try:
         index = _scan(source, file, alphabet, on_invalid)
     except BaseException:
@@ -126,7 +104,7 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
                 break
         seqs.clear()
 
-    with _reading(file, source) as (handle, digest):
+    with reading(file, source) as (handle, digest):
         for title, seq in SimpleFastaParser(handle):
             if "\x00" in title:  # HDF5 strings cannot hold it
                 bad[len(ids)] = (0, "NUL byte in the header")
@@ -167,7 +145,7 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
     skipped = np.zeros(len(ids), dtype=bool)
     reasons: dict[int, str] = {}
     if bad:
-        lines = _locate(file, {row: pos for row, (pos, _) in bad.items()})
+        lines = locate_lines(file, {row: pos for row, (pos, _) in bad.items()})
         for row, (_, reason) in sorted(bad.items()):
             reasons[row] = f"{source}:{lines[row]}: {reason}"
         rows = np.fromiter(bad, dtype=np.int64, count=len(bad))
@@ -182,7 +160,7 @@ def iter_records(index: FastaIndex) -> Iterator[tuple[int, str]]:
         FastaError: the file cannot be read or no longer matches the index.
     """
     row = -1
-    with _reading(index.path, index.source) as (handle, _):
+    with reading(index.path, index.source) as (handle, _):
         for row, (title, seq) in enumerate(SimpleFastaParser(handle)):
             title = storable(title)  # as the scan stored it
             if row >= len(index.ids) or (title.split(None, 1) or [""])[0] != index.ids[row]:
@@ -277,19 +255,6 @@ def _check_batch(
     return n_res, seq_hash, [(j, *reasons[j]) for j in sorted(reasons)]
 
 
-def storable(title: str) -> str:
-    """A header as HDF5 can store it: NUL and bytes that are not UTF-8 become U+FFFD."""
-    title = title.replace("\x00", "\ufffd")
-    return title if title.isascii() else _ESCAPED.sub("\ufffd", title)
-
-
-def undecoded_byte(text: str) -> tuple[int, int] | None:
-    """(0-based position, value) of the first byte of `text` that was not UTF-8 (decoded with
-    errors="surrogateescape"), or None."""
-    escaped = None if text.isascii() else _ESCAPED.search(text)
-    return None if escaped is None else (escaped.start(), ord(escaped.group()) - 0xDC00)
-
-
 def _reason(pos: int, char: str) -> str:
     if found := undecoded_byte(char):
         return f"byte 0x{found[1]:02x} at position {pos} is not UTF-8 text"
@@ -300,154 +265,6 @@ def _blake(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
 
-# --- reading -------------------------------------------------------------------------------------
-
-
-class _Hashing(io.RawIOBase):
-    """A raw stream that feeds every byte it reads to a SHA-256."""
-
-    def __init__(self, inner: BinaryIO) -> None:
-        self.inner, self.sha = inner, hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        n = self.inner.readinto(buffer)  # type: ignore[attr-defined]
-        if n:
-            self.sha.update(memoryview(buffer)[:n])
-        return n
-
-
-_SPOOL = "protembed-stdin-"  # + pid of the run that spooled it + random part + .fasta
-
-
-def _remove_stale_spools(folder: Path) -> None:
-    """Delete stdin spools left behind by runs that were killed (their pid no longer exists)."""
-    for spool in folder.glob(f"{_SPOOL}*.fasta"):
-        pid = spool.name.removeprefix(_SPOOL).split("-", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            spool.unlink(missing_ok=True)
-        except OSError:  # alive, owned by another user
-            pass
-
-
-def _resolve(path: str | Path) -> tuple[str, Path, bool]:
-    """(name for messages, file to read, whether that file is a spool).
-
-    Input is read twice, so stdin and other streams (a named pipe, `<(zcat x.gz)`) are first
-    copied to a temporary file.
-    """
-    stdin = str(path) == "-"
-    if not stdin:
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:  # reported by the reader, with the path
-            return str(path), Path(path), False
-        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
-            return str(path), Path(path), False
-    _remove_stale_spools(Path(tempfile.gettempdir()))
-    fd, name = tempfile.mkstemp(prefix=f"{_SPOOL}{os.getpid()}-", suffix=".fasta")
-    atexit.register(Path(name).unlink, missing_ok=True)
-    with os.fdopen(fd, "wb") as spool:
-        if stdin:
-            shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
-        else:
-            try:
-                with open(path, "rb") as stream:
-                    shutil.copyfileobj(stream, spool, 1 << 20)
-            except OSError as exc:
-                raise FastaError(str(path), None, None, f"cannot read input: {exc.strerror or exc}") from None
-    return ("<stdin>" if stdin else str(path)), Path(name), True
-
-
-def decompressed(raw: io.BufferedReader, source: str) -> BinaryIO:
-    """`raw`, or a gzip reader over it when its first bytes say gzip (whatever the file is called).
-
-    Other compressed or binary formats are refused with a FastaError naming the format.
-    """
-    magic = raw.peek(6)[:6]
-    if magic[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    for sig, what in _MAGIC.items():
-        if magic.startswith(sig):
-            raise FastaError(source, None, None, f"not FASTA: input is {what}; use plain or gzip FASTA")
-    return raw
-
-
-@contextmanager
-def _reading(file: Path, source: str) -> Iterator[tuple[Iterator[str], hashlib._Hash]]:
-    """Text lines of a plain or gzip file, starting at the first header, plus a running hash.
-
-    Every failure to read becomes a one-line `FastaError`.
-    """
-    try:
-        raw = open(file, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise FastaError(source, None, None, f"cannot read input: {exc.strerror or exc}") from None
-    binary: BinaryIO = raw
-    try:
-        binary = decompressed(raw, source)
-        hashing = _Hashing(binary)
-        text = io.TextIOWrapper(
-            io.BufferedReader(hashing, 1 << 20), encoding="utf-8-sig", errors="surrogateescape", newline=None
-        )
-        yield itertools.chain(_first_header(text, source), text), hashing.sha
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise FastaError(source, None, None, f"corrupt gzip input: {exc}") from None
-    except OSError as exc:
-        raise FastaError(source, None, None, f"cannot read input: {exc.strerror or exc}") from None
-    finally:
-        binary.close()
-        raw.close()
-
-
-def _first_header(text: Iterator[str], source: str) -> list[str]:
-    """The lines up to the first header; blank lines before it are fine, anything else is not FASTA."""
-    head: list[str] = []
-    for line in text:
-        head.append(line)
-        if not line.strip():
-            continue
-        if line[0] != ">":
-            snippet = storable(line.strip()[:30])
-            raise FastaError(
-                source, len(head), None, f"not FASTA: expected a '>' header line, found {snippet!r}"
-            )
-        break
-    return head
-
-
-def _locate(file: Path, targets: dict[int, int]) -> dict[int, int]:
-    """File line of each (row -> residue position) target; position 0 means the header line.
-
-    Counts residues per line exactly as `SimpleFastaParser` joins them (trailing whitespace,
-    spaces and carriage returns removed). Only runs on the error path.
-    """
-    found: dict[int, int] = {}
-    row, done, count = -1, len(targets), 0
-    with _reading(file, str(file)) as (lines, _):
-        lineno = 0
-        for lineno, line in enumerate(lines, 1):  # noqa: B007 - lineno is used after the loop
-            if line[0] == ">":
-                if len(found) == done:
-                    break
-                row, count = row + 1, 0
-                if targets.get(row) == 0:
-                    found[row] = lineno
-                continue
-            want = targets.get(row, 0)
-            if want > count:
-                count += len(line.rstrip().replace(" ", "").replace("\r", ""))
-                if count >= want:
-                    found[row] = lineno
-    return {row: found.get(row, lineno) for row in targets}
-
-
 def _fail(file: Path, source: str, row: int, pos: int, record: str | None, reason: str) -> NoReturn:
-    line = _locate(file, {row: pos})[row]
+    line = locate_lines(file, {row: pos})[row]
     raise FastaError(source, line, record, reason)

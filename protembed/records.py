@@ -24,7 +24,7 @@ from gzip import BadGzipFile
 from pathlib import Path
 
 from protembed.errors import FastaError
-from protembed.fasta import decompressed, storable, undecoded_byte
+from protembed.fasta_io import decompressed, storable, undecoded_byte
 
 
 @dataclass(frozen=True)

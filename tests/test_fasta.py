@@ -83,14 +83,14 @@ def test_named_pipe_is_spooled(tmp_path: Path) -> None:
 def test_stdin_spool_removed_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(b">a\nMK1\n")))
     spooled: list[Path] = []
-    real = fasta._resolve
+    real = fasta.resolve_input
 
     def resolve(path: str | Path) -> tuple[str, Path, bool]:
         found = real(path)
         spooled.append(found[1])
         return found
 
-    monkeypatch.setattr(fasta, "_resolve", resolve)
+    monkeypatch.setattr(fasta, "resolve_input", resolve)
     with pytest.raises(FastaError, match=r"^<stdin>:2: record 'a': invalid residue '1' at position 3$"):
         scan_fasta("-", ESM2)
     assert spooled and not spooled[0].exists()
