@@ -12,12 +12,9 @@ tokenising, compute, and writing overlap):
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +22,14 @@ import h5py
 import numpy as np
 import torch
 
+from protembed import torchrun
 from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.backends import describe, prepare, resolve_backend
 from protembed.batching import default_token_budget
 from protembed.compute import COMPUTE_DTYPES, JobSpec
-from protembed.errors import OptionError, OutputCompleteError, OutputExistsError, StoreError, is_whole
+from protembed.errors import OptionError, OutputCompleteError, is_whole
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
-from protembed.merge import merge_shards, shard_path, shard_ranges, shard_worlds, write_virtual
+from protembed.merge import shard_ranges
 from protembed.models import checkpoints
 from protembed.models.encoder import EncoderConfig, resolve_layers
 from protembed.parallel import WorkerPool, parse_devices
@@ -45,7 +43,6 @@ from protembed.pipeline import (
     run_pipeline,
 )
 from protembed.pooling import POOLINGS
-from protembed.reader import unfinished_output
 from protembed.registry import lookup
 from protembed.store import EmbeddingWriter
 
@@ -225,7 +222,7 @@ def embed_fasta(
     plan = _Plan(ref, alphabet, layer_idx, list(poolings), per_residue, dtype, store_dtype, tokens_per_batch,
                  limit, long_policy, device, overwrite, compression, resolved, compile)  # fmt: skip
     try:
-        dist = distributed_env()
+        dist = torchrun.distributed_env()
         if dist is None:
             return _embed_rows(index, Path(output), plan, (0, len(index)), {}, progress, started, t0)
         return _embed_shard(index, Path(output), plan, dist, merge, progress, started, t0)
@@ -247,33 +244,6 @@ def _check_model_options(
     return layer_idx, limit
 
 
-def distributed_env() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) under torchrun or a launcher setting its variables; else None."""
-    env = os.environ
-
-    def number(name: str, default: str | None) -> int:
-        text = env.get(name, default)
-        if text is None:
-            raise OptionError(
-                f"WORLD_SIZE={env['WORLD_SIZE']} is set but {name} is not (launch with torchrun)"
-            )
-        try:
-            return int(text)
-        except ValueError:
-            raise OptionError(f"{name}={text!r} is not a number (set by torchrun or your launcher)") from None
-
-    world = number("WORLD_SIZE", "1")
-    if world <= 1:
-        return None
-    rank, local_rank = number("RANK", None), number("LOCAL_RANK", "0")
-    if not 0 <= rank < world:
-        raise OptionError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world})")
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
-        if name not in env:
-            raise OptionError(f"WORLD_SIZE={world} is set but {name} is not (launch with torchrun)")
-    return rank, world, local_rank
-
-
 def _embed_shard(
     index: FastaIndex,
     output: Path,
@@ -285,58 +255,25 @@ def _embed_shard(
     t0: float,
 ) -> EmbedSummary:
     """This rank's rows into its shard file; rank 0 joins the shards once every rank is done."""
-    import torch.distributed as tdist
-
     rank, world, local_rank = dist
-    if output.exists() and not plan.overwrite and not _stopped_merge(output, world, merge):
-        raise OutputExistsError(f"{output}: exists; pass --overwrite to replace it")
+    torchrun.check_output(output, world, merge, plan.overwrite)
     if plan.device is None:
-        n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        plan.device = f"cuda:{local_rank % n_gpu}" if n_gpu else "cpu"
-        if not n_gpu:
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    stale = [w for w in shard_worlds(output) if w != world] if rank == 0 else []
-    if stale:  # left by a run with another number of ranks: not used, not removed
-        sets = ", ".join(f"*-of-{w:03d}" for w in stale)
-        note = f"shard files of a run with another number of ranks are beside {output} ({sets})"
-        print(f"note: {note}; this run of {world} ranks does not use them", file=sys.stderr)
+        plan.device = torchrun.rank_device(local_rank)
+    if rank == 0:
+        torchrun.note_stale_shards(output, world)
     n_tokens = _token_counts(index, plan)
     start, stop = shard_ranges(n_tokens, read_windows(n_tokens), world)[rank]
     shard_attrs = {"shard_start": start, "shard_stop": stop, "shard_rank": rank, "shard_world_size": world}
-    if not tdist.is_initialized():
-        tdist.init_process_group("gloo", timeout=timedelta(days=7))
-    try:
-        shard = shard_path(output, rank, world)
-        summary = _embed_rows(
+
+    def embed_shard(shard: Path) -> EmbedSummary:
+        return _embed_rows(
             index, shard, plan, (start, stop), shard_attrs, progress, started, t0, complete_ok=True
         )
-        tdist.barrier()
-        if rank == 0:
-            shards = [shard_path(output, r, world) for r in range(world)]
-            if merge:
-                merge_shards(output, shards, overwrite=plan.overwrite)
-                for path in shards:
-                    path.unlink()
-            else:
-                write_virtual(output, shards, overwrite=plan.overwrite)
-            summary.output, summary.output_bytes = str(output), output.stat().st_size
-        try:
-            tdist.barrier()
-        except RuntimeError:  # rank 0 stopped while joining the shards: its message says why
-            if rank == 0:
-                raise
-            raise StoreError(f"{output}: rank 0 could not join the shards (see its message)") from None
-    finally:
-        tdist.destroy_process_group()
+
+    summary = torchrun.run_rank(output, rank, world, merge, plan.overwrite, embed_shard)
+    if rank == 0:
+        summary.output, summary.output_bytes = str(output), output.stat().st_size
     return summary
-
-
-def _stopped_merge(output: Path, world: int, merge: bool) -> bool:
-    """Whether an existing `output` is the unfinished merge of this job's shards (all of them are
-    beside it, as rank 0 merges only once every shard is done): a rerun resumes it."""
-    shards = [shard_path(output, r, world) for r in range(world)]
-    return merge and unfinished_output(output) and all(p.exists() for p in shards)
 
 
 def _token_counts(index: FastaIndex, plan: _Plan) -> np.ndarray:

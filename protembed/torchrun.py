@@ -1,0 +1,115 @@
+"""`embed` under torchrun: a rank's settings from its environment, and the shards joined at the end.
+
+Every rank embeds its share of the rows into its own shard file (`merge.shard_path`); when all
+are done, rank 0 copies them into the output (or, with `merge=False`, writes a virtual-dataset
+file over them). A rerun of a stopped job reuses finished shards and resumes a stopped merge.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from protembed.errors import OptionError, OutputExistsError, StoreError
+from protembed.merge import merge_shards, shard_path, shard_worlds, write_virtual
+from protembed.reader import unfinished_output
+
+T = TypeVar("T")
+
+
+def distributed_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) under torchrun or a launcher setting its variables; else None."""
+    env = os.environ
+
+    def number(name: str, default: str | None) -> int:
+        text = env.get(name, default)
+        if text is None:
+            raise OptionError(
+                f"WORLD_SIZE={env['WORLD_SIZE']} is set but {name} is not (launch with torchrun)"
+            )
+        try:
+            return int(text)
+        except ValueError:
+            raise OptionError(f"{name}={text!r} is not a number (set by torchrun or your launcher)") from None
+
+    world = number("WORLD_SIZE", "1")
+    if world <= 1:
+        return None
+    rank, local_rank = number("RANK", None), number("LOCAL_RANK", "0")
+    if not 0 <= rank < world:
+        raise OptionError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world})")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in env:
+            raise OptionError(f"WORLD_SIZE={world} is set but {name} is not (launch with torchrun)")
+    return rank, world, local_rank
+
+
+def rank_device(local_rank: int) -> str:
+    """The device of a rank launched without --device: its node's GPU by local rank, else the CPU
+    (whose threads the node's ranks share)."""
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpu:
+        return f"cuda:{local_rank % n_gpu}"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return "cpu"
+
+
+def check_output(output: Path, world: int, merge: bool, overwrite: bool) -> None:
+    """OutputExistsError if `output` exists, unless overwriting or it is this job's stopped merge."""
+    if output.exists() and not overwrite and not _stopped_merge(output, world, merge):
+        raise OutputExistsError(f"{output}: exists; pass --overwrite to replace it")
+
+
+def _stopped_merge(output: Path, world: int, merge: bool) -> bool:
+    """Whether an existing `output` is the unfinished merge of this job's shards (all of them are
+    beside it, as rank 0 merges only once every shard is done): a rerun resumes it."""
+    shards = [shard_path(output, r, world) for r in range(world)]
+    return merge and unfinished_output(output) and all(p.exists() for p in shards)
+
+
+def note_stale_shards(output: Path, world: int) -> None:
+    """Tell (on stderr) of shard sets beside `output` left by a run with another number of ranks:
+    they are neither used nor removed."""
+    stale = [w for w in shard_worlds(output) if w != world]
+    if stale:
+        sets = ", ".join(f"*-of-{w:03d}" for w in stale)
+        note = f"shard files of a run with another number of ranks are beside {output} ({sets})"
+        print(f"note: {note}; this run of {world} ranks does not use them", file=sys.stderr)
+
+
+def run_rank(
+    output: Path, rank: int, world: int, merge: bool, overwrite: bool, embed_shard: Callable[[Path], T]
+) -> T:
+    """`embed_shard(shard file)` for this rank, then, once every rank is done, rank 0 joins the
+    shards into `output` (deleting them) or writes a virtual-dataset file over them."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group("gloo", timeout=timedelta(days=7))
+    try:
+        result = embed_shard(shard_path(output, rank, world))
+        tdist.barrier()
+        if rank == 0:
+            shards = [shard_path(output, r, world) for r in range(world)]
+            if merge:
+                merge_shards(output, shards, overwrite=overwrite)
+                for path in shards:
+                    path.unlink()
+            else:
+                write_virtual(output, shards, overwrite=overwrite)
+        try:
+            tdist.barrier()
+        except RuntimeError:  # rank 0 stopped while joining the shards: its message says why
+            if rank == 0:
+                raise
+            raise StoreError(f"{output}: rank 0 could not join the shards (see its message)") from None
+    finally:
+        tdist.destroy_process_group()
+    return result
