@@ -21,6 +21,7 @@ from protembed.cli_common import (
     err_console,
     handle_errors,
     out_console,
+    path_value,
     print_json,
     resolve_device,
 )
@@ -244,7 +245,9 @@ def bench(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print machine-readable results on stdout.")
     ] = False,
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG of residues/s against length.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG of residues/s against length.", parser=path_value)
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> None:
     """Measure embedding throughput (residues/s, TFLOP/s, % of peak, memory) on synthetic or FASTA input."""

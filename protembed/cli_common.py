@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from enum import Enum
 from functools import wraps
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
@@ -39,6 +40,19 @@ BackendOption = Annotated[
     Backend, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
 ]
 CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile the model (torch backend).")]
+
+
+def path_value(text: str) -> Path:
+    """A path given on the command line, `~` expanded; an empty one (an unset shell variable, most
+    likely) is refused instead of meaning the current folder."""
+    if not text.strip():
+        raise typer.BadParameter("the path is empty")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~name of an unknown user
+        raise typer.BadParameter(f"{text.split('/', 1)[0]}: no such user") from None
+
+
 DEBUG = {"on": False}  # set by `protembed --debug`: known errors raise with their traceback
 
 

@@ -14,7 +14,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from protembed.cache import same_file
-from protembed.cli_common import Backend, BackendOption, CompileOption, err_console, handle_errors, print_json
+from protembed.cli_common import (
+    Backend,
+    BackendOption,
+    CompileOption,
+    err_console,
+    handle_errors,
+    path_value,
+    print_json,
+)
 from protembed.errors import OptionError
 from protembed.registry import DEFAULT_MODEL
 
@@ -65,6 +73,8 @@ def default_output(input_path: str) -> Path:
     path = Path(input_path)
     if path.exists() and not path.is_file() and not path.is_dir():  # a pipe: `<(zcat x.gz)`
         raise OptionError(f"reading a pipe ({input_path}) needs an output: add -o OUTPUT.h5")
+    if path.is_dir():
+        raise OptionError(f"{input_path}: is a folder, not a FASTA file")
     name = path.name
     for suffix in (".gz", ".fasta", ".fa", ".faa", ".fas", ".fna", ".seq", ".txt"):
         name = name.removesuffix(suffix)
@@ -89,10 +99,18 @@ def parse_layers(text: str) -> list[int | str]:
 @handle_errors
 def embed(
     input_path: Annotated[
-        str, typer.Argument(metavar="INPUT", help="FASTA file (plain or .gz), or - for stdin.")
+        str,
+        typer.Argument(
+            metavar="INPUT",
+            help="FASTA file (plain or .gz), or - for stdin.",
+            parser=lambda text: str(path_value(text)),
+        ),
     ],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="HDF5 output (default: INPUT with .h5 beside it).")
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="HDF5 output (default: INPUT with .h5 beside it).", parser=path_value
+        ),
     ] = None,
     model: Annotated[
         str, typer.Option("--model", "-m", help="Registry name, Hub repo id or local checkpoint directory.")
@@ -217,7 +235,10 @@ def _print_summary(s: EmbedSummary) -> None:
 
 @handle_errors
 def merge(
-    output: Annotated[Path, typer.Argument(help="The output whose shards (OUTPUT.shard-*-of-*.h5) to join.")],
+    output: Annotated[
+        Path,
+        typer.Argument(help="The output whose shards (OUTPUT.shard-*-of-*.h5) to join.", parser=path_value),
+    ],
     virtual: Annotated[
         bool, typer.Option("--virtual", help="Write an HDF5 virtual-dataset file over the shards instead.")
     ] = False,

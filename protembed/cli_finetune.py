@@ -22,6 +22,7 @@ from protembed.cli_common import (
     err_console,
     handle_errors,
     out_console,
+    path_value,
     print_json,
     resolve_device,
 )
@@ -56,6 +57,7 @@ DataDir = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
+        parser=path_value,
         help="Folder in the FLIP FASTA layout (<dir>/<task>/<file>.fasta[.gz]); default: download once "
         "from the FLIP server into the cache.",
     ),
@@ -63,7 +65,7 @@ DataDir = Annotated[
 CacheDir = Annotated[
     Path | None,
     typer.Option("--cache-dir", help="Cache for downloads and features (default: $PROTEMBED_CACHE or "
-                 "~/.cache/protembed)."),
+                 "~/.cache/protembed).", parser=path_value),
 ]  # fmt: skip
 Device = Annotated[
     str | None,
@@ -125,7 +127,7 @@ def finetune(
     data_dir: DataDir = None,
     cache_dir: CacheDir = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Save head, config, predictions.")
+        Path | None, typer.Option("--output", "-o", help="Save head, config, predictions.", parser=path_value)
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")
@@ -260,12 +262,18 @@ def _num(v: float | None) -> str:
 @handle_errors
 def predict(
     head_dir: Annotated[
-        Path, typer.Argument(help="Folder written by `finetune --output`.", show_default=False)
+        Path,
+        typer.Argument(help="Folder written by `finetune --output`.", show_default=False, parser=path_value),
     ],
     fasta: Annotated[
-        Path, typer.Argument(help="Sequences to predict (FASTA, .gz, or - for stdin).", show_default=False)
+        Path,
+        typer.Argument(
+            help="Sequences to predict (FASTA, .gz, or - for stdin).", show_default=False, parser=path_value
+        ),
     ],
-    out: Annotated[Path | None, typer.Option("--output", "-o", help="CSV file. Default: stdout.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--output", "-o", help="CSV file. Default: stdout.", parser=path_value)
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     cache_dir: CacheDir = None,
     no_cache: Annotated[

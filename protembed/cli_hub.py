@@ -10,12 +10,14 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.table import Table
 
-from protembed.cli_common import err_console, handle_errors, out_console, print_json
+from protembed.cli_common import err_console, handle_errors, out_console, path_value, print_json
 from protembed.registry import MODELS
 
 CacheDir = Annotated[
     Path | None,
-    typer.Option("--cache-dir", help="Hub cache directory (default: $HF_HUB_CACHE or $HF_HOME/hub)."),
+    typer.Option(
+        "--cache-dir", help="Hub cache directory (default: $HF_HUB_CACHE or $HF_HOME/hub).", parser=path_value
+    ),
 ]
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from protembed.cli_common import err_console, handle_errors
+from protembed.cli_common import err_console, handle_errors, path_value
 
 
 class Layout(str, Enum):
@@ -24,9 +24,14 @@ class What(str, Enum):
 @handle_errors
 def export(
     source: Annotated[
-        Path, typer.Argument(help="Embeddings file written by `protembed embed`.", show_default=False)
+        Path,
+        typer.Argument(
+            help="Embeddings file written by `protembed embed`.", show_default=False, parser=path_value
+        ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.", show_default=False)],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="File to write.", show_default=False, parser=path_value)
+    ],
     layout: Annotated[
         Layout,
         typer.Option(help="per-protein: one dataset per record, named by its id ('/' -> %2F, '%' -> %25)."),

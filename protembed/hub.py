@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx2
-from huggingface_hub import HfApi, constants, get_token, hf_hub_download
+from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import (
-    GatedRepoError,
     HFValidationError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
 from rich.console import Console
@@ -44,7 +37,8 @@ from rich.progress import (
 
 from protembed import __version__
 from protembed.errors import CheckpointError, HubError, UnknownModelError
-from protembed.hub_cache import cache_root, cached_snapshot, disk_size, remove_files, write_ref
+from protembed.hub_cache import UNFINISHED, cache_root, cached_snapshot, disk_size, remove_files, write_ref
+from protembed.hub_errors import check_writable, hub_errors, hub_warnings
 from protembed.models.checkpoints import (
     CONFIG_FILE,
     WEIGHT_FILES,
@@ -58,6 +52,9 @@ from protembed.registry import MODELS, lookup, suggest
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 _console = Console(stderr=True, emoji=False)
+# seconds without an answer from the Hub before a request fails (huggingface_hub waits forever for
+# repo metadata, and 10 s for files); HF_HUB_ETAG_TIMEOUT raises it
+_TIMEOUT = max(20.0, float(constants.HF_HUB_ETAG_TIMEOUT))
 
 
 @dataclass(frozen=True)
@@ -76,10 +73,11 @@ def parse_model(model: str) -> tuple[str | None, str]:
     if info is not None:
         return info.name, info.repo_id
     if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:  # meant as a folder
-        path = Path(model).expanduser()
-        raise UnknownModelError(
-            model, list(MODELS), "not a directory" if path.exists() else "no such directory"
-        )
+        try:
+            exists = Path(model).expanduser().exists()
+        except RuntimeError:  # ~name of an unknown user
+            exists = False
+        raise UnknownModelError(model, list(MODELS), "not a directory" if exists else "no such directory")
     if model.count("/") == 1:
         try:
             validate_repo_id(model)
@@ -122,6 +120,7 @@ def resolve_model(
         f"{name or repo_id}{at} is not cached: downloading {repo_id} into {cache_root(cache_dir)}",
         highlight=False,
         markup=False,
+        soft_wrap=True,
     )
     resolved, _ = _download(name, repo_id, revision, cache_dir, False, progress, on_config)
     return resolved
@@ -184,18 +183,20 @@ def _download(
 ) -> tuple[ResolvedModel, int]:
     """Fetch a checkpoint's files into the HF cache and verify them; huggingface_hub's own
     warnings (retries, resumes) are shown only with `progress`."""
-    with _hub_warnings(progress):
-        cache = str(cache_root(cache_dir))
+    with hub_warnings(progress):
+        root = cache_root(cache_dir)
+        check_writable(root)
+        cache = str(root)
         api = HfApi(library_name="protembed", library_version=__version__)
-        with _hub_errors(repo_id, revision):
-            info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        with hub_errors(repo_id, revision):
+            info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=_TIMEOUT)
         commit = str(info.sha)
         remote = {s.rfilename: s for s in info.siblings or []}
         if CONFIG_FILE not in remote:
             raise CheckpointError(repo_id, "no config.json (not a Hugging Face checkpoint repo)")
 
         def fetch(filename: str, bar: type | None = None) -> Path:
-            with _hub_errors(repo_id, revision):
+            with hub_errors(repo_id, revision, root):
                 return Path(
                     hf_hub_download(
                         repo_id,
@@ -219,7 +220,11 @@ def _download(
             on_config(config)
         weights = _weight_names(repo_id, set(remote), fetch)
         wanted = [f for f in TOKENIZER_FILES if f in remote] + weights
+        unfinished = snapshot / UNFINISHED
+        unfinished.touch()  # the snapshot is not cached until every file below passed its check
         todo = [f for f in wanted if force or not (snapshot / f).exists()]
+        # Files already here come from an earlier run that may have stopped before checking them.
+        todo += _failed_checks(snapshot, [f for f in wanted if f not in todo], remote, progress)
         if todo:
             with _progress_bar(progress) as add_task:
                 bar = _bar_class(add_task(sum(remote[f].size or 0 for f in todo), name or repo_id))
@@ -235,8 +240,19 @@ def _download(
         except CheckpointError as exc:
             remove_files(snapshot, weights)  # never leave weights that look complete but do not load
             raise CheckpointError(repo_id, f"{_detail(exc, snapshot)} (deleted from the cache)") from None
+        unfinished.unlink(missing_ok=True)
         write_ref(repo_id, revision, commit, cache_dir)
         return ResolvedModel(name, repo_id, snapshot, commit), disk_size(snapshot)
+
+
+def _failed_checks(snapshot: Path, present: list[str], remote: dict[str, Any], progress: bool) -> list[str]:
+    """The files of `present` whose sha256 is not the Hub's, deleted so that they are fetched again."""
+    lfs = [f for f in present if remote[f].lfs is not None]
+    if lfs and progress:
+        _console.print(f"checking {len(lfs)} file(s) from an earlier download", highlight=False, markup=False)
+    bad = [f for f in lfs if _sha256(snapshot / f) != remote[f].lfs.sha256]
+    remove_files(snapshot, bad)
+    return bad
 
 
 def _weight_names(repo_id: str, remote: set[str], fetch: Callable[[str], Path]) -> list[str]:
@@ -259,52 +275,6 @@ def _weight_names(repo_id: str, remote: set[str], fetch: Callable[[str], Path]) 
 def _detail(exc: CheckpointError, snapshot: Path) -> str:
     """A CheckpointError's message with the cache path of the snapshot left out."""
     return str(exc).replace(f"{snapshot}/", "").replace(str(snapshot), "checkpoint")
-
-
-@contextmanager
-def _hub_warnings(show: bool) -> Iterator[None]:
-    """huggingface_hub's log messages below ERROR, only when `show`."""
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    if not show:
-        hub_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hub_logger.setLevel(level)
-
-
-@contextmanager
-def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
-    """Turn huggingface_hub and transport errors into one-line HubErrors that say what to do."""
-    try:
-        yield
-    except GatedRepoError:
-        page = f"{constants.ENDPOINT}/{repo_id}"
-        if get_token() is None:
-            raise HubError(f"{repo_id} is gated: accept its terms at {page}, then set HF_TOKEN") from None
-        raise HubError(f"{repo_id} is gated and HF_TOKEN has no access: accept its terms at {page}") from None
-    except RevisionNotFoundError:
-        raise HubError(f"{repo_id} has no revision '{revision}'") from None
-    except RepositoryNotFoundError:
-        raise HubError(
-            f"repo '{repo_id}' not found on {constants.ENDPOINT} and no local directory of that name "
-            "(check the id; a private repo needs HF_TOKEN)"
-        ) from None
-    except RemoteEntryNotFoundError as exc:
-        raise HubError(f"{repo_id}: file missing on the Hub ({_first_line(exc)})") from None
-    except OfflineModeIsEnabled:
-        raise HubError(f"{repo_id}: HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0 to download") from None
-    except (OSError, httpx2.HTTPError) as exc:
-        raise HubError(
-            f"download of {repo_id} failed: {_first_line(exc)}; run the same command again to resume"
-        ) from None
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = " ".join(lines[:2]) if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _sha256(path: Path) -> str:

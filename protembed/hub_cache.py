@@ -8,8 +8,9 @@ The cache is the standard huggingface_hub layout (`$HF_HUB_CACHE`, default `$HF_
       blobs/<etag>              file contents (sha256 for LFS files such as weights)
 
 A snapshot counts as cached only when it is complete: `config.json` plus every weight file
-(and every shard its index names). huggingface_hub writes each file to a temporary name and renames
-it into place, so a partial download never looks complete.
+(and every shard its index names), and no `.protembed-unfinished` marker, which `download` leaves
+there until every new file has passed its sha256 check. huggingface_hub writes each file to a
+temporary name and renames it into place, so a partial download never looks complete.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from huggingface_hub import constants
 from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
 
-from protembed.errors import CheckpointError
+from protembed.errors import CheckpointError, OptionError
 from protembed.models.checkpoints import CONFIG_FILE, weight_files
 from protembed.registry import MODELS
 
@@ -37,9 +38,18 @@ class CachedModel:
     size: int  # bytes on disk
 
 
+UNFINISHED = ".protembed-unfinished"  # in a snapshot whose new files are not all checked yet
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """The Hub cache directory: `cache_dir`, else `HF_HUB_CACHE` / `HF_HOME/hub`."""
-    return Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE).expanduser()
+    root = str(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE)
+    if not root.strip():
+        raise OptionError("the Hub cache directory is empty (--cache-dir, HF_HUB_CACHE or HF_HOME)")
+    try:
+        return Path(root).expanduser()
+    except RuntimeError:  # ~name of an unknown user
+        raise OptionError(f"Hub cache directory {root}: no such user {root.split('/', 1)[0]}") from None
 
 
 def repo_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
@@ -47,8 +57,8 @@ def repo_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def is_complete(snapshot: Path) -> bool:
-    """Whether a snapshot directory holds `config.json` and all its weight files."""
-    if not (snapshot / CONFIG_FILE).is_file():
+    """Whether a snapshot directory holds `config.json` and all its weight files, all checked."""
+    if not (snapshot / CONFIG_FILE).is_file() or (snapshot / UNFINISHED).exists():
         return False
     try:
         weight_files(snapshot)

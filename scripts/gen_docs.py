@@ -97,9 +97,9 @@ def _type_info(param: Any) -> tuple[tuple[Any, ...], str, str]:
         paths = ("file" if ptype.file_okay else "dir") if kind == "Path" else "file" if kind == "File" else ""
         return tuple(getattr(ptype, "choices", ()) or ()), paths, ptype.name
     paths = ""
-    if desc.is_path or desc.is_file:
-        paths = "dir" if desc.parameter_info.dir_okay and not desc.parameter_info.file_okay else "file"
     item = get_args(desc.annotation)[0] if desc.is_list else desc.annotation
+    if desc.is_path or desc.is_file or item is Path:  # Path with a `parser` is not `is_path`
+        paths = "dir" if desc.parameter_info.dir_okay and not desc.parameter_info.file_okay else "file"
     type_name = (
         "choice" if desc.choices else desc.path_type if desc.is_path else getattr(item, "__name__", "")
     )

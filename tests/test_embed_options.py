@@ -42,6 +42,14 @@ def test_option_values_are_checked(tmp_path: Path, fasta: Path) -> None:
     ]:
         r = run("embed", fasta, "-o", out, "--model", ESM, "-q", *extra)
         assert r.exit_code == 2 and message in r.output, (extra, r.output)
+    for args, message in [  # an unset shell variable must not mean the current folder
+        (["", "-o", out], "Invalid value for 'INPUT': the path is empty"),
+        ([fasta, "-o", ""], "the path is empty"),
+    ]:
+        r = run("embed", *args, "--model", ESM, "-q")
+        assert r.exit_code == 2 and message in " ".join(r.output.split()), (args, r.output)
+    r = run("embed", tmp_path, "--model", ESM, "-q")
+    assert r.exit_code == 1 and f"error: {tmp_path}: is a folder, not a FASTA file" in r.output, r.output
     r = run("embed", fasta, "-o", out, "--model", ESM, "-q", "--pool", "mean,mean")
     assert r.exit_code == 0, r.output
     with h5py.File(out) as h5:

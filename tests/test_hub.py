@@ -13,7 +13,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from protembed.hub import download_model, resolve_model
 from protembed.hub_cache import cached_snapshot
 from protembed.models.checkpoints import load_checkpoint
 from tests.helpers import fixture_dir
-from tests.hub_server import FIXTURES, TOKEN, FakeHub, Fault, default_repos
+from tests.hub_server import FIXTURES, TOKEN, FakeHub, Fault
 
 ROOT = Path(__file__).resolve().parents[1]
 ESM, AMP = "facebook/esm2_t6_8M_UR50D", "chandar-lab/AMPLIFY_120M"
@@ -39,34 +38,6 @@ ESM_WEIGHTS = (FIXTURES / "esm2_t3_h64" / "checkpoint" / "model.safetensors").re
 
 def commit_of(repo_id: str) -> str:
     return hashlib.sha1(repo_id.encode()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeHub]:
-    hub = FakeHub(default_repos()).start()
-    yield hub
-    hub.stop()
-
-
-@pytest.fixture
-def hub(server: FakeHub) -> FakeHub:
-    server.faults.clear()
-    server.requests.clear()
-    return server
-
-
-@pytest.fixture
-def cache(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """In process: huggingface_hub pointed at the fake Hub, online, no token, an empty cache."""
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
-    return tmp_path / "cache"
 
 
 def cli(*args: str, hub: FakeHub, home: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -269,7 +269,10 @@ def local_checkpoint(model: str, revision: str | None = None) -> Path | None:
 
     if not model.strip():
         raise UnknownModelError(model, list(MODELS), "the model name is empty")
-    path = Path(model).expanduser()
+    try:
+        path = Path(model).expanduser()
+    except RuntimeError:  # ~name of an unknown user: not a folder here
+        return None
     if not path.is_dir():
         return None
     if revision is not None:
