@@ -60,6 +60,10 @@ def prepare(encoder: Encoder, backend: str, dtype: str, compile: bool) -> Encode
         return build_te_encoder(encoder, fp8=dtype == "fp8")
     if compile:
         encoder.workspace.enabled = False  # out= variants and reused buffers are for eager mode
+        # Fill the rotary tables for every position now: a compiled call that fills them would
+        # change what the graph was traced with, and the next call would compile again.
+        device = next(encoder.parameters()).device
+        encoder.rotary.tables(encoder.config.max_residues + 2, device)
         try:  # the compiled module forwards attributes and calls to the encoder it wraps
             return cast(Encoder, torch.compile(encoder, dynamic=True))
         except RuntimeError as exc:  # e.g. no C++ compiler for inductor on CPU

@@ -7,8 +7,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from protembed.api import load_model
 from protembed.backends import describe, resolve_backend
 from protembed.cli import app
 from protembed.errors import BackendError, OptionError
@@ -57,6 +59,20 @@ def test_compiled_embedding_equals_eager(tmp_path: Path) -> None:
         assert a.attrs["backend"] == "torch" and b.attrs["backend"] == "torch+compile"
         assert np.abs(a["mean"][:] - b["mean"][:]).max() <= 1e-5
         assert np.abs(a["residues"][:] - b["residues"][:]).max() <= 1e-5
+
+
+def test_compiled_model_is_one_graph_compiled_once() -> None:
+    """No graph break (token dropout's mask check) and no recompile (rotary tables filled on the
+    first compiled call): a repeated batch reuses the first compilation."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    eager, compiled = load_model(ESM), load_model(ESM, compile=True)
+    for seqs in (["MKTAYIAKQR", "MK<mask>AY"], ["MKTAYIAKQR", "MK<mask>AY"], ["ACDEFGHIK"]):
+        want, got = eager.embed(seqs, layers=[-1]), compiled.embed(seqs, layers=[-1])
+        assert np.abs(want.pooled["mean"] - got.pooled["mean"]).max() <= 1e-5
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 2  # one graph, and at most one dynamic-shape redo
 
 
 TINY = str(fixture_dir("esm2_t3_h64").parents[1] / "data" / "flip" / "tiny")

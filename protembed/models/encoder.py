@@ -130,12 +130,15 @@ class Encoder(nn.Module):
         if not self.config.token_dropout:
             return x_TD
         is_mask_T = tokens_T == self.config.mask_id
-        if not bool(is_mask_T.any()):
+        # Compiled, the general path below runs always (it gives the same values without masks):
+        # branching on the data would break the graph.
+        if not torch.compiler.is_compiling() and not bool(is_mask_T.any()):
             return x_TD * 0.88
         # Per sequence: scale = 0.88 / (1 - n_mask / n_tokens), computed over its own tokens only.
         cu = packing.cu_seqlens.long()
         lens_B = cu[1:] - cu[:-1]
-        seq_of_token = torch.repeat_interleave(torch.arange(lens_B.numel(), device=cu.device), lens_B)
+        token_T = torch.arange(tokens_T.shape[0], device=cu.device)
+        seq_of_token = torch.searchsorted(cu[1:], token_T, right=True)
         n_mask_B = torch.zeros_like(lens_B, dtype=torch.float32).index_add_(
             0, seq_of_token, is_mask_T.float()
         )
