@@ -79,17 +79,18 @@ class Model:
         max_residues: int | None = None,
     ) -> Embeddings:
         """Embed sequences in memory; longer ones are truncated to `max_residues` (default and
-        maximum: the model's). Each sequence is read as `embed` reads a record: a final `*` is
-        dropped."""
+        maximum: the model's). Each sequence is read as `embed` reads a record: spaces and line
+        breaks are ignored and a final `*` is dropped."""
         if isinstance(sequences, (str, bytes)):
             raise TypeError("sequences: pass a list of sequences, not one string")
         sequences = list(sequences)  # a generator is read once
         for i, seq in enumerate(sequences):
             if not isinstance(seq, str):
                 raise TypeError(f"sequences: item {i} is {type(seq).__name__}, not str")
+            sequences[i] = seq = seq.replace(" ", "").replace("\r", "").replace("\n", "")
             if not seq:
                 raise ValueError(f"sequences: sequence {i} is empty")
-        pooling = [pooling] if isinstance(pooling, str) else list(pooling)
+        pooling = [p.strip() for p in pooling.split(",")] if isinstance(pooling, str) else list(pooling)
         if not pooling:
             raise ValueError("pooling: name at least one of mean, cls")
         idx = self.layers(layers)

@@ -204,6 +204,10 @@ def embed(
             merge=merge, backend=backend.value, compile=compile, progress=progress, started=started,
             quiet=quiet,
         )  # fmt: skip
+    from protembed.torchrun import distributed_env
+
+    if (distributed_env() or (0,))[0] != 0:
+        return  # under torchrun, rank 0 reports the whole job
     if as_json:
         print_json(summary.as_dict())
     elif not quiet:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from protembed.store import EmbeddingWriter
 FLUSH_SECONDS = 5.0  # rows reach the disk at least this often
 LONG_POLICIES = ("truncate", "window")
 STORE_DTYPES = ("float32", "float16")
+COMPRESSIONS = ("gzip", "lzf")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class EmbedSummary:
     residues_per_s: float
     output_bytes: int
     skip_reasons: dict[int, str] = field(default_factory=dict)
+    ranks: int = 1  # torchrun: the counts above are the whole job's, summed over its ranks
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +117,7 @@ def check_options(
     store_dtype: str,
     on_invalid: str,
     tokens_per_batch: int | None = None,
+    compression: str | None = None,
 ) -> None:
     """Refuse impossible option values before anything is read."""
     if tokens_per_batch is not None and (not is_whole(tokens_per_batch) or tokens_per_batch < 1):
@@ -127,9 +130,10 @@ def check_options(
         (dtype, tuple(COMPUTE_DTYPES), "--dtype"),
         (store_dtype, STORE_DTYPES, "--store-dtype"),
         (on_invalid, ("error", "skip"), "--on-invalid"),
+        (compression, (None, *COMPRESSIONS), "--compression"),
     ):
         if value not in allowed:
-            raise OptionError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+            raise OptionError(f"{what} {value!r} is not one of {', '.join(map(str, allowed))}")
 
 
 @dataclass
@@ -187,8 +191,8 @@ def embed_fasta(
     download progress of a model that is not cached yet.
     """
     t0 = time.perf_counter()
-    poolings = [poolings] if isinstance(poolings, str) else list(poolings)
-    check_options(poolings, long_policy, dtype, store_dtype, on_invalid, tokens_per_batch)
+    poolings = [p.strip() for p in poolings.split(",")] if isinstance(poolings, str) else list(poolings)
+    check_options(poolings, long_policy, dtype, store_dtype, on_invalid, tokens_per_batch, compression)
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
     resolved = resolve_backend(backend, devices[0], dtype, compile)
     # Validate the options and the whole input as soon as the model's shape is known, so that a
@@ -266,14 +270,26 @@ def _embed_shard(
     shard_attrs = {"shard_start": start, "shard_stop": stop, "shard_rank": rank, "shard_world_size": world}
 
     def embed_shard(shard: Path) -> EmbedSummary:
-        return _embed_rows(
+        summary = _embed_rows(
             index, shard, plan, (start, stop), shard_attrs, progress, started, t0, complete_ok=True
         )
+        return _job_summary(summary, index, world)
 
     summary = torchrun.run_rank(output, rank, world, merge, plan.overwrite, embed_shard)
-    if rank == 0:
-        summary.output, summary.output_bytes = str(output), output.stat().st_size
+    summary.output, summary.output_bytes = str(output), output.stat().st_size if rank == 0 else 0
+    summary.elapsed_s = round(time.perf_counter() - t0, 3)  # the merge included
     return summary
+
+
+def _job_summary(shard: EmbedSummary, index: FastaIndex, world: int) -> EmbedSummary:
+    """The whole job's counts from one rank's (a collective: every rank calls it once)."""
+    fields = ("records", "residues", "computed", "resumed", "duplicates", "truncated", "skipped")
+    done = shard.residues_per_s * shard.elapsed_s  # residues this rank computed
+    sums, slowest = torchrun.sum_over_ranks([*(getattr(shard, f) for f in fields), done], shard.elapsed_s)
+    totals: dict[str, Any] = {f: int(v) for f, v in zip(fields, sums, strict=False)}
+    device = f"{shard.device} and {world - 1} more rank(s)"
+    return replace(shard, **totals, device=device, ranks=world, skip_reasons=dict(index.skip_reasons),
+                   residues_per_s=round(sums[-1] / max(slowest, 1e-9), 1))  # fmt: skip
 
 
 def _token_counts(index: FastaIndex, plan: _Plan) -> np.ndarray:

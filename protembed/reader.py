@@ -111,6 +111,10 @@ class EmbeddingFile:
 
     def residue_block(self, start: int, stop: int, layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-residue embeddings of rows start..stop-1 in one read, and their offsets into it."""
+        if "residues" not in self._h5:
+            raise StoreError(f"{self.path}: no per-residue embeddings (embed with --per-residue)")
+        if not (is_whole(start) and is_whole(stop) and 0 <= start <= stop <= len(self)):
+            raise StoreError(f"{self.path}: rows {start}..{stop} are not a range within 0..{len(self)}")
         offsets = self._h5["offsets"][start : stop + 1].astype(np.int64)
         ds = self._h5["residues"]
         a, b = int(offsets[0]), int(offsets[-1])
@@ -142,8 +146,8 @@ class EmbeddingFile:
                 )
             if layer < -(int(depth) + 1):
                 raise StoreError(
-                    f"{self.path}: layer {layer} out of range for a model of {depth} blocks "
-                    f"(valid: {-(int(depth) + 1)}..{depth}; stored layers: {self.layers})"
+                    f"{self.path}: layer {layer} out of range: a model of {depth} blocks counts back "
+                    f"from -1 (its last block) to {-(int(depth) + 1)} (stored layers: {self.layers})"
                 )
             given, layer = f"{layer} (= {int(depth) + 1 + layer})", int(depth) + 1 + layer
         else:

@@ -84,6 +84,17 @@ def note_stale_shards(output: Path, world: int) -> None:
         print(f"note: {note}; this run of {world} ranks does not use them", file=sys.stderr)
 
 
+def sum_over_ranks(values: list[float], elapsed: float) -> tuple[list[float], float]:
+    """`values` summed over every rank, and the longest `elapsed` (a collective: all ranks call it)."""
+    import torch.distributed as tdist
+
+    sums = torch.tensor(values, dtype=torch.float64)
+    slowest = torch.tensor([elapsed], dtype=torch.float64)
+    tdist.all_reduce(sums)
+    tdist.all_reduce(slowest, op=tdist.ReduceOp.MAX)
+    return sums.tolist(), float(slowest)
+
+
 def run_rank(
     output: Path, rank: int, world: int, merge: bool, overwrite: bool, embed_shard: Callable[[Path], T]
 ) -> T:

@@ -174,6 +174,7 @@ def test_embed_fasta_checks_what_the_cli_checks(tmp_path: Path, fasta: Path) -> 
         ({"tokens_per_batch": 0}, "--tokens-per-batch 0 must be at least 1"),
         ({"tokens_per_batch": -10}, "--tokens-per-batch -10 must be at least 1"),
         ({"max_length": 0}, r"--max-length 0 is outside 1\.\.1022"),
+        ({"compression": "zip"}, "--compression 'zip' is not one of None, gzip, lzf"),
     ]:
         with pytest.raises(OptionError, match=message):
             embed_module.embed_fasta(fasta, out, model=ESM, **kwargs)  # type: ignore[arg-type]
@@ -181,3 +182,6 @@ def test_embed_fasta_checks_what_the_cli_checks(tmp_path: Path, fasta: Path) -> 
     embed_module.embed_fasta(fasta, out, model=ESM, layers="all", poolings="cls", quiet=True)
     with h5py.File(out, "r") as f:
         assert list(f.attrs["layers"]) == [0, 1, 2, 3] and f["cls"].shape == (12, 4, 64)
+    embed_module.embed_fasta(fasta, out, model=ESM, poolings="mean, cls", overwrite=True, quiet=True)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["pooling"] == "mean,cls"

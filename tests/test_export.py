@@ -95,7 +95,10 @@ def test_negative_layers_count_from_the_end_when_the_depth_is_recorded(tmp_path:
         assert a.attrs["layer"] == 5 and np.array_equal(a["tr%2FQ2"][...], b["tr%2FQ2"][...])
     with pytest.raises(StoreError, match=r"layer -2 \(= 4\) is not stored \(stored layers: \[2, 5\]\)"):
         export_per_protein(tmp_path / "in.h5", tmp_path / "x.h5", layer=-2)
-    with pytest.raises(StoreError, match=r"layer -7 out of range for a model of 5 blocks \(valid: -6..5;"):
+    counts_back = (
+        r"layer -7 out of range: a model of 5 blocks counts back from -1 \(its last block\) to -6 \("
+    )
+    with pytest.raises(StoreError, match=counts_back):
         export_per_protein(tmp_path / "in.h5", tmp_path / "x.h5", layer=-7)
 
 

@@ -155,6 +155,9 @@ def test_python_api_refuses_wrong_arguments() -> None:
         with pytest.raises(ValueError, match=f"tokens_per_batch: {bad_budget} is not a whole number >= 1"):
             model.embed(["MKV"], tokens_per_batch=bad_budget)  # type: ignore[arg-type]
     assert model.embed(["MKV"], layers="all").pooled["mean"].shape == (1, 4, 64)
+    spaced = model.embed(["MK TAY\nIAK\r\n", "MKTAYIAK"], pooling="mean,cls")  # read as a FASTA record
+    assert sorted(spaced.pooled) == ["cls", "mean"]
+    assert np.array_equal(spaced.pooled["mean"][0], spaced.pooled["mean"][1])
     assert model.embed(iter(["MKV", "MKVL"]), layers=np.int64(2), pooling="cls").pooled["cls"].shape == (
         2,
         1,

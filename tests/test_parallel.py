@@ -7,6 +7,7 @@ code drives one process per GPU on CUDA machines.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import shutil
@@ -105,7 +106,11 @@ def test_torchrun_two_ranks_equal_one_process(many: Path, single: Path, merge: b
     cmd = [*launcher, *rendezvous, "-m", "protembed", *embed_args(fasta, out)]
     if not merge:
         cmd.append("--no-merge")
-    subprocess.run(cmd, check=True, env=ENV, capture_output=True)
+    r = subprocess.run([*cmd, "--json"], check=True, env=ENV, capture_output=True, text=True)
+    job = json.loads(r.stdout)  # one summary, from rank 0, for the whole job
+    with h5py.File(single, "r") as f:
+        assert (job["records"], job["residues"]) == (len(f["lengths"]), int(f["lengths"][:].sum()))
+    assert (job["ranks"], job["computed"], job["output"]) == (2, 1200, str(out))
     shards = sorted(tmp_path.glob("tr.shard-*"))
     assert len(shards) == (0 if merge else 2)
     with h5py.File(out, "r") as f:

@@ -151,6 +151,11 @@ def test_roundtrip_layout_and_reader(tmp_path: Path) -> None:
             emb.index("nope")
         with pytest.raises(StoreError, match="no 'max' embeddings"):
             emb.pooled("max")
+        block, offsets = emb.residue_block(8, 10, layer=3)
+        assert np.array_equal(block[offsets[1] : offsets[2]], emb.residues(9, layer=3))
+        for start, stop in ((5, 2), (0, N + 1), (-1, 2)):
+            with pytest.raises(StoreError, match=rf"rows {start}\.\.{stop} are not a range within 0\.\.{N}"):
+                emb.residue_block(start, stop)
 
 
 def test_one_layer_float32_without_residues(tmp_path: Path) -> None:
@@ -163,6 +168,8 @@ def test_one_layer_float32_without_residues(tmp_path: Path) -> None:
         assert np.array_equal(emb.pooled("mean", layer=3)[0], fake(np.array([0]), 1)[0]["mean"][0, 0])
         with pytest.raises(StoreError, match="no per-residue embeddings"):
             emb.residues(0)
+        with pytest.raises(StoreError, match="no per-residue embeddings"):
+            emb.residue_block(0, 2)
         assert "residues" not in emb.h5 and "offsets" not in emb.h5
 
 
