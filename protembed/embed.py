@@ -36,6 +36,7 @@ from protembed.parallel import WorkerPool, parse_devices
 from protembed.pipeline import (
     Executor,
     LocalExecutor,
+    Members,
     Progress,
     Work,
     plan_members,
@@ -395,7 +396,7 @@ def _compute(
     index: FastaIndex,
     plan: _Plan,
     writer: EmbeddingWriter,
-    members: dict[int, np.ndarray],
+    members: Members,
     pending: np.ndarray,
     lengths: np.ndarray,
     budget: int,

@@ -16,10 +16,10 @@ hundred million), so `duplicate_groups` trusts equal hashes without comparing se
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, overload
 
 import numpy as np
 from Bio.SeqIO.FastaIO import SimpleFastaParser
@@ -33,14 +33,75 @@ _BATCH_RECORDS = 1 << 15
 _INVALID, _DROP = 255, 254  # byte-table codes; token ids are < 254
 
 
+class Headers(Sequence[str]):
+    """Header texts of many records, kept compact: one UTF-8 blob and the offsets into it (the
+    text plus 8 bytes per record; a Python string costs about 50 bytes more, and every record had
+    two). With `first_word`, each item is the record's id instead of its whole header. A slice is
+    a view on the same blob."""
+
+    def __init__(self, blob: bytes, offsets: np.ndarray, first_word: bool = False) -> None:
+        self.blob, self.offsets, self.first_word = blob, offsets, first_word
+
+    @staticmethod
+    def encode(texts: list[str]) -> tuple[bytes, np.ndarray]:
+        """One batch of headers as (UTF-8 blob, byte sizes), for `build`."""
+        encoded = [t.encode() for t in texts]
+        return b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+
+    @classmethod
+    def build(cls, batches: list[tuple[bytes, np.ndarray]]) -> Headers:
+        """From encoded batches, concatenated in order."""
+        sizes = np.concatenate([np.zeros(1, dtype=np.int64), *(size for _, size in batches)])
+        return cls(b"".join(blob for blob, _ in batches), np.cumsum(sizes))
+
+    def ids(self) -> Headers:
+        """The same records' ids (first word of each header)."""
+        return Headers(self.blob, self.offsets, first_word=True)
+
+    def __len__(self) -> int:
+        return int(self.offsets.size) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> Headers: ...
+    def __getitem__(self, i: int | slice) -> str | Headers:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("Headers: slices with a step are not supported")
+            return Headers(self.blob, self.offsets[start : max(start, stop) + 1], self.first_word)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} out of range for {n} records")
+        i %= n
+        return self._texts(i, i + 1)[0]
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), 1 << 16):
+            yield from self._texts(start, min(start + (1 << 16), len(self)))
+
+    def _texts(self, start: int, stop: int) -> list[str]:
+        """Items start..stop-1, decoded together."""
+        ends = self.offsets[start : stop + 1]
+        chunk = self.blob[ends[0] : ends[-1]]
+        bounds = (ends - ends[0]).tolist()
+        if chunk.isascii():  # one character per byte: cut the decoded text at the byte offsets
+            text = chunk.decode()
+            texts = [text[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        else:
+            texts = [chunk[a:b].decode() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [(t.split(None, 1) or [""])[0] for t in texts] if self.first_word else texts
+
+
 @dataclass
 class FastaIndex:
     """What the first pass learned; rows are records in file order (duplicate ids allowed)."""
 
     source: str  # what the user passed, for messages ("proteins.fa", "<stdin>")
     path: Path  # the file the second pass re-reads (a temporary spool for stdin or a pipe)
-    ids: list[str]  # first word of each header
-    descriptions: list[str]  # full header line without '>'
+    ids: Sequence[str]  # first word of each header
+    descriptions: Sequence[str]  # full header line without '>'
     n_residues: np.ndarray  # int64 [N] residue tokens per record; 0 for skipped rows
     skipped: np.ndarray  # bool [N]
     skip_reasons: dict[int, str]  # row -> one-line reason
@@ -85,16 +146,16 @@ def scan_fasta(path: str | Path, alphabet: Alphabet, on_invalid: str = "error") 
 
 def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> FastaIndex:
     table = _byte_table(alphabet)
-    ids: list[str] = []
-    descriptions: list[str] = []
+    titles: list[tuple[bytes, np.ndarray]] = []  # headers, encoded a batch at a time
     counts: list[np.ndarray] = []
     hashes: list[np.ndarray] = []
     bad: dict[int, tuple[int, str]] = {}  # row -> (position, reason); position 0 = header line
     seqs: list[str] = []
-    n_chars = 0
+    batch_titles: list[str] = []
+    n_rows = n_chars = 0
 
     def check() -> None:
-        first = len(ids) - len(seqs)
+        first = n_rows - len(seqs)
         n_res, digest, problems = _check_batch(seqs, table, alphabet)
         counts.append(n_res)
         hashes.append(digest)
@@ -102,29 +163,29 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
             bad[first + j] = (pos, reason)
             if on_invalid == "error":
                 break
+        titles.append(Headers.encode(batch_titles))
         seqs.clear()
+        batch_titles.clear()
 
     with reading(file, source) as (handle, digest):
         for title, seq in SimpleFastaParser(handle):
             if "\x00" in title:  # HDF5 strings cannot hold it
-                bad[len(ids)] = (0, "NUL byte in the header")
+                bad[n_rows] = (0, "NUL byte in the header")
             if not title.isascii() and (found := undecoded_byte(title)):
-                bad[len(ids)] = (0, f"byte 0x{found[1]:02x} in the header is not UTF-8 text")
+                bad[n_rows] = (0, f"byte 0x{found[1]:02x} in the header is not UTF-8 text")
             title = storable(title)
-            try:
-                ids.append(title.split(None, 1)[0])
-            except IndexError:  # '>' with nothing after it
+            if not title.split(None, 1):  # '>' with nothing after it
                 if on_invalid == "skip":  # a row with an empty id, recorded as skipped
-                    bad[len(ids)] = (0, "header without an id")
-                    ids.append("")
+                    bad[n_rows] = (0, "header without an id")
                 else:
                     if seqs:
                         check()  # an earlier bad record in this batch comes first
                     if not bad:
-                        _fail(file, source, len(ids), 0, None, "header without an id")
+                        _fail(file, source, n_rows, 0, None, "header without an id")
                     break
-            descriptions.append(title)
+            batch_titles.append(title)
             seqs.append(seq)
+            n_rows += 1
             n_chars += len(seq)
             if n_chars >= _BATCH_CHARS or len(seqs) >= _BATCH_RECORDS:
                 check()
@@ -134,15 +195,17 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
         if seqs:
             check()
         sha = digest.hexdigest()
+    descriptions = Headers.build(titles)
+    ids = descriptions.ids()
     if bad and on_invalid == "error":
         row, (pos, reason) = min(bad.items())
         _fail(file, source, row, pos, ids[row], reason)
-    if not ids:
+    if not n_rows:
         raise FastaError(source, None, None, "empty file: no FASTA records")
 
     n_residues = np.concatenate(counts)
     seq_hash = np.concatenate(hashes)
-    skipped = np.zeros(len(ids), dtype=bool)
+    skipped = np.zeros(n_rows, dtype=bool)
     reasons: dict[int, str] = {}
     if bad:
         lines = locate_lines(file, {row: pos for row, (pos, _) in bad.items()})

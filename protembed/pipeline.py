@@ -48,7 +48,7 @@ class Work:
 
     index: FastaIndex
     alphabet: Alphabet
-    members: dict[int, np.ndarray]  # representative row -> rows holding the same sequence
+    members: Members  # representative row -> rows holding the same sequence
     pending: np.ndarray  # bool [N], rows still to write
     lengths: np.ndarray  # int [N], residues stored per row
     limit: int
@@ -91,13 +91,44 @@ class LocalExecutor:
                 raise
 
 
-def plan_members(rows: np.ndarray, first_row_of: np.ndarray) -> dict[int, np.ndarray]:
+class Members:
+    """Representative row -> every row holding the same sequence, read like a dict.
+
+    Kept as three arrays (about 24 bytes per row), not a dict of arrays (about 230), so that an
+    input of tens of millions of records fits: `rows` grouped by representative, where each
+    group `starts`, and `group_of` each global row (-1 where the row represents no group).
+    """
+
+    def __init__(self, rows: np.ndarray, starts: np.ndarray, group_of: np.ndarray) -> None:
+        self.rows, self.starts, self.group_of = rows, starts, group_of
+
+    def __len__(self) -> int:
+        return int(self.starts.size) - 1
+
+    def __contains__(self, row: int) -> bool:
+        return 0 <= row < self.group_of.size and self.group_of[row] >= 0
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        if row not in self:
+            raise KeyError(row)
+        g = int(self.group_of[row])
+        return self.rows[self.starts[g] : self.starts[g + 1]]
+
+    def values(self) -> Iterator[np.ndarray]:
+        for g in range(len(self)):
+            yield self.rows[self.starts[g] : self.starts[g + 1]]
+
+
+def plan_members(rows: np.ndarray, first_row_of: np.ndarray) -> Members:
     """Representative row -> every row (of `rows`) holding the same sequence."""
     reps = first_row_of[rows]
     order = np.argsort(reps, kind="stable")
-    reps, rows = reps[order], rows[order]
-    starts = np.flatnonzero(np.r_[True, reps[1:] != reps[:-1]]) if reps.size else np.zeros(0, np.int64)
-    return {int(reps[s]): g for s, g in zip(starts, np.split(rows, starts[1:]))}
+    reps, rows = reps[order], np.asarray(rows, dtype=np.int64)[order]
+    assert not reps.size or reps[0] >= 0, "skipped rows have no sequence"
+    firsts = np.flatnonzero(np.r_[True, reps[1:] != reps[:-1]]) if reps.size else np.zeros(0, np.int64)
+    group_of = np.full(first_row_of.size, -1, dtype=np.int64)
+    group_of[reps[firsts]] = np.arange(firsts.size)
+    return Members(rows, np.r_[firsts, rows.size].astype(np.int64), group_of)
 
 
 def run_pipeline(

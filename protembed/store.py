@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,6 +38,7 @@ STORE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.d
 COMPRESSIONS = (None, "gzip", "lzf")
 _PAGE = 4096  # `written` marks are rewritten in blocks of this many rows
 _STR = h5py.string_dtype("utf-8")
+_TEXT_ROWS = 1 << 16  # ids, descriptions: rows written at a time
 
 
 @dataclass
@@ -77,8 +79,8 @@ class EmbeddingWriter:
         path: Path,
         *,
         attrs: dict[str, Any],
-        ids: list[str],
-        descriptions: list[str],
+        ids: Sequence[str],
+        descriptions: Sequence[str],
         lengths: np.ndarray,
         truncated: np.ndarray,
         skipped: np.ndarray,
@@ -130,9 +132,9 @@ class EmbeddingWriter:
             if path.exists() and not overwrite:
                 check_resumable(path, full, big, lengths, skipped, complete_ok)
             else:
-                records = {
-                    "ids": np.array(ids, dtype=object),
-                    "descriptions": np.array(descriptions, dtype=object),
+                records: dict[str, np.ndarray | Sequence[str]] = {
+                    "ids": ids,
+                    "descriptions": descriptions,
                     "lengths": lengths,
                     "truncated": np.asarray(truncated, dtype=bool),
                     "skipped": skipped,
@@ -307,7 +309,7 @@ class _Lock:
 def _create(
     path: Path,
     attrs: dict[str, Any],
-    records: dict[str, np.ndarray],
+    records: dict[str, np.ndarray | Sequence[str]],
     big: dict[str, tuple[int, ...]],
     dtype: np.dtype,
 ) -> None:
@@ -321,7 +323,15 @@ def _create(
                 else:
                     h5.attrs[key] = value
             for name, data in records.items():
-                h5.create_dataset(name, data=data, dtype=_STR if data.dtype == object else data.dtype)
+                if isinstance(data, np.ndarray) and data.dtype != object:
+                    h5.create_dataset(name, data=data)
+                    continue
+                # text: a slice at a time, as a list of every id of a large input costs gigabytes
+                text = h5.create_dataset(name, (len(data),), dtype=_STR)
+                for start in range(0, len(data), _TEXT_ROWS):
+                    text[start : start + _TEXT_ROWS] = np.array(
+                        list(data[start : start + _TEXT_ROWS]), dtype=object
+                    )
             for name, shape in big.items():
                 dcpl = h5p.create(h5p.DATASET_CREATE)
                 dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)  # all space now: metadata never changes later
@@ -334,7 +344,7 @@ def _create(
             for slab in slabs:
                 row_nan = np.full(slab.row_bytes // slab.dtype.itemsize, np.nan, slab.dtype)
                 nan = memoryview(row_nan).cast("B")  # type: ignore[arg-type]
-                for row in np.flatnonzero(records["skipped"]).tolist():
+                for row in np.flatnonzero(np.asarray(records["skipped"])).tolist():
                     _pwrite(fd, nan, slab.offset + row * slab.row_bytes)
             os.fsync(fd)
         finally:

@@ -18,7 +18,7 @@ import pytest
 from protembed import fasta
 from protembed.alphabet import AMPLIFY, ESM2
 from protembed.errors import FastaError, InvalidSequenceError
-from protembed.fasta import duplicate_groups, iter_records, scan_fasta
+from protembed.fasta import Headers, duplicate_groups, iter_records, scan_fasta
 
 BAD = Path(__file__).parent / "data" / "bad"
 
@@ -37,8 +37,8 @@ def write(tmp_path: Path, text: str | bytes, name: str = "in.fasta") -> Path:
 
 def test_index_fields(tmp_path: Path) -> None:
     index = scan_fasta(write(tmp_path, TEXT), ESM2)
-    assert index.ids == ["sp|P1", "p2", "p3"]
-    assert index.descriptions == ["sp|P1 first protein", "p2", "p3 same tokens as p1"]
+    assert list(index.ids) == ["sp|P1", "p2", "p3"]
+    assert list(index.descriptions) == ["sp|P1 first protein", "p2", "p3 same tokens as p1"]
     assert index.n_residues.tolist() == [8, 4, 8]  # spaces and trailing '*' dropped, <mask> is one
     assert index.n_residues.dtype == np.int64 and index.seq_hash.dtype == np.uint64
     assert not index.skipped.any() and index.skip_reasons == {}
@@ -50,7 +50,7 @@ def test_index_fields(tmp_path: Path) -> None:
 def test_gzip_by_magic_and_same_hash(tmp_path: Path) -> None:
     plain = scan_fasta(write(tmp_path, TEXT), ESM2)
     packed = scan_fasta(write(tmp_path, gzip.compress(TEXT.encode()), "named_plain.fa"), ESM2)
-    assert packed.ids == plain.ids and packed.sha256 == plain.sha256
+    assert list(packed.ids) == list(plain.ids) and packed.sha256 == plain.sha256
     assert np.array_equal(packed.seq_hash, plain.seq_hash)
     assert [s for _, s in iter_records(packed)] == [s for _, s in iter_records(plain)]
 
@@ -149,7 +149,7 @@ def test_bad_fixture(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_skip_keeps_rows_in_place(tmp_path: Path) -> None:
     text = ">a\nMK\n>b\nMJK\n>c\n>d\nM-\n>a\nQQ\n"  # J is <unk>; c is empty; '-' is invalid
     index = scan_fasta(write(tmp_path, text), ESM2, on_invalid="skip")
-    assert index.ids == ["a", "b", "c", "d", "a"]
+    assert list(index.ids) == ["a", "b", "c", "d", "a"]
     assert index.skipped.tolist() == [False, False, True, True, False]
     assert index.skip_reasons == {
         2: "in.fasta:5: empty sequence",
@@ -273,7 +273,7 @@ def test_non_utf8_bytes_in_an_id_are_stored_as_replacement_characters(tmp_path: 
     path = tmp_path / "latin1_id.fasta"
     path.write_bytes(b">caf\xe9 x\nMKT\n>d\nMS\n")
     index = scan_fasta(path, ESM2, on_invalid="skip")
-    assert index.ids == ["caf\ufffd", "d"] and index.descriptions[0] == "caf\ufffd x"
+    assert list(index.ids) == ["caf\ufffd", "d"] and index.descriptions[0] == "caf\ufffd x"
     assert index.skip_reasons == {0: f"{path}:1: byte 0xe9 in the header is not UTF-8 text"}
     assert list(iter_records(index)) == [(1, "MS")]
 
@@ -301,3 +301,18 @@ def test_spools_of_killed_runs_are_removed(tmp_path: Path, monkeypatch: pytest.M
         assert index.path.parent == tmp_path and index.path.name.startswith(f"protembed-stdin-{os.getpid()}-")
     finally:
         index.cleanup()
+
+
+def test_headers_are_compact_and_read_like_lists() -> None:
+    titles = [["sp|P1 first protein", "", "  lead  space"], ["caf\u00e9 \u00fcber", "p5"]]
+    desc = Headers.build([Headers.encode(chunk) for chunk in titles])
+    ids = desc.ids()
+    flat = [t for chunk in titles for t in chunk]
+    assert len(desc) == 5 and list(desc) == flat and desc[-1] == "p5" and desc[3] == "caf\u00e9 \u00fcber"
+    assert list(ids) == ["sp|P1", "", "lead", "caf\u00e9", "p5"]
+    view = ids[1:4]  # a view on the same blob
+    assert isinstance(view, Headers) and view.blob is desc.blob and list(view) == ["", "lead", "caf\u00e9"]
+    assert list(desc[3:]) == flat[3:] and list(desc[4:2]) == []
+    with pytest.raises(IndexError):
+        desc[5]
+    assert len(desc.blob) == sum(len(t.encode()) for t in flat)
