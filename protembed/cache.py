@@ -22,6 +22,8 @@ def ensure_dir(path: Path, what: str) -> Path:
     `what` names it in the error (e.g. "output folder"): a StoreError with one line, raised before
     any long computation whose results would go there.
     """
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: cannot use as {what}: it is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

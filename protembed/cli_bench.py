@@ -220,9 +220,9 @@ def bench(
         typer.Option(
             "--input",
             "-i",
-            exists=True,
-            dir_okay=False,
             help="Benchmark this FASTA instead of synthetic data.",
+            parser=path_value,
+            dir_okay=False,  # for the completions; the command checks it is a file
         ),
     ] = None,
     random_weights: Annotated[
@@ -246,11 +246,14 @@ def bench(
         bool, typer.Option("--json", help="Print machine-readable results on stdout.")
     ] = False,
     plot: Annotated[
-        Path | None, typer.Option(help="Write a PNG of residues/s against length.", parser=path_value)
+        Path | None,
+        typer.Option(help="Write a PNG of residues/s against length.", parser=path_value),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> None:
     """Measure embedding throughput (residues/s, TFLOP/s, % of peak, memory) on synthetic or FASTA input."""
+    if input is not None and not input.is_file():
+        raise typer.BadParameter(f"{input} is not a file", param_hint="--input")
     if input is not None and lengths:
         raise typer.BadParameter(
             "give either --lengths (synthetic) or --input (FASTA), not both", param_hint="--lengths"

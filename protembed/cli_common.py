@@ -53,6 +53,13 @@ def path_value(text: str) -> Path:
         raise typer.BadParameter(f"{text.split('/', 1)[0]}: no such user") from None
 
 
+def input_value(text: str) -> str:
+    """An input path as typed (`-` is stdin, `./-` a file of that name), `~` expanded; an empty
+    one is refused."""
+    path = path_value(text)
+    return str(path) if text.startswith("~") else text
+
+
 DEBUG = {"on": False}  # set by `protembed --debug`: known errors raise with their traceback
 
 

@@ -20,6 +20,7 @@ from protembed.cli_common import (
     CompileOption,
     err_console,
     handle_errors,
+    input_value,
     path_value,
     print_json,
 )
@@ -103,13 +104,16 @@ def embed(
         typer.Argument(
             metavar="INPUT",
             help="FASTA file (plain or .gz), or - for stdin.",
-            parser=lambda text: str(path_value(text)),
+            parser=input_value,
         ),
     ],
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="HDF5 output (default: INPUT with .h5 beside it).", parser=path_value
+            "--output",
+            "-o",
+            help="HDF5 output (default: INPUT with .h5 beside it).",
+            parser=path_value,
         ),
     ] = None,
     model: Annotated[

@@ -21,6 +21,7 @@ from protembed.cli_common import (
     BackendOption,
     err_console,
     handle_errors,
+    input_value,
     out_console,
     path_value,
     print_json,
@@ -127,7 +128,8 @@ def finetune(
     data_dir: DataDir = None,
     cache_dir: CacheDir = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Save head, config, predictions.", parser=path_value)
+        Path | None,
+        typer.Option("--output", "-o", help="Save head, config, predictions.", parser=path_value),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")
@@ -266,13 +268,14 @@ def predict(
         typer.Argument(help="Folder written by `finetune --output`.", show_default=False, parser=path_value),
     ],
     fasta: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="Sequences to predict (FASTA, .gz, or - for stdin).", show_default=False, parser=path_value
+            help="Sequences to predict (FASTA, .gz, or - for stdin).", show_default=False, parser=input_value
         ),
     ],
     out: Annotated[
-        Path | None, typer.Option("--output", "-o", help="CSV file. Default: stdout.", parser=path_value)
+        Path | None,
+        typer.Option("--output", "-o", help="CSV file. Default: stdout.", parser=path_value),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     cache_dir: CacheDir = None,

@@ -16,7 +16,9 @@ from protembed.registry import MODELS
 CacheDir = Annotated[
     Path | None,
     typer.Option(
-        "--cache-dir", help="Hub cache directory (default: $HF_HUB_CACHE or $HF_HOME/hub).", parser=path_value
+        "--cache-dir",
+        help="Hub cache directory (default: $HF_HUB_CACHE or $HF_HOME/hub).",
+        parser=path_value,
     ),
 ]
 

@@ -30,7 +30,14 @@ def export(
         ),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="File to write.", show_default=False, parser=path_value)
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="File to write.",
+            show_default=False,
+            parser=path_value,
+        ),
     ],
     layout: Annotated[
         Layout,

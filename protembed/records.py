@@ -61,7 +61,7 @@ class Record:
             raise self.error(f"invalid residue {seq[pos]!r} at position {pos + 1}", pos)
 
 
-def read_records(path: Path) -> Iterator[Record]:
+def read_records(path: str | Path) -> Iterator[Record]:
     """Every record of a FASTA file, in order; a one-line FastaError for a defect or unreadable file.
 
     Empty records, headers without an id or with a NUL byte, and bytes that are not UTF-8 are

@@ -133,7 +133,7 @@ def _check_saved(config: dict[str, Any], cfg_path: Path) -> None:
 
 def predict_fasta(
     out_dir: Path,
-    fasta: Path,
+    fasta: str | Path,
     device: str | None = None,
     cache_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,

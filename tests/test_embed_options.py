@@ -3,6 +3,7 @@ budget kept across a resume, odd headers, locks through symlinks."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -50,6 +51,15 @@ def test_option_values_are_checked(tmp_path: Path, fasta: Path) -> None:
         assert r.exit_code == 2 and message in " ".join(r.output.split()), (args, r.output)
     r = run("embed", tmp_path, "--model", ESM, "-q")
     assert r.exit_code == 1 and f"error: {tmp_path}: is a folder, not a FASTA file" in r.output, r.output
+    dash = tmp_path / "-"  # `./-` names a file, only `-` is stdin
+    dash.write_text(FASTA)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        r = run("embed", "./-", "-o", "dash.h5", "--model", ESM, "-q")
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 0 and (tmp_path / "dash.h5").exists(), r.output
     r = run("embed", fasta, "-o", out, "--model", ESM, "-q", "--pool", "mean,mean")
     assert r.exit_code == 0, r.output
     with h5py.File(out) as h5:

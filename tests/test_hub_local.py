@@ -79,7 +79,9 @@ def test_a_file_as_cache_and_a_full_disk_are_not_download_failures(
 ) -> None:
     cache.parent.mkdir(exist_ok=True)
     cache.write_text("not a folder")
-    with pytest.raises(HubError, match=f"{cache}: cannot create Hub cache folder.*--cache-dir") as info:
+    with pytest.raises(
+        HubError, match=f"{cache}: cannot use as Hub cache folder: it is a file.*--cache-dir"
+    ) as info:
         download_model("esm2-8m", progress=False)
     assert "run the same command again" not in str(info.value) and hub.requests == []
     cache.unlink()
