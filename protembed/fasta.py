@@ -223,10 +223,11 @@ def iter_records(index: FastaIndex) -> Iterator[tuple[int, str]]:
         FastaError: the file cannot be read or no longer matches the index.
     """
     row = -1
+    expected = iter(index.ids)  # decoded in bulk: one lookup per record would cost as much as the parse
     with reading(index.path, index.source) as (handle, _):
         for row, (title, seq) in enumerate(SimpleFastaParser(handle)):
             title = storable(title)  # as the scan stored it
-            if row >= len(index.ids) or (title.split(None, 1) or [""])[0] != index.ids[row]:
+            if (title.split(None, 1) or [""])[0] != next(expected, None):
                 raise FastaError(
                     index.source, None, None, f"input changed since it was scanned (record {row + 1})"
                 )

@@ -23,7 +23,7 @@ from protembed import signals
 from protembed.alphabet import Alphabet
 from protembed.batching import split_tail, token_batches
 from protembed.compute import BatchResult, JobSpec, SequenceTooLargeError, compute_unit
-from protembed.errors import ProtembedError
+from protembed.errors import InvalidSequenceError, ProtembedError
 from protembed.fasta import FastaIndex, iter_records
 from protembed.models.encoder import Encoder
 from protembed.store import EmbeddingWriter
@@ -219,7 +219,10 @@ def units_to_compute(work: Work, budget: int) -> Iterator[Unit]:
         if work.window_of[row] != current:
             yield from _sorted(work, rows, tokens, budget, current)
             rows, tokens, current = [], [], int(work.window_of[row])
-        ids = work.alphabet.encode(seq, record=work.index.ids[row])
+        try:
+            ids = work.alphabet.encode(seq)
+        except InvalidSequenceError as exc:  # named here: looking every id up would slow this loop
+            raise InvalidSequenceError(exc.char, exc.position, work.index.ids[row]) from None
         if ids.size - 2 > work.limit:
             if work.window:
                 if work.pending[work.members[row]].any():

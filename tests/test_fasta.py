@@ -19,6 +19,7 @@ from protembed import fasta
 from protembed.alphabet import AMPLIFY, ESM2
 from protembed.errors import FastaError, InvalidSequenceError
 from protembed.fasta import Headers, duplicate_groups, iter_records, scan_fasta
+from protembed.pipeline import Work, plan_members, units_to_compute
 
 BAD = Path(__file__).parent / "data" / "bad"
 
@@ -248,6 +249,15 @@ def test_second_pass_notices_a_changed_file(tmp_path: Path) -> None:
     path.write_text(TEXT + ">extra\nMK\n")
     with pytest.raises(FastaError, match="input changed since it was scanned"):
         list(iter_records(index))
+    path.write_text(TEXT.split(">p3")[0])
+    with pytest.raises(FastaError, match=r"input changed since it was scanned \(fewer records\)"):
+        list(iter_records(index))
+    path.write_text(TEXT.replace("MK<mask>T", "MK<mask>7"))  # same ids, a residue the scan never saw
+    n = len(index)
+    work = Work(index, ESM2, plan_members(np.arange(n), np.arange(n)), np.ones(n, dtype=bool),
+                index.n_residues, 1022, False, np.zeros(n, dtype=np.int64))  # fmt: skip
+    with pytest.raises(InvalidSequenceError, match="record 'p2': invalid residue '7' at position 9"):
+        list(units_to_compute(work, 4096))
 
 
 def test_sha256_is_stable_and_content_based(tmp_path: Path) -> None:
