@@ -39,20 +39,20 @@ class Headers(Sequence[str]):
     two). With `first_word`, each item is the record's id instead of its whole header. A slice is
     a view on the same blob."""
 
-    def __init__(self, blob: bytes, offsets: np.ndarray, first_word: bool = False) -> None:
+    def __init__(self, blob: bytes | bytearray, offsets: np.ndarray, first_word: bool = False) -> None:
         self.blob, self.offsets, self.first_word = blob, offsets, first_word
 
     @staticmethod
-    def encode(texts: list[str]) -> tuple[bytes, np.ndarray]:
-        """One batch of headers as (UTF-8 blob, byte sizes), for `build`."""
+    def append(blob: bytearray, texts: list[str]) -> np.ndarray:
+        """Add a batch of headers to `blob` (grown in place, never copied whole); their byte sizes."""
         encoded = [t.encode() for t in texts]
-        return b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        blob += b"".join(encoded)
+        return np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
 
     @classmethod
-    def build(cls, batches: list[tuple[bytes, np.ndarray]]) -> Headers:
-        """From encoded batches, concatenated in order."""
-        sizes = np.concatenate([np.zeros(1, dtype=np.int64), *(size for _, size in batches)])
-        return cls(b"".join(blob for blob, _ in batches), np.cumsum(sizes))
+    def build(cls, blob: bytearray, sizes: list[np.ndarray]) -> Headers:
+        """From a blob filled by `append` and the sizes it returned, in order."""
+        return cls(blob, np.cumsum(np.concatenate([np.zeros(1, dtype=np.int64), *sizes])))
 
     def ids(self) -> Headers:
         """The same records' ids (first word of each header)."""
@@ -146,7 +146,8 @@ def scan_fasta(path: str | Path, alphabet: Alphabet, on_invalid: str = "error") 
 
 def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> FastaIndex:
     table = _byte_table(alphabet)
-    titles: list[tuple[bytes, np.ndarray]] = []  # headers, encoded a batch at a time
+    header_blob = bytearray()  # headers, encoded a batch at a time
+    header_sizes: list[np.ndarray] = []
     counts: list[np.ndarray] = []
     hashes: list[np.ndarray] = []
     bad: dict[int, tuple[int, str]] = {}  # row -> (position, reason); position 0 = header line
@@ -163,7 +164,7 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
             bad[first + j] = (pos, reason)
             if on_invalid == "error":
                 break
-        titles.append(Headers.encode(batch_titles))
+        header_sizes.append(Headers.append(header_blob, batch_titles))
         seqs.clear()
         batch_titles.clear()
 
@@ -195,7 +196,7 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
         if seqs:
             check()
         sha = digest.hexdigest()
-    descriptions = Headers.build(titles)
+    descriptions = Headers.build(header_blob, header_sizes)
     ids = descriptions.ids()
     if bad and on_invalid == "error":
         row, (pos, reason) = min(bad.items())

@@ -315,7 +315,8 @@ def test_spools_of_killed_runs_are_removed(tmp_path: Path, monkeypatch: pytest.M
 
 def test_headers_are_compact_and_read_like_lists() -> None:
     titles = [["sp|P1 first protein", "", "  lead  space"], ["caf\u00e9 \u00fcber", "p5"]]
-    desc = Headers.build([Headers.encode(chunk) for chunk in titles])
+    blob = bytearray()
+    desc = Headers.build(blob, [Headers.append(blob, chunk) for chunk in titles])
     ids = desc.ids()
     flat = [t for chunk in titles for t in chunk]
     assert len(desc) == 5 and list(desc) == flat and desc[-1] == "p5" and desc[3] == "caf\u00e9 \u00fcber"
