@@ -174,3 +174,16 @@ def test_unknown_user_in_a_model_path(tmp_path: Path) -> None:
         r = runner.invoke(app, args)
         assert r.exit_code == 1 and "no such directory" in r.output, r.output
         assert "Traceback" not in r.output
+
+
+def test_a_damaged_cached_model_names_the_command_that_fetches_it_again(
+    hub: FakeHub, cache: Path, tmp_path: Path
+) -> None:
+    resolved, _ = download_model("esm2-8m", progress=False)
+    blob = (resolved.path / "model.safetensors").resolve()
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])  # damaged after the download
+    fasta = tmp_path / "x.fa"
+    fasta.write_text(">a\nMKV\n")
+    r = CliRunner().invoke(app, ["embed", str(fasta), "-m", "esm2-8m", "-q"])
+    assert r.exit_code == 1 and "corrupt or truncated" in r.output, r.output
+    assert f"`protembed download {ESM} --force` fetches it again" in " ".join(r.output.split())

@@ -197,14 +197,28 @@ def load_checkpoint(
     path: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> Encoder:
     """Load a checkpoint directory into an `Encoder` in eval mode, strictly and memory-mapped."""
-    model, reader, plan, rotary_key = _open_checked(Path(path))
-    state = {}
-    for name, tensor in iter_tensors(reader, plan):
-        state[name] = tensor.to(device=device, dtype=dtype)
+    try:
+        model, reader, plan, rotary_key = _open_checked(Path(path))
+        state = {}
+        for name, tensor in iter_tensors(reader, plan):
+            state[name] = tensor.to(device=device, dtype=dtype)
+    except CheckpointError as exc:
+        repo = hub_cache_repo(Path(path))
+        if repo is not None:  # `download` verified it: the cached copy was damaged since
+            exc.args = (f"{exc}; `protembed download {repo} --force` fetches it again",)
+        raise
     model.load_state_dict(state, strict=True, assign=True)
     if rotary_key is not None:
         model.rotary.set_inv_freq(reader.get(rotary_key))
     return model.eval().requires_grad_(False)
+
+
+def hub_cache_repo(path: Path) -> str | None:
+    """The repo id when `path` is a snapshot in a Hugging Face cache (`models--ORG--NAME/snapshots/C`)."""
+    parts = Path(os.path.abspath(path)).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    return None
 
 
 def random_model(
