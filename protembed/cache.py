@@ -16,6 +16,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "protembed"
 
 
+def user_path(text: str | Path) -> Path | None:
+    """`text` as a path with a leading `~` or `~name` expanded; None when `name` is no user here."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return None
+
+
 def ensure_dir(path: Path, what: str) -> Path:
     """Create folder `path` (and its parents) if needed and check it is writable.
 

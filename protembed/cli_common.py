@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from protembed import signals
+from protembed.cache import user_path
 from protembed.errors import ProtembedError
 from protembed.signals import Terminated
 
@@ -47,10 +48,10 @@ def path_value(text: str) -> Path:
     likely) is refused instead of meaning the current folder."""
     if not text.strip():
         raise typer.BadParameter("the path is empty")
-    try:
-        return Path(text).expanduser()
-    except RuntimeError:  # ~name of an unknown user
-        raise typer.BadParameter(f"{text.split('/', 1)[0]}: no such user") from None
+    path = user_path(text)
+    if path is None:
+        raise typer.BadParameter(f"{text.split('/', 1)[0]}: no such user")
+    return path
 
 
 def input_value(text: str) -> str:

@@ -45,12 +45,10 @@ from protembed.pipeline import (
 )
 from protembed.pooling import POOLINGS
 from protembed.registry import lookup
-from protembed.store import EmbeddingWriter
+from protembed.store import COMPRESSIONS, STORE_DTYPES, EmbeddingWriter
 
 FLUSH_SECONDS = 5.0  # rows reach the disk at least this often
 LONG_POLICIES = ("truncate", "window")
-STORE_DTYPES = ("float32", "float16")
-COMPRESSIONS = ("gzip", "lzf")
 
 
 @dataclass
@@ -129,9 +127,9 @@ def check_options(
     for value, allowed, what in (
         (long_policy, LONG_POLICIES, "--long"),
         (dtype, tuple(COMPUTE_DTYPES), "--dtype"),
-        (store_dtype, STORE_DTYPES, "--store-dtype"),
+        (store_dtype, tuple(STORE_DTYPES), "--store-dtype"),
         (on_invalid, ("error", "skip"), "--on-invalid"),
-        (compression, (None, *COMPRESSIONS), "--compression"),
+        (compression, COMPRESSIONS, "--compression"),
     ):
         if value not in allowed:
             raise OptionError(f"{what} {value!r} is not one of {', '.join(map(str, allowed))}")

@@ -34,6 +34,7 @@ from rich.progress import (
 )
 
 from protembed import __version__
+from protembed.cache import user_path
 from protembed.errors import CheckpointError, HubError, UnknownModelError
 from protembed.hub_cache import UNFINISHED, cache_root, cached_snapshot, disk_size, remove_files, write_ref
 from protembed.hub_errors import check_writable, hub_errors, hub_warnings
@@ -71,10 +72,8 @@ def parse_model(model: str) -> tuple[str | None, str]:
     if info is not None:
         return info.name, info.repo_id
     if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:  # meant as a folder
-        try:
-            exists = Path(model).expanduser().exists()
-        except RuntimeError:  # ~name of an unknown user
-            exists = False
+        path = user_path(model)  # None for ~name of an unknown user
+        exists = path is not None and path.exists()
         raise UnknownModelError(model, list(MODELS), "not a directory" if exists else "no such directory")
     if model.count("/") == 1:
         try:

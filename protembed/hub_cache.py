@@ -22,6 +22,7 @@ from pathlib import Path
 from huggingface_hub import constants
 from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
 
+from protembed.cache import user_path
 from protembed.errors import CheckpointError, OptionError
 from protembed.models.checkpoints import CONFIG_FILE, weight_files
 from protembed.registry import MODELS
@@ -46,10 +47,10 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     root = str(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE)
     if not root.strip():
         raise OptionError("the Hub cache directory is empty (--cache-dir, HF_HUB_CACHE or HF_HOME)")
-    try:
-        return Path(root).expanduser()
-    except RuntimeError:  # ~name of an unknown user
-        raise OptionError(f"Hub cache directory {root}: no such user {root.split('/', 1)[0]}") from None
+    path = user_path(root)
+    if path is None:
+        raise OptionError(f"Hub cache directory {root}: no such user {root.split('/', 1)[0]}")
+    return path
 
 
 def repo_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:

@@ -58,6 +58,11 @@ def shard_worlds(output: Path) -> list[int]:
     return sorted({int(m.group(1)) for name in names if (m := pattern.fullmatch(name))})
 
 
+def shard_sets(worlds: list[int]) -> str:
+    """Shard sets named for messages: `*-of-002, *-of-004`."""
+    return ", ".join(f"*-of-{w:03d}" for w in worlds)
+
+
 def find_shards(output: Path) -> list[Path]:
     """The shard files of an output, in rank order.
 
@@ -68,10 +73,9 @@ def find_shards(output: Path) -> list[Path]:
     if not worlds:
         raise StoreError(f"{output}: no shard files ({shard_path(output, 0, 1).name} ...) beside it")
     if len(worlds) > 1:
-        sets = ", ".join(f"*-of-{w:03d}" for w in worlds)
         raise StoreError(
-            f"{output}: shard files of runs with different numbers of ranks beside it ({sets}); "
-            "move away the set that does not belong to this output"
+            f"{output}: shard files of runs with different numbers of ranks beside it "
+            f"({shard_sets(worlds)}); move away the set that does not belong to this output"
         )
     expected = [shard_path(output, r, worlds[0]) for r in range(worlds[0])]
     missing = [p.name for p in expected if not p.exists()]

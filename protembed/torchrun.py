@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 
 from protembed.errors import OptionError, OutputExistsError, StoreError
-from protembed.merge import merge_shards, shard_path, shard_worlds, write_virtual
+from protembed.merge import merge_shards, shard_path, shard_sets, shard_worlds, write_virtual
 from protembed.reader import unfinished_output
 
 T = TypeVar("T")
@@ -79,8 +79,7 @@ def note_stale_shards(output: Path, world: int) -> None:
     they are neither used nor removed."""
     stale = [w for w in shard_worlds(output) if w != world]
     if stale:
-        sets = ", ".join(f"*-of-{w:03d}" for w in stale)
-        note = f"shard files of a run with another number of ranks are beside {output} ({sets})"
+        note = f"shard files of a run with another number of ranks are beside {output} ({shard_sets(stale)})"
         print(f"note: {note}; this run of {world} ranks does not use them", file=sys.stderr)
 
 

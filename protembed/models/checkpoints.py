@@ -20,7 +20,7 @@ from types import ModuleType
 import torch
 from safetensors import safe_open
 
-from protembed.cache import default_cache_dir
+from protembed.cache import default_cache_dir, user_path
 from protembed.errors import CheckpointError
 from protembed.models import amplify, esm2
 from protembed.models.encoder import Encoder, EncoderConfig
@@ -283,11 +283,8 @@ def local_checkpoint(model: str, revision: str | None = None) -> Path | None:
 
     if not model.strip():
         raise UnknownModelError(model, list(MODELS), "the model name is empty")
-    try:
-        path = Path(model).expanduser()
-    except RuntimeError:  # ~name of an unknown user: not a folder here
-        return None
-    if not path.is_dir():
+    path = user_path(model)  # None for ~name of an unknown user: not a folder here
+    if path is None or not path.is_dir():
         return None
     if revision is not None:
         raise OptionError(f"--revision names a Hub revision; {model} is a local directory")
