@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # torch and the bench machinery are imported when the command
     import torch
 
     from protembed.api import Model
-    from protembed.bench import ConfigResult, Peak, Workload
+    from protembed.bench import ConfigResult, Workload
+    from protembed.peaks import Peak
 
 SCHEMA = "protembed-bench/1"
 DEFAULT_LENGTHS = "64,128,256,512,1022"
@@ -89,7 +90,7 @@ def report(
     """The machine-readable result (`--json`); schema in the README."""
     import torch
 
-    from protembed.bench import device_name
+    from protembed.peaks import device_name
 
     c, dev = model.encoder.config, model.device
     return {
@@ -275,12 +276,11 @@ def bench(
         WARMUP_BATCHES,
         BenchError,
         bench_config,
-        device_name,
-        device_peak,
         fasta_workload,
         protembed_runner,
         synthetic_workload,
     )
+    from protembed.peaks import device_name, device_peak
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from protembed.cache import ensure_dir
-from protembed.embed import ModelRef, embed_fasta
+from protembed.embed import embed_fasta
+from protembed.embed_setup import ModelRef
 from protembed.errors import OutputExistsError, ResumeMismatchError, StoreError
 from protembed.features import Features, Ragged
 from protembed.flip import FlipError

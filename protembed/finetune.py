@@ -14,7 +14,7 @@ from torch import nn
 
 from protembed import __version__
 from protembed.api import default_device
-from protembed.embed import locate_model
+from protembed.embed_setup import locate_model
 from protembed.errors import OptionError
 from protembed.feature_cache import model_features
 from protembed.features import Features, Ragged, onehot_flat, onehot_residues

@@ -15,7 +15,6 @@ A sidecar `OUTPUT.lock` (flock, released by the OS when a process dies) keeps tw
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections.abc import Sequence
@@ -30,8 +29,9 @@ import numpy as np
 from h5py import h5d, h5p
 
 from protembed import __version__
-from protembed.errors import OutputExistsError, StoreError
+from protembed.errors import StoreError
 from protembed.export import compressed_copy
+from protembed.output_lock import OutputLock
 from protembed.reader import FORMAT, FORMAT_VERSION, check_resumable
 
 STORE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
@@ -57,7 +57,7 @@ class EmbeddingWriter:
     skipped), ascending.
     """
 
-    def __init__(self, path: Path, lock: _Lock, slabs: dict[str, _Slab], offsets: np.ndarray,
+    def __init__(self, path: Path, lock: OutputLock, slabs: dict[str, _Slab], offsets: np.ndarray,
                  written: np.ndarray, skipped: np.ndarray, compression: str | None,
                  flush_seconds: float, flush_bytes: int) -> None:  # fmt: skip
         self.path, self._lock, self._slabs, self._offsets = path, lock, slabs, offsets
@@ -127,7 +127,7 @@ class EmbeddingWriter:
         big = {name: (n, *shape) for name in poolings}
         if per_residue:
             big["residues"] = (int(offsets[-1]), *shape)
-        lock = _Lock(path)
+        lock = OutputLock(path)
         try:
             if path.exists() and not overwrite:
                 check_resumable(path, full, big, lengths, skipped, complete_ok)
@@ -267,43 +267,6 @@ class EmbeddingWriter:
         ends = np.minimum(ends, data.shape[0])
         for a, b, row in zip(starts.tolist(), ends.tolist(), file_rows.tolist(), strict=True):
             _pwrite(self._fd, view[a * rb : b * rb], slab.offset + row * slab.row_bytes)
-
-
-class _Lock:
-    """An exclusive flock on `OUTPUT.lock`, which holds the pid; removed on release."""
-
-    def __init__(self, output: Path) -> None:
-        target = output.resolve()  # one lock per file, whichever symlink names it
-        self.path, self.fd = target.with_name(target.name + ".lock"), -1
-        if output.is_dir():
-            raise StoreError(f"{output}: cannot write output: is a directory")
-        try:
-            while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-                    os.close(fd)
-                    raise OutputExistsError(
-                        f"{output}: another protembed run (pid {holder}) is writing this output; "
-                        f"wait for it to finish or stop it"
-                    ) from None
-                # A run that just finished may have unlinked the file we locked: lock the new one.
-                if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                    break
-                os.close(fd)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError as exc:
-            raise StoreError(f"{output}: cannot write output: {exc.strerror or exc}") from None
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            self.path.unlink(missing_ok=True)  # while still locked, so no one locks a stale file
-            os.close(self.fd)
-            self.fd = -1
 
 
 def _create(

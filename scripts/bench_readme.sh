@@ -13,7 +13,7 @@ BENCH=../shared/bench
 mkdir -p "$OUT" "$OUT/ckpt"
 export BENCH_RESULTS=$OUT
 python "$BENCH/bench_peak.py" --seconds 2 > "$OUT/peak.jsonl"  # torch.matmul: MKL for fp32
-python -c "import json, torch; from protembed.bench import measure_peak as m; p = m(torch.device('cpu'), torch.float32)
+python -c "import json, torch; from protembed.peaks import measure_peak as m; p = m(torch.device('cpu'), torch.float32)
 print(json.dumps({'peak_gflops_fp32': round(p.tflops * 1e3, 1), 'source': p.source}))" > "$OUT/peak-protembed.json"
 
 run_protembed() {  # model fasta dtype extra...

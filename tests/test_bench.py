@@ -22,13 +22,13 @@ from protembed.bench import (
     check_like_with_like,
     forward_flops,
     synthetic_workload,
-    table_peak,
 )
 from protembed.bench_hf import padded_batches, require_transformers
 from protembed.cli import app
 from protembed.errors import BackendError
 from protembed.models import amplify, esm2, projections
 from protembed.models.checkpoints import random_model
+from protembed.peaks import table_peak
 from tests.helpers import fixture_dir
 
 ESM2_CKPT = str(fixture_dir("esm2_t3_h64") / "checkpoint")

@@ -15,7 +15,7 @@ from protembed import embed as embed_module
 from protembed.cli import app
 from protembed.errors import OptionError, OutputExistsError
 from protembed.models import checkpoints
-from protembed.store import _Lock
+from protembed.output_lock import OutputLock
 from tests.helpers import fixture_dir
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
@@ -152,10 +152,10 @@ def test_lock_is_shared_by_every_path_to_one_output(tmp_path: Path) -> None:
     real.write_bytes(b"")
     link = tmp_path / "link.h5"
     link.symlink_to(real)
-    held = _Lock(real)
+    held = OutputLock(real)
     try:
         with pytest.raises(OutputExistsError, match="another protembed run"):
-            _Lock(link)
+            OutputLock(link)
     finally:
         held.release()
 

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from protembed.api import load_model
 from protembed.cli import app
-from protembed.embed import locate_model
+from protembed.embed_setup import locate_model
 from protembed.errors import BackendError, require_matplotlib
 from protembed.feature_cache import folder_lock, model_features, model_folder
 from protembed.features import onehot_flat, onehot_residues

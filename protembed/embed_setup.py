@@ -1,0 +1,91 @@
+"""What `embed` settles before it reads the input: where the model is, and whether the options fit.
+
+Shared with `finetune`, which embeds through the same pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from protembed.compute import COMPUTE_DTYPES
+from protembed.errors import OptionError, is_whole
+from protembed.models import checkpoints
+from protembed.models.encoder import EncoderConfig, resolve_layers
+from protembed.pooling import POOLINGS
+from protembed.store import COMPRESSIONS, STORE_DTYPES
+
+LONG_POLICIES = ("truncate", "window")
+
+
+@dataclass
+class ModelRef:
+    """A model located on disk, with its architecture read and nothing loaded."""
+
+    name: str
+    source: str
+    revision: str
+    path: Path
+    config: EncoderConfig
+
+
+def locate_model(
+    model: str,
+    revision: str | None = None,
+    progress: bool = True,
+    on_config: Callable[[EncoderConfig], None] | None = None,
+) -> ModelRef:
+    """Registry name, Hub repo id (downloaded if not cached) or local directory -> `ModelRef`.
+
+    `on_config` sees a downloaded model's configuration before its weights are fetched.
+    """
+    path = checkpoints.local_checkpoint(model, revision)
+    if path is not None:
+        config = checkpoints.read_config(path)
+        return ModelRef(model, str(path), checkpoints.weights_sha256(path), path, config)
+    from protembed.hub import resolve_model
+
+    resolved = resolve_model(model, revision=revision, progress=progress, on_config=on_config)
+    config = checkpoints.read_config(resolved.path)
+    return ModelRef(resolved.name or model, resolved.source, resolved.revision, resolved.path, config)
+
+
+def check_options(
+    poolings: Sequence[str],
+    long_policy: str,
+    dtype: str,
+    store_dtype: str,
+    on_invalid: str,
+    tokens_per_batch: int | None = None,
+    compression: str | None = None,
+) -> None:
+    """Refuse impossible option values before anything is read."""
+    if tokens_per_batch is not None and (not is_whole(tokens_per_batch) or tokens_per_batch < 1):
+        raise OptionError(f"--tokens-per-batch {tokens_per_batch} must be at least 1")
+    bad = [p for p in poolings if p not in POOLINGS]
+    if bad or not poolings:
+        raise OptionError(f"unknown pooling {', '.join(bad) or '(none)'}; choose from {', '.join(POOLINGS)}")
+    for value, allowed, what in (
+        (long_policy, LONG_POLICIES, "--long"),
+        (dtype, tuple(COMPUTE_DTYPES), "--dtype"),
+        (store_dtype, tuple(STORE_DTYPES), "--store-dtype"),
+        (on_invalid, ("error", "skip"), "--on-invalid"),
+        (compression, COMPRESSIONS, "--compression"),
+    ):
+        if value not in allowed:
+            raise OptionError(f"{what} {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def check_model_options(
+    cfg: EncoderConfig, name: str, layers: Sequence[int | str] | int | str, max_length: int | None
+) -> tuple[list[int], int]:
+    """Resolved layers and residue limit for a model; OptionError when they do not fit it."""
+    try:
+        layer_idx = resolve_layers(layers, cfg)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+    limit = cfg.max_residues if max_length is None else max_length
+    if not is_whole(limit) or not 1 <= limit <= cfg.max_residues:
+        raise OptionError(f"--max-length {limit} is outside 1..{cfg.max_residues} for {name}")
+    return layer_idx, limit

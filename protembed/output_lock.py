@@ -1,0 +1,46 @@
+"""One writer per output file: an exclusive lock beside it, which names the run holding it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from protembed.errors import OutputExistsError, StoreError
+
+
+class OutputLock:
+    """An exclusive flock on `OUTPUT.lock`, which holds the pid; removed on release."""
+
+    def __init__(self, output: Path) -> None:
+        target = output.resolve()  # one lock per file, whichever symlink names it
+        self.path, self.fd = target.with_name(target.name + ".lock"), -1
+        if output.is_dir():
+            raise StoreError(f"{output}: cannot write output: is a directory")
+        try:
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                    os.close(fd)
+                    raise OutputExistsError(
+                        f"{output}: another protembed run (pid {holder}) is writing this output; "
+                        f"wait for it to finish or stop it"
+                    ) from None
+                # A run that just finished may have unlinked the file we locked: lock the new one.
+                if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            raise StoreError(f"{output}: cannot write output: {exc.strerror or exc}") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            self.path.unlink(missing_ok=True)  # while still locked, so no one locks a stale file
+            os.close(self.fd)
+            self.fd = -1
