@@ -2,16 +2,19 @@
 
 Files live at `<FLIP_URL>/<folder>/<file>.fasta`. Each downloadable file is pinned by the sha256 of
 its content (where we hold a copy to hash) and by its record counts; a download that does not
-match is deleted and reported, never used.
+match, or that ends inside a record, is deleted and reported, never used.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
+import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,16 +80,37 @@ PINS: dict[str, Pin] = {
 def fetch(
     folder: str, name: str, cache_dir: Path, base_url: str = FLIP_URL, progress: Progress | None = None
 ) -> Path:
-    """A pinned FLIP file from the cache, downloading and checking it first if needed."""
+    """A pinned FLIP file from the cache, downloading and checking it first if needed.
+
+    A cached file is checked again on every use (a few MB to hash) and fetched again if it fails;
+    runs that need the same file at once take turns (a lock beside it), so one downloads it.
+    """
     key = f"{folder}/{name}"
     if key not in PINS:
         raise HubError(f"{key}.fasta is not a pinned FLIP file; download it yourself and pass --data-dir")
     dest = cache_dir / "flip" / folder / f"{name}.fasta"
-    if dest.is_file():
-        return dest
     ensure_dir(dest.parent, "cache folder")
     url = f"{base_url.rstrip('/')}/{key}.fasta"
-    part = dest.with_suffix(".fasta.part")
+    with _locked(dest.with_name(f".{dest.name}.lock")):
+        if dest.is_file():
+            try:
+                check_pin(dest, PINS[key], _sha256(dest), str(dest), length_known=True)
+                return dest
+            except (HubError, OSError):
+                dest.unlink(missing_ok=True)  # damaged since it was checked: fetched again below
+        part = dest.with_suffix(".fasta.part")
+        try:
+            sha256, length_known = _download(url, part, key, progress)
+            check_pin(part, PINS[key], sha256, url, length_known)
+        except BaseException:  # a failed check, a lost connection, Ctrl-C: nothing half-written stays
+            part.unlink(missing_ok=True)
+            raise
+        part.replace(dest)
+    return dest
+
+
+def _download(url: str, part: Path, key: str, progress: Progress | None) -> tuple[str, bool]:
+    """`url` into `part`: (sha256, whether the server gave the length that the transfer matched)."""
     digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
@@ -98,44 +122,67 @@ def fetch(
                 done += len(chunk)
                 if progress is not None:
                     progress(key, done, total)
-        if total is not None and done < total:
-            raise HubError(f"cannot download {url}: the transfer stopped after {done} of {total} bytes")
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        part.unlink(missing_ok=True)
         raise HubError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from None
-    except BaseException:  # HubError above, Ctrl-C: no partial file is left behind
-        part.unlink(missing_ok=True)
-        raise
+    if total is not None and done < total:
+        raise HubError(f"cannot download {url}: the transfer stopped after {done} of {total} bytes")
+    return digest.hexdigest(), total is not None
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created if needed), waited for; released on exit."""
     try:
-        check_pin(part, PINS[key], digest.hexdigest(), url)
-    except HubError:
-        part.unlink(missing_ok=True)
-        raise
-    part.replace(dest)
-    return dest
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise HubError(f"{path}: cannot write to the cache: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
-def check_pin(path: Path, pin: Pin, sha256: str, url: str) -> None:
-    """HubError unless a downloaded file has the pinned checksum and record counts."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_pin(path: Path, pin: Pin, sha256: str, url: str, length_known: bool = True) -> None:
+    """HubError unless a downloaded file has the pinned checksum, record counts and whole records.
+
+    `length_known`: the server gave the file's length and the transfer matched it. Without it only
+    a final line break shows that the end arrived (for files pinned by counts alone).
+    """
     if pin.sha256 is not None and sha256 != pin.sha256:
         raise HubError(f"{url}: sha256 {sha256[:12]}... does not match the pinned {pin.sha256[:12]}...")
-    counts = record_counts(path)
+    counts, whole = record_counts(path)
     got = counts[:3] if len(pin.counts) == 3 else counts[3:]
     if got != pin.counts:
         raise HubError(f"{url}: record counts {got} do not match the pinned {pin.counts}")
+    if whole is False or (whole is None and not length_known):
+        raise HubError(f"{url}: the file ends inside a record (the transfer was cut short)")
 
 
-def record_counts(path: Path) -> tuple[int, int, int, int]:
-    """(train, validation, test, all) header counts from the SET= and VALIDATION= annotations.
+def record_counts(path: Path) -> tuple[tuple[int, int, int, int], bool | None]:
+    """(train, validation, test, all) header counts from the SET= and VALIDATION= annotations, and
+    whether the file ends with a whole record: False when its last line is a header, None when it
+    does not end with a line break.
 
     A quick check of a download, not validation: the task readers parse every record later.
     """
-    counts = [0, 0, 0, 0]
+    counts, last = [0, 0, 0, 0], b""
     with open(path, "rb") as fh:
         for line in fh:
+            if line.strip():
+                last = line
             if line.startswith(b">"):
                 fields = line.split()
                 test, val = b"SET=test" in fields, b"VALIDATION=True" in fields
                 counts[2 if test else 1 if val else 0] += 1
                 counts[3] += 1
-    return counts[0], counts[1], counts[2], counts[3]
+    whole = False if last.startswith(b">") else None if last and not last.endswith(b"\n") else True
+    return (counts[0], counts[1], counts[2], counts[3]), whole

@@ -6,7 +6,9 @@ import gzip
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -237,6 +239,8 @@ class _Server:
     def __init__(self) -> None:
         self.requests: list[str] = []
         self.tamper = False
+        self.delay = 0.0  # seconds before the body
+        self.cut: int | None = None  # send no Content-Length and drop this many final bytes
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -251,8 +255,12 @@ class _Server:
                 if owner.tamper:
                     body = body.replace(b"SET=test", b"SET=train", 1)
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                if owner.cut is None:
+                    self.send_header("Content-Length", str(len(body)))
+                else:
+                    body = body[: len(body) - owner.cut]
                 self.end_headers()
+                time.sleep(owner.delay)
                 self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
@@ -285,7 +293,7 @@ def test_download_checks_and_caches(server: _Server, tmp_path: Path) -> None:
 def test_download_residue_task(server: _Server, tmp_path: Path) -> None:
     data = load_task(get_task("flip-bind"), cache_dir=tmp_path, base_url=server.url)
     assert data.counts() == {"train": 954, "validation": 106, "test": 300}
-    assert sorted(p.name for p in (tmp_path / "flip" / "bind").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "flip" / "bind").glob("[!.]*")) == [
         "from_publication.fasta",
         "sequences.fasta",
     ]
@@ -298,7 +306,8 @@ def test_download_rejects_tampered_file(server: _Server, tmp_path: Path) -> None
             fetch("gb1", "sampled", tmp_path, server.url)
     finally:
         server.tamper = False
-    assert not list((tmp_path / "flip" / "gb1").iterdir())  # nothing half-written is left
+    left = [p.name for p in (tmp_path / "flip" / "gb1").iterdir()]
+    assert left == [".sampled.fasta.lock"]  # nothing half-written is left; the lock file stays
 
 
 def test_download_errors(server: _Server, tmp_path: Path) -> None:
@@ -323,6 +332,44 @@ def test_cli_downloads_once(server: _Server, tmp_path: Path, monkeypatch: pytest
     assert server.requests[before:] == ["/public/FLIP/fasta/gb1/two_vs_rest.fasta"]
 
 
+def test_concurrent_downloads_take_turns(server: _Server, tmp_path: Path) -> None:
+    """Two runs needing the same file at once: one downloads it, the other waits and reuses it."""
+    before, server.delay = len(server.requests), 0.5
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            paths = list(pool.map(lambda _: fetch("gb1", "two_vs_rest", tmp_path, server.url), range(2)))
+    finally:
+        server.delay = 0.0
+    assert paths[0] == paths[1] and paths[0].is_file()
+    assert len(server.requests) == before + 1
+    names = sorted(p.name for p in paths[0].parent.iterdir())
+    assert names == [".two_vs_rest.fasta.lock", "two_vs_rest.fasta"]
+
+
+def test_damaged_cached_file_is_fetched_again(server: _Server, tmp_path: Path) -> None:
+    path = fetch("gb1", "two_vs_rest", tmp_path, server.url)
+    good, before = path.read_bytes(), len(server.requests)
+    path.write_bytes(good[: len(good) // 2])  # cut short on disk after it was checked
+    assert fetch("gb1", "two_vs_rest", tmp_path, server.url).read_bytes() == good
+    assert len(server.requests) == before + 1
+
+
+def test_download_cut_short_without_a_length_is_refused(
+    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file pinned by counts alone (meltome, scl), from a server that sends no Content-Length."""
+    monkeypatch.setitem(PINS, "gb1/two_vs_rest", Pin(None, PINS["gb1/two_vs_rest"].counts))
+    server.cut = 20  # inside the last sequence: every header arrived, so the counts match
+    try:
+        with pytest.raises(HubError, match=r"two_vs_rest.fasta: the file ends inside a record"):
+            fetch("gb1", "two_vs_rest", tmp_path, server.url)
+        assert not (tmp_path / "flip" / "gb1" / "two_vs_rest.fasta").exists()
+        server.cut = 0  # the whole file, still without a length: its final line break shows the end
+        assert fetch("gb1", "two_vs_rest", tmp_path, server.url).is_file()
+    finally:
+        server.cut = None
+
+
 def test_record_counts_checked(tmp_path: Path) -> None:
     path = tmp_path / "m.fasta"
     path.write_text(">a TARGET=1 SET=train VALIDATION=False\nMK\n>b TARGET=2 SET=test VALIDATION=False\nMK\n")
@@ -331,3 +378,10 @@ def test_record_counts_checked(tmp_path: Path) -> None:
         check_pin(path, Pin(None, (1, 1, 1)), "", "u")
     with pytest.raises(HubError, match=r"record counts \(2,\) do not match the pinned \(3,\)"):
         check_pin(path, Pin(None, (3,)), "", "u")
+    path.write_text(">a TARGET=1 SET=train VALIDATION=False\nMK\n>b TARGET=2 SET=test VALIDATION=False\n")
+    with pytest.raises(HubError, match="u: the file ends inside a record"):
+        check_pin(path, Pin(None, (1, 0, 1)), "", "u")  # its last line is a header
+    path.write_text(">a TARGET=1 SET=train VALIDATION=False\nMK\n>b TARGET=2 SET=test VALIDATION=False\nM")
+    check_pin(path, Pin(None, (1, 0, 1)), "", "u")  # the length matched: the end arrived
+    with pytest.raises(HubError, match="u: the file ends inside a record"):
+        check_pin(path, Pin(None, (1, 0, 1)), "", "u", length_known=False)
