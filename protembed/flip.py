@@ -22,6 +22,7 @@ from protembed.errors import FastaError, ProtembedError
 from protembed.flip_fetch import FLIP_URL, Progress, fetch
 from protembed.records import Record, read_records
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # regression targets are trained in float32
 IGNORE = -100  # label of residues without a usable label (unresolved); skipped by loss and metrics
 PARTS = ("train", "validation", "test")
 TRAIN, VALIDATION, TEST = 0, 1, 2
@@ -133,11 +134,14 @@ def part_of(rec: Record, attrs: dict[str, str]) -> int:
 
 def read_sequence_task(task: Task, split: str, path: Path) -> Dataset:
     """A per-sequence task file: TARGET, SET and VALIDATION in every header."""
-    ids, seqs, parts, targets = [], [], [], []
+    ids, seqs, parts, targets, seen = [], [], [], [], set()
     index = {c: i for i, c in enumerate(task.classes)}
     for rec in read_records(path):
         attrs = parse_header(rec)
         rec.check_residues()
+        if rec.id in seen:
+            raise rec.error("duplicate id")
+        seen.add(rec.id)
         if "TARGET" not in attrs:
             raise rec.error("missing TARGET= annotation")
         raw = attrs["TARGET"]
@@ -148,6 +152,8 @@ def read_sequence_task(task: Task, split: str, path: Path) -> Dataset:
                 raise rec.error(f"TARGET '{raw}' is not a number") from None
             if not math.isfinite(value):
                 raise rec.error(f"TARGET '{raw}' is not a finite number")
+            if abs(value) > FLOAT32_MAX:
+                raise rec.error(f"TARGET '{raw}' is out of range (at most {FLOAT32_MAX:.1e} in magnitude)")
             targets.append(value)
         elif raw in index:
             targets.append(index[raw])
@@ -174,8 +180,10 @@ def read_residue_task(
             raise rec.error("duplicate id")
         seqs[rec.id] = rec.body
     masks: dict[str, Record] = {}
-    if mask_path is not None:
-        masks = {rec.id: rec for rec in read_records(mask_path)}
+    for rec in read_records(mask_path) if mask_path is not None else ():
+        if rec.id in masks:
+            raise rec.error("duplicate id")
+        masks[rec.id] = rec
     table = np.full(256, -1, dtype=np.int64)
     for i, c in enumerate(task.classes):
         table[ord(c)] = i

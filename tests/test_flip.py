@@ -143,6 +143,8 @@ SEQ_OK = ">s1 TARGET=1.5 SET=train VALIDATION=False\nMKV\n"
         (">s1 TARGET=1 SET=train target=2\nMKV\n", r"bad.fasta:1: record 's1': TARGET= given twice"),
         (SEQ_OK + ">s2 TARGET=1 SET=test\n", r"bad.fasta:3: record 's2': empty record"),
         (">s1 TARGET=1 SET=test\nMK1V\n", r"record 's1': invalid residue '1' at position 3"),
+        (">s1 TARGET=1e39 SET=test\nMKV\n", r"record 's1': TARGET '1e39' is out of range \(at most 3.4e\+38"),
+        (SEQ_OK + ">s1 TARGET=2 SET=test\nMKV\n", r"bad.fasta:3: record 's1': duplicate id"),
         ("", r"no FASTA records"),
     ],
 )
@@ -204,6 +206,7 @@ def test_unknown_class(tmp_path: Path) -> None:
             r"mask.fasta:3: record 'a': mask .* found '2' at position 3",
         ),
         (">a SET=train\nCCHH\n", ">b\n0111\n", r"mask.fasta: record 'a': no mask record for this id"),
+        (">a SET=train\nCCHH\n", ">a\n0111\n>a\n1111\n", r"mask.fasta:3: record 'a': duplicate id"),
     ],
 )
 def test_malformed_residue_files(tmp_path: Path, labels: str, mask: str | None, message: str) -> None:
