@@ -166,7 +166,9 @@ def finetune(
         check_output(output, overwrite)
     if plot_png:
         require_matplotlib()
-    cache = ensure_dir(cache_dir or default_cache_dir(), "cache folder")
+    cache = cache_dir or default_cache_dir()
+    if data_dir is None or features is not FeatureKind.onehot:  # else nothing goes to the cache
+        ensure_dir(cache, "cache folder")
     model_ref = None if features is FeatureKind.onehot else model or DEFAULT_MODEL
     with _progress(quiet) as bar:
         dl: dict[str, TaskID] = {}
@@ -291,21 +293,23 @@ def predict(
     quiet: Quiet = False,
 ) -> None:
     """Apply a saved FLIP head to new sequences: CSV of id and prediction."""
-    from protembed.saved_head import predict_fasta
+    from protembed.saved_head import load, predict_fasta
 
     if out is not None and out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
     if out is not None:
         check_file_output(out)
     dev = str(resolve_device(device))
-    cache = ensure_dir(cache_dir or default_cache_dir(), "cache folder")
+    cache = cache_dir or default_cache_dir()
+    if load(head_dir)[0]["model"] is not None:  # one-hot features need no cache
+        ensure_dir(cache, "cache folder")
     with _progress(quiet) as bar:
         emb = bar.add_task("embedding", total=None, visible=False)
 
         def on_embed(done: int, total: int) -> None:
             bar.update(emb, completed=done, total=total, visible=True)
 
-        if no_cache:
+        if no_cache and cache.is_dir():  # (a one-hot head has no features to keep out of it)
             with tempfile.TemporaryDirectory(prefix="predict-", dir=cache) as scratch:
                 rows, truncated = predict_fasta(head_dir, fasta, dev, Path(scratch), on_embed)
         else:

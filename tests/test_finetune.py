@@ -412,6 +412,22 @@ def test_predict_reads_ordinary_fasta(tmp_path: Path, monkeypatch: pytest.Monkey
     assert f"{fasta}:4: record 'b': byte 0xe9 at position 3 is not UTF-8 text" in bad.output
 
 
+def test_onehot_from_data_dir_needs_no_cache_folder(tmp_path: Path) -> None:
+    """Nothing is downloaded or embedded, so a cache folder that cannot be made is not in the way."""
+    (tmp_path / "afile").write_text("")
+    unusable = tmp_path / "afile" / "cache"
+    base = ["--data-dir", TINY, "--split", TINY_SPLITS["flip-gb1"], "--cache-dir", unusable, "-q"]
+    out_dir, fasta = tmp_path / "head", tmp_path / "in.fasta"
+    r = run_cli("finetune", "flip-gb1", "--features", "onehot", "--head", "ridge", "-o", out_dir, *base)
+    assert r.exit_code == 0, r.output
+    fasta.write_text(">a\nMKV\n")
+    for extra in ([], ["--no-cache"]):
+        r = run_cli("predict", out_dir, fasta, "--cache-dir", unusable, "-q", *extra)
+        assert r.exit_code == 0 and r.stdout.startswith("id,prediction\na,"), r.output
+    r = run_cli("finetune", "flip-gb1", "--model", ESM2, "--epochs", "1", *base)  # features go there
+    assert r.exit_code == 1 and f"{unusable}: cannot create cache folder" in r.output
+
+
 def test_predict_input_defects_and_gzip_stdin(tmp_path: Path) -> None:
     """predict reads FASTA as `embed` does: gzip from its bytes, spaces dropped, defects one line each."""
     out_dir = tmp_path / "head"
