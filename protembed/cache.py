@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from protembed.errors import StoreError
@@ -58,3 +59,22 @@ def check_file_output(path: Path) -> None:
         raise StoreError(f"{path}: cannot write output: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise StoreError(f"{path}: cannot write output: permission denied")
+
+
+def write_whole(path: Path, fill: Callable[[Path], object]) -> None:
+    """`fill(tmp)` writes the file's content to a temporary name beside `path`, which then replaces
+    `path`: the file is whole or not there. Anything but a regular file at `path` (a device, a
+    pipe, a link: /dev/stdout is all three) is written in place through `fill(path)`, never
+    replaced. A failure (full disk, ...) is a StoreError naming `path`."""
+    special = path.is_symlink() or (path.exists() and not path.is_file())
+    tmp = path if special else path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fill(tmp)
+        if not special:
+            os.replace(tmp, path)
+    except BaseException as exc:
+        if not special:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise StoreError(f"{path}: cannot write output: {exc.strerror or exc}") from None
+        raise

@@ -3,7 +3,9 @@ mapping, device resolution and JSON output. The Typer app and its commands are i
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -61,6 +63,7 @@ def input_value(text: str) -> str:
     return str(path) if text.startswith("~") else text
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # writes to stdout, or files not named in the error
 DEBUG = {"on": False}  # set by `protembed --debug`: known errors raise with their traceback
 
 
@@ -80,6 +83,15 @@ def handle_errors(fn: F) -> F:
             one_line = " ".join(str(exc).split())  # texts quoted from HDF5 or the OS may hold newlines
             err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except BrokenPipeError:  # `protembed ... | head`: the reader has all it wanted
+            _discard_stdout()
+            raise typer.Exit(141) from None  # 128 + SIGPIPE, as a shell reports a process it ended
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL or DEBUG["on"]:
+                raise
+            err_console.print(f"[bold red]error:[/] cannot write output: {escape(exc.strerror or str(exc))}",
+                              highlight=False, soft_wrap=True)  # fmt: skip
+            raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             signals.clear()
             hint = _INTERRUPT_HINTS.get(fn.__name__, lambda _: "")(kwargs)
@@ -89,6 +101,17 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit does not fail on the closed pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a real file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _embed_hint(options: dict[str, Any]) -> str:
@@ -122,5 +145,16 @@ def resolve_device(device: str | None) -> torch.device:
 
 def print_json(data: Any) -> None:
     """Machine-readable output on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    write_stdout(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_stdout(text: str) -> None:
+    """`text` on stdout, flushed; a full disk behind it is a ProtembedError (a closed pipe: see
+    `handle_errors`)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise ProtembedError(f"cannot write to standard output: {exc.strerror or exc}") from None

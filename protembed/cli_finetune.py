@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-import sys
 import tempfile
 from enum import Enum
 from pathlib import Path
@@ -15,7 +15,7 @@ import typer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from protembed.cache import check_file_output, default_cache_dir, ensure_dir
+from protembed.cache import check_file_output, default_cache_dir, ensure_dir, write_whole
 from protembed.cli_common import (
     Backend,
     BackendOption,
@@ -26,6 +26,7 @@ from protembed.cli_common import (
     path_value,
     print_json,
     resolve_device,
+    write_stdout,
 )
 from protembed.errors import OutputExistsError, require_matplotlib
 from protembed.flip_fetch import FLIP_URL
@@ -316,13 +317,13 @@ def predict(
             rows, truncated = predict_fasta(head_dir, fasta, dev, cache, on_embed)
     if truncated and not quiet:
         err_console.print(f"note: {truncated} sequences were truncated to the features' maximum length")
-    fh = open(out, "w", newline="") if out is not None else sys.stdout
-    try:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["id", "prediction"])
-        writer.writerows(rows)
-    finally:
-        if out is not None:
-            fh.close()
+    text = io.StringIO(newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["id", "prediction"])
+    writer.writerows(rows)
+    if out is None:
+        write_stdout(text.getvalue())
+    else:
+        write_whole(out, lambda tmp: tmp.write_text(text.getvalue(), newline=""))
     if out is not None and not quiet:
         err_console.print(f"wrote {len(rows)} predictions to {out}", highlight=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -17,11 +16,12 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from protembed.api import default_device
-from protembed.cache import default_cache_dir, ensure_dir
+from protembed.cache import default_cache_dir, ensure_dir, write_whole
 from protembed.errors import OutputExistsError, is_whole, require_matplotlib
 from protembed.finetune import FORMAT, Run, featurize
 from protembed.flip import IGNORE, FlipError, get_task
@@ -42,28 +42,29 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
 
 
 def save(run: Run, out_dir: Path, overwrite: bool = False) -> None:
-    """Write head weights, config and the test predictions to `out_dir`."""
+    """Write head weights, the test predictions and config to `out_dir`.
+
+    Each file is written whole or not at all, `config.json` last, after the previous run's is
+    removed: a folder with a `config.json` holds one run's complete head.
+    """
     check_output(out_dir, overwrite)  # creates the folder
-    (out_dir / PLOT).unlink(missing_ok=True)  # a plot of an earlier run
-    weights = out_dir / WEIGHTS
-    save_file({k: v.detach().cpu().contiguous() for k, v in run.head.state_dict().items()}, str(weights))
-    umask = os.umask(0)
-    os.umask(umask)
-    weights.chmod(0o666 & ~umask)  # safetensors creates it private; match the other files
-    (out_dir / CONFIG).write_text(json.dumps(run.config, indent=2, allow_nan=False) + "\n")
-    kind, classes = run.config["kind"], run.config["classes"]
-    with open(out_dir / PREDICTIONS, "w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["id", "sequence", "measured", "predicted"])
-        for rid, seq, true, pred in zip(run.test_ids, run.test_seqs, run.test_true, run.test_pred):
-            w.writerow(
-                [
-                    rid,
-                    seq,
-                    format_value(kind, run.config["level"], classes, true),
-                    format_value(kind, run.config["level"], classes, pred),
-                ]
-            )
+    for old in (CONFIG, PREDICTIONS, PLOT):  # an earlier run's, so that no folder mixes two runs
+        (out_dir / old).unlink(missing_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in run.head.state_dict().items()}
+    write_whole(out_dir / WEIGHTS, lambda tmp: tmp.write_bytes(safetensors_bytes(weights)))
+    kind, level, classes = run.config["kind"], run.config["level"], run.config["classes"]
+
+    def predictions(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(["id", "sequence", "measured", "predicted"])
+            for rid, seq, true, pred in zip(run.test_ids, run.test_seqs, run.test_true, run.test_pred):
+                w.writerow([rid, seq, format_value(kind, level, classes, true),
+                            format_value(kind, level, classes, pred)])  # fmt: skip
+
+    write_whole(out_dir / PREDICTIONS, predictions)
+    text = json.dumps(run.config, indent=2, allow_nan=False) + "\n"
+    write_whole(out_dir / CONFIG, lambda tmp: tmp.write_text(text))
 
 
 def format_value(kind: str, level: str, classes: list[str], value: np.ndarray) -> str:
@@ -204,8 +205,10 @@ def plot(run: Run, path: Path) -> None:
         title = f"accuracy {_fmt(metrics['accuracy'])}%"
     ax.set_title(f"{cfg['task']} / {cfg['split']} (test): {title}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    try:
+        write_whole(path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _fmt(v: float | None) -> str:

@@ -456,6 +456,7 @@ EXIT_STATUS = [
      "value of the wrong type or not among an option's fixed choices. Other bad values exit with 1."),
     ("130", "Interrupted (Ctrl-C). What was written is kept; the message says how to go on (for embed: "
      "run the same command again, without --overwrite, to resume)."),
+    ("141", "Standard output was closed early (a pipe into head, say); the rest of the output is dropped."),
     ("143", "Stopped by SIGTERM (kill, a scheduler's time limit), handled as Ctrl-C is."),
 ]  # fmt: skip
 OVERVIEW = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import signal
@@ -320,6 +321,38 @@ def test_error_text_with_newlines_prints_as_one_line(capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert info.value.exit_code == 1 and err.count("\n") == 1
     assert "time = Tue Nov 24 , filename = 'o.h5'" in err
+
+
+def test_output_that_cannot_be_written(capsys: pytest.CaptureFixture[str]) -> None:
+    """A closed pipe ends the command quietly (`| head`); a full disk is a one-line error."""
+
+    @handle_errors
+    def closed_pipe() -> None:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    @handle_errors
+    def disk_full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(typer.Exit) as info:
+        closed_pipe()
+    assert info.value.exit_code == 141 and capsys.readouterr().err == ""
+    with pytest.raises(typer.Exit) as info:
+        disk_full()
+    assert info.value.exit_code == 1
+    assert capsys.readouterr().err == "error: cannot write output: No space left on device\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs Linux's /dev/full")
+def test_json_to_a_full_disk(tmp_path: Path) -> None:
+    fasta = tmp_path / "a.fa"
+    fasta.write_text(">a\nMKTA\n")
+    cmd = [sys.executable, "-m", "protembed", "embed", str(fasta), "-m", ESM, "--json", "-q"]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr == "error: cannot write to standard output: No space left on device\n"
+    assert (tmp_path / "a.h5").is_file()  # the embeddings were written before the summary
 
 
 def test_a_pipe_needs_an_output_name(tmp_path: Path) -> None:

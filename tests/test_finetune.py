@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import importlib.util
 import json
@@ -241,6 +242,33 @@ def test_save_and_predict_round_trip(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "nc.csv").read_text() == (tmp_path / "flip-ss3.csv").read_text()
     assert list(new_cache.iterdir()) == []
+
+
+def test_outputs_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails (full disk) is a one-line error naming the file and leaves no part of it;
+    an output that is a link or a device is written through, never replaced."""
+    out_dir, fasta = tmp_path / "head", tmp_path / "in.fasta"
+    finetune_json("flip-gb1", tmp_path, "--features", "onehot", "--head", "ridge", "--output", out_dir)
+    fasta.write_text(">a\nMKV\n")
+    (tmp_path / "real.csv").write_text("old")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "real.csv")
+    r = run_cli("predict", out_dir, fasta, "-o", tmp_path / "link.csv", "--overwrite", "-q")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "link.csv").is_symlink() and (tmp_path / "real.csv").read_text().startswith("id,")
+    if Path("/dev/full").is_char_device():
+        r = run_cli("predict", out_dir, fasta, "-o", "/dev/full", "--overwrite", "-q")
+        assert r.exit_code == 1 and "/dev/full: cannot write output: No space left on device" in r.output
+        assert Path("/dev/full").is_char_device()
+
+    def disk_full(*args: object) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("protembed.saved_head.format_value", disk_full)  # while predictions.csv is written
+    r = run_cli("finetune", "flip-gb1", "--features", "onehot", "--head", "ridge", "--data-dir", TINY,
+                "--output", out_dir, "--overwrite", "-q")  # fmt: skip
+    assert r.exit_code == 1, r.output
+    assert f"{out_dir / 'predictions.csv'}: cannot write output: No space left on device" in r.output
+    assert sorted(p.name for p in out_dir.iterdir()) == ["head.safetensors"]  # the old config is gone too
 
 
 def get_name(task: str) -> str:
