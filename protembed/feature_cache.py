@@ -92,11 +92,18 @@ def model_features(
             try:
                 return _gather(keys, where, per_residue, ref.config.d_model)
             except _DamagedPart as exc:
+                if attempt == 2 and exc.reason == NOT_FINITE:  # so computed: the model's own values
+                    what = "values beyond float16, the residue cache's type" if per_residue else "NaN or inf"
+                    text = f"layer {layer} of {ref.name} gives {what}; try another --layer"
+                    raise FlipError(text) from None
                 if attempt == 2:
                     raise FlipError(f"{exc.part}: the feature cache cannot be read ({exc.reason})") from None
                 _notice(f"feature cache: {exc.part.name} is damaged ({exc.reason}); computing it again")
                 _remove(exc.part)
         raise AssertionError("unreachable")
+
+
+NOT_FINITE = "values that are not finite numbers"
 
 
 class _DamagedPart(Exception):
@@ -215,6 +222,8 @@ def _gather(keys: list[str], where: dict[str, tuple[Path, int]], per_residue: bo
                 if pooled is None:
                     pooled = np.zeros((len(keys), dim), dtype=np.float32)
                 pooled[at], truncated[at] = mean[rows], trunc[rows]
+                if not np.isfinite(pooled[at]).all():
+                    raise _DamagedPart(part, NOT_FINITE)
         return Features(np.zeros((0, 0), np.float32) if pooled is None else pooled, None, truncated)
     spans: dict[int, tuple[int, int]] = {}
     for part, at in positions.items():
@@ -236,6 +245,6 @@ def _gather(keys: list[str], where: dict[str, tuple[Path, int]], per_residue: bo
             for i in at:  # rows in part order when the part was written by this task: sequential
                 a, b = spans[i]
                 data[out_offsets[i] : out_offsets[i + 1]] = residues[a:b]
-    if not np.isfinite(data).all():
-        raise FlipError("residue features overflow the float16 cache; use another --layer")
+                if not np.isfinite(data[out_offsets[i] : out_offsets[i + 1]]).all():
+                    raise _DamagedPart(part, NOT_FINITE)
     return Features(None, Ragged(data, out_offsets), truncated)

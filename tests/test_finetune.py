@@ -29,7 +29,7 @@ from protembed.embed_setup import locate_model
 from protembed.errors import BackendError, require_matplotlib
 from protembed.feature_cache import folder_lock, model_features, model_folder
 from protembed.features import onehot_flat, onehot_residues
-from protembed.flip import IGNORE
+from protembed.flip import IGNORE, FlipError
 from protembed.heads import CNNHead, fit_ridge, predict
 from protembed.metrics import floor, rankdata, sequence_accuracy, spearman
 from protembed.reader import open_embeddings
@@ -201,11 +201,35 @@ def test_damaged_feature_cache_is_recomputed(tmp_path: Path, capfd: pytest.Captu
         part.unlink()
         (part / "x").mkdir(parents=True)
 
+    def bytes_overwritten() -> None:  # still a readable file, but the data is no longer numbers
+        with h5py.File(part, "r+") as h5:
+            h5["residues"][2:4] = np.inf
+
     damage_and_check(misshapen, f"feature cache: {part.name} is damaged (residues (5, 64), expected")
     damage_and_check(folder_in_its_place, f"feature cache: removing {part.name}")
     damage_and_check(truncate, f"feature cache: removing {part.name}")
     damage_and_check(lose_residues, f"feature cache: {part.name} is damaged")
     damage_and_check(older_unfinished, f"feature cache: computing {part.name} again (an unfinished output")
+    damage_and_check(bytes_overwritten, f"feature cache: {part.name} is damaged (values that are not finite")
+
+
+def test_features_that_overflow_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values beyond float16 (the residue cache's type) even when computed again: name the layer."""
+    ref = locate_model(str(ESM2))
+    real = open_embeddings
+
+    def overflowing(path: Path, **kwargs: Any) -> Any:
+        emb = real(path, **kwargs)
+        if "residues" in emb.h5 and emb.attrs.get("complete"):
+            emb.h5.close()
+            with h5py.File(path, "r+") as h5:
+                h5["residues"][0] = np.inf  # what float16 stores for values over 65504
+            emb = real(path, **kwargs)
+        return emb
+
+    monkeypatch.setattr("protembed.feature_cache.open_embeddings", overflowing)
+    with pytest.raises(FlipError, match=r"layer 3 of .* gives values beyond float16.*try another --layer"):
+        model_features(["MKTAYIAKQR"], ref, 3, True, tmp_path)
 
 
 def test_save_and_predict_round_trip(tmp_path: Path) -> None:
