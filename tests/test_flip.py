@@ -357,6 +357,23 @@ def test_damaged_cached_file_is_fetched_again(server: _Server, tmp_path: Path) -
     assert len(server.requests) == before + 1
 
 
+def test_read_only_cache_with_the_file_is_used(
+    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared cache that someone else filled: checked and read, with no lock file to create."""
+    path = fetch("gb1", "two_vs_rest", tmp_path, server.url)
+    (path.parent / ".two_vs_rest.fasta.lock").unlink()
+    before = len(server.requests)
+    monkeypatch.setattr("protembed.flip_fetch.os.access", lambda *a, **k: False)  # as for a non-root user
+    assert fetch("gb1", "two_vs_rest", tmp_path, server.url) == path
+    assert len(server.requests) == before and not (path.parent / ".two_vs_rest.fasta.lock").exists()
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(
+        HubError, match=r"two_vs_rest.fasta \(in a read-only cache\): sha256 .* does not match"
+    ):
+        fetch("gb1", "two_vs_rest", tmp_path, server.url)
+
+
 def test_download_cut_short_without_a_length_is_refused(
     server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
