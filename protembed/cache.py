@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def write_whole(path: Path, fill: Callable[[Path], object]) -> None:
     try:
         fill(tmp)
         if not special:
+            if path.exists():
+                shutil.copymode(path, tmp)  # a replaced file keeps its permissions
             os.replace(tmp, path)
     except BaseException as exc:
         if not special:

@@ -275,6 +275,11 @@ def test_outputs_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     finetune_json("flip-gb1", tmp_path, "--features", "onehot", "--head", "ridge", "--output", out_dir)
     fasta.write_text(">a\nMKV\n")
     (tmp_path / "real.csv").write_text("old")
+    (tmp_path / "plain.csv").write_text("old")
+    (tmp_path / "plain.csv").chmod(0o600)
+    r = run_cli("predict", out_dir, fasta, "-o", tmp_path / "plain.csv", "--overwrite", "-q")
+    assert r.exit_code == 0 and (tmp_path / "plain.csv").stat().st_mode & 0o777 == 0o600, r.output
+    assert [p.name for p in tmp_path.glob(".*")] == []  # no temporary file left
     (tmp_path / "link.csv").symlink_to(tmp_path / "real.csv")
     r = run_cli("predict", out_dir, fasta, "-o", tmp_path / "link.csv", "--overwrite", "-q")
     assert r.exit_code == 0, r.output
