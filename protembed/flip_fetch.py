@@ -134,13 +134,19 @@ def _download(url: str, part: Path, key: str, progress: Progress | None) -> tupl
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path` (created if needed), waited for; released on exit."""
+    """An exclusive flock on `path` (created if needed), waited for; released on exit.
+
+    Opened read-only, so that a lock file another user of a shared cache created serves too.
+    """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise HubError(f"{path}: cannot write to the cache: {exc.strerror or exc}") from None
+        raise HubError(f"{path}: cannot use the cache: {exc.strerror or exc}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks (some NFS setups)
+            raise HubError(f"{path}: cannot lock the cache: {exc.strerror or exc}") from None
         yield
     finally:
         os.close(fd)
