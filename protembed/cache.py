@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
+import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,22 +64,39 @@ def check_file_output(path: Path) -> None:
         raise StoreError(f"{path}: cannot write output: permission denied")
 
 
+TEMP_PREFIX = ".protembed-"  # temporary files of `write_whole`; one a killed run left is stale
+
+
 def write_whole(path: Path, fill: Callable[[Path], object]) -> None:
-    """`fill(tmp)` writes the file's content to a temporary name beside `path`, which then replaces
-    `path`: the file is whole or not there. Anything but a regular file at `path` (a device, a
-    pipe, a link: /dev/stdout is all three) is written in place through `fill(path)`, never
-    replaced. A failure (full disk, ...) is a StoreError naming `path`."""
-    special = path.is_symlink() or (path.exists() and not path.is_file())
-    tmp = path if special else path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """`fill(tmp)` writes the file's content to a temporary file beside `path`, which then replaces
+    `path` (keeping its permissions): the file is whole or not there. What a replacement would
+    change is written in place through `fill(path)` instead: anything but a regular file (a device,
+    a pipe, a link: /dev/stdout is all three), a file with other hard links or another owner.
+    A failure (full disk, ...) is a StoreError naming `path`."""
+    st = path.lstat() if path.is_symlink() or path.exists() else None
+    special = st is not None and (
+        not stat.S_ISREG(st.st_mode) or st.st_nlink > 1 or st.st_uid != os.geteuid()
+    )
+    tmp = path
     try:
-        fill(tmp)
         if not special:
-            if path.exists():
-                shutil.copymode(path, tmp)  # a replaced file keeps its permissions
+            fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+            os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
+        fill(tmp)
+        if tmp != path:
             os.replace(tmp, path)
     except BaseException as exc:
-        if not special:
-            tmp.unlink(missing_ok=True)
+        if tmp != path:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise StoreError(f"{path}: cannot write output: {exc.strerror or exc}") from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -89,7 +89,8 @@ def handle_errors(fn: F) -> F:
         except OSError as exc:
             if exc.errno not in _DISK_FULL or DEBUG["on"]:
                 raise
-            err_console.print(f"[bold red]error:[/] cannot write output: {escape(exc.strerror or str(exc))}",
+            reason = escape(exc.strerror or str(exc))  # a write whose file is not named: --debug finds it
+            err_console.print(f"[bold red]error:[/] cannot write: {reason} (--debug shows where)",
                               highlight=False, soft_wrap=True)  # fmt: skip
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:

@@ -72,14 +72,15 @@ def model_features(
         )  # fmt: skip
 
     with folder_lock(folder):
-        for attempt in (1, 2):
+        fresh: set[Path] = set()  # parts computed by this call
+        while True:  # each pass removes one damaged older part, or returns, or raises
             where = _index(folder)
             missing = {k: s for k, s in zip(keys, seqs) if k not in where}  # first-seen order
             if missing:  # the name follows the order too: a resumed part must get the same input
                 digest = hashlib.sha256("".join(missing).encode()).hexdigest()[:16]
                 part = folder / f"part-{digest}.h5"
                 fasta = folder / f"part-{digest}.fasta"
-                fasta.write_text("".join(f">{k}\n{s}\n" for k, s in missing.items()))
+                _write_fasta(fasta, missing)
                 try:  # resumes an interrupted part
                     embed(fasta, part, overwrite=False)
                 except (OutputExistsError, ResumeMismatchError) as exc:  # ours, and it cannot resume
@@ -89,18 +90,27 @@ def model_features(
                 written = _rows(part)
                 assert written is not None, "embed_fasta returned with the part unfinished"
                 where.update(written)
+                fresh.add(part)
             try:
                 return _gather(keys, where, per_residue, ref.config.d_model)
             except _DamagedPart as exc:
-                if attempt == 2 and exc.reason == NOT_FINITE:  # so computed: the model's own values
+                if exc.part in fresh and exc.reason == NOT_FINITE:  # the model's own values
                     what = "values beyond float16, the residue cache's type" if per_residue else "NaN or inf"
                     text = f"layer {layer} of {ref.name} gives {what}; try another --layer"
                     raise FlipError(text) from None
-                if attempt == 2:
+                if exc.part in fresh:
                     raise FlipError(f"{exc.part}: the feature cache cannot be read ({exc.reason})") from None
                 _notice(f"feature cache: {exc.part.name} is damaged ({exc.reason}); computing it again")
                 _remove(exc.part)
-        raise AssertionError("unreachable")
+
+
+def _write_fasta(path: Path, records: dict[str, str]) -> None:
+    """The sequences a part is computed from (the embed pipeline reads a file)."""
+    try:
+        path.write_text("".join(f">{k}\n{s}\n" for k, s in records.items()))
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise FlipError(f"{path}: cannot write to the feature cache: {exc.strerror or exc}") from None
 
 
 NOT_FINITE = "values that are not finite numbers"

@@ -193,9 +193,9 @@ def finetune(
                 raise FlipError(f"{task.name}/{data.split}: no labelled residues in the {part} records")
     scale = (0.0, 1.0)
     if task.kind == "regression":  # heads see standardized targets
-        yt = np.asarray(y)[fit_rows]
+        yt = np.asarray(y, dtype=np.float64)[fit_rows]  # float32 sums of squares overflow from ~1e19
         scale = (float(yt.mean()), float(yt.std()) or 1.0)
-        y = (np.asarray(y, dtype=np.float32) - scale[0]) / scale[1]
+        y = ((np.asarray(y, dtype=np.float64) - scale[0]) / scale[1]).astype(np.float32)
 
     torch.manual_seed(seed)
     train_kw = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "patience": patience}

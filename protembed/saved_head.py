@@ -21,7 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from protembed.api import default_device
-from protembed.cache import default_cache_dir, ensure_dir, write_whole
+from protembed.cache import TEMP_PREFIX, default_cache_dir, ensure_dir, write_whole
 from protembed.errors import OutputExistsError, is_whole, require_matplotlib
 from protembed.finetune import FORMAT, Run, featurize
 from protembed.flip import IGNORE, FlipError, get_task
@@ -36,7 +36,7 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
     """OutputExistsError if `out_dir` already holds a saved head and overwrite is off."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir} exists and is not a folder")
-    if not overwrite and out_dir.exists() and any(out_dir.iterdir()):
+    if not overwrite and out_dir.exists() and any(not _stale(p) for p in out_dir.iterdir()):
         raise OutputExistsError(f"{out_dir} is not empty (pass --overwrite to replace it)")
     ensure_dir(out_dir, "output folder")  # fail now, not after training
 
@@ -50,6 +50,8 @@ def save(run: Run, out_dir: Path, overwrite: bool = False) -> None:
     check_output(out_dir, overwrite)  # creates the folder
     for old in (CONFIG, PREDICTIONS, PLOT):  # an earlier run's, so that no folder mixes two runs
         (out_dir / old).unlink(missing_ok=True)
+    for left in filter(_stale, out_dir.iterdir()):
+        left.unlink(missing_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in run.head.state_dict().items()}
     write_whole(out_dir / WEIGHTS, lambda tmp: tmp.write_bytes(safetensors_bytes(weights)))
     kind, level, classes = run.config["kind"], run.config["level"], run.config["classes"]
@@ -65,6 +67,11 @@ def save(run: Run, out_dir: Path, overwrite: bool = False) -> None:
     write_whole(out_dir / PREDICTIONS, predictions)
     text = json.dumps(run.config, indent=2, allow_nan=False) + "\n"
     write_whole(out_dir / CONFIG, lambda tmp: tmp.write_text(text))
+
+
+def _stale(path: Path) -> bool:
+    """A temporary file that a save killed before it finished left behind."""
+    return path.name.startswith(TEMP_PREFIX) and path.name.endswith(".tmp") and path.is_file()
 
 
 def format_value(kind: str, level: str, classes: list[str], value: np.ndarray) -> str:

@@ -340,7 +340,7 @@ def test_output_that_cannot_be_written(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(typer.Exit) as info:
         disk_full()
     assert info.value.exit_code == 1
-    assert capsys.readouterr().err == "error: cannot write output: No space left on device\n"
+    assert capsys.readouterr().err == "error: cannot write: No space left on device (--debug shows where)\n"
 
 
 @pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs Linux's /dev/full")

@@ -213,7 +213,9 @@ def test_damaged_feature_cache_is_recomputed(tmp_path: Path, capfd: pytest.Captu
     damage_and_check(bytes_overwritten, f"feature cache: {part.name} is damaged (values that are not finite")
 
 
-def test_features_that_overflow_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_features_that_overflow_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Values beyond float16 (the residue cache's type) even when computed again: name the layer."""
     ref = locate_model(str(ESM2))
     real = open_embeddings
@@ -230,6 +232,25 @@ def test_features_that_overflow_the_cache(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr("protembed.feature_cache.open_embeddings", overflowing)
     with pytest.raises(FlipError, match=r"layer 3 of .* gives values beyond float16.*try another --layer"):
         model_features(["MKTAYIAKQR"], ref, 3, True, tmp_path)
+    assert "computing it again" not in capfd.readouterr().err  # computed once, not blamed on the cache
+
+
+def test_several_damaged_parts_are_all_computed_again(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    ref = locate_model(str(ESM2))
+    first, second = ["MKTAYIAKQR", "MSEQ"], ["GGGHHH"]
+    for seqs in (first, second):
+        model_features(seqs, ref, 3, False, tmp_path)
+    good = model_features(first + second, ref, 3, False, tmp_path).pooled
+    parts = sorted((model_folder(tmp_path, ref, 3, "float32") / "pooled").glob("part-*.h5"))
+    assert len(parts) == 2
+    for part in parts:
+        with h5py.File(part, "r+") as h5:
+            h5["mean"][0] = np.nan
+    again = model_features(first + second, ref, 3, False, tmp_path).pooled
+    np.testing.assert_array_equal(again, good)
+    assert capfd.readouterr().err.count("is damaged (values that are not finite numbers)") == 2
 
 
 def test_save_and_predict_round_trip(tmp_path: Path) -> None:
@@ -280,6 +301,20 @@ def test_outputs_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     r = run_cli("predict", out_dir, fasta, "-o", tmp_path / "plain.csv", "--overwrite", "-q")
     assert r.exit_code == 0 and (tmp_path / "plain.csv").stat().st_mode & 0o777 == 0o600, r.output
     assert [p.name for p in tmp_path.glob(".*")] == []  # no temporary file left
+    os.link(tmp_path / "plain.csv", tmp_path / "hard.csv")  # written in place: both names see it
+    (tmp_path / "plain.csv").write_text("old")
+    r = run_cli("predict", out_dir, fasta, "-o", tmp_path / "plain.csv", "--overwrite", "-q")
+    assert r.exit_code == 0 and (tmp_path / "hard.csv").read_text().startswith("id,"), r.output
+    long_name = tmp_path / ("p" * 250 + ".csv")  # no room left in the name for a temporary suffix
+    r = run_cli("predict", out_dir, fasta, "-o", long_name, "-q")
+    assert r.exit_code == 0 and long_name.read_text().startswith("id,"), r.output
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / ".protembed-x1y2.tmp").write_text("")  # left by a save killed before its rename
+    r = run_cli("finetune", "flip-gb1", "--features", "onehot", "--head", "ridge", "--data-dir", TINY,
+                "--output", again, "-q")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in again.iterdir()) == ["config.json", "head.safetensors", "predictions.csv"]
     (tmp_path / "link.csv").symlink_to(tmp_path / "real.csv")
     r = run_cli("predict", out_dir, fasta, "-o", tmp_path / "link.csv", "--overwrite", "-q")
     assert r.exit_code == 0, r.output
@@ -447,6 +482,18 @@ def test_non_finite_target_is_an_error(tmp_path: Path) -> None:
     r = run_cli("finetune", "flip-gb1", "--features", "onehot", "--data-dir", data, "-q")
     assert r.exit_code == 1 and "TARGET 'nan' is not a finite number" in r.output
     assert f"{path}:{first + 1}" in r.output
+
+
+def test_large_targets_are_scaled_without_overflow(tmp_path: Path) -> None:
+    """Targets near 1e20 square to beyond float32: the same metrics as the data in ordinary units."""
+    data = copy_task(tmp_path, "gb1")
+    path = data / "gb1" / "two_vs_rest.fasta"
+    plain = finetune_json("flip-gb1", tmp_path, "--data-dir", data, "--features", "onehot", "--head", "ridge")
+    path.write_text(re.sub(r"TARGET=(\S+)", r"TARGET=\1e20", path.read_text()))
+    big = finetune_json("flip-gb1", tmp_path, "--data-dir", data, "--features", "onehot", "--head", "ridge")
+    assert big["target_scale"][1] == pytest.approx(plain["target_scale"][1] * 1e20, rel=1e-5)
+    assert big["metrics"]["test"]["rmse"] == pytest.approx(plain["metrics"]["test"]["rmse"] * 1e20, rel=1e-4)
+    assert big["metrics"]["test"]["spearman"] == pytest.approx(plain["metrics"]["test"]["spearman"], abs=1e-6)
 
 
 def test_predict_reads_ordinary_fasta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
