@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -145,8 +146,19 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def print_json(data: Any) -> None:
-    """Machine-readable output on stdout."""
-    write_stdout(json.dumps(data, indent=2, default=str) + "\n")
+    """Machine-readable output on stdout: strict JSON, so a number that is not finite is null."""
+    write_stdout(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities (in dicts, lists and tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_stdout(text: str) -> None:

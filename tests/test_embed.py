@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import typer
 from typer.testing import CliRunner
 
 from protembed.cli import app
-from protembed.cli_common import handle_errors
+from protembed.cli_common import handle_errors, print_json
 from protembed.cli_embed import default_output
 from protembed.errors import OptionError, StoreError
 from protembed.models import checkpoints
@@ -341,6 +342,17 @@ def test_output_that_cannot_be_written(capsys: pytest.CaptureFixture[str]) -> No
         disk_full()
     assert info.value.exit_code == 1
     assert capsys.readouterr().err == "error: cannot write: No space left on device (--debug shows where)\n"
+
+
+def test_json_output_is_strict(capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN and infinities are not JSON: strict parsers (jq, JSON.parse) get null instead."""
+    print_json({"rmse": float("nan"), "scale": [1.0, float("inf")], "n": (3,)})
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == {
+        "rmse": None,
+        "scale": [1.0, None],
+        "n": [3],
+    }
 
 
 @pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs Linux's /dev/full")
