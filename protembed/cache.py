@@ -83,15 +83,15 @@ def write_whole(path: Path, fill: Callable[[Path], object]) -> None:
             fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
             os.close(fd)
             tmp = Path(name)
-            os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
         fill(tmp)
-        if tmp != path:
+        if tmp != path:  # the mode last: the old file's may be read-only
+            os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
             os.replace(tmp, path)
     except BaseException as exc:
         if tmp != path:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):  # a closed pipe: 141
             raise StoreError(f"{path}: cannot write output: {exc.strerror or exc}") from None
         raise
 

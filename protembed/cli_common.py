@@ -26,9 +26,20 @@ from protembed.signals import Terminated
 if TYPE_CHECKING:
     import torch
 
+
+class _StdoutConsole(Console):
+    """Results on stdout; a reader that closed the pipe ends the command as `print_json`'s does."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _discard_stdout()
+        raise SystemExit(EXIT_BROKEN_PIPE)
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process the signal ended
 # emoji=False: ":fire:" in a file name or FASTA id must print as typed
 err_console = Console(stderr=True, emoji=False)
-out_console = Console(emoji=False)
+out_console = _StdoutConsole(emoji=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,7 +97,7 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
         except BrokenPipeError:  # `protembed ... | head`: the reader has all it wanted
             _discard_stdout()
-            raise typer.Exit(141) from None  # 128 + SIGPIPE, as a shell reports a process it ended
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except OSError as exc:
             if exc.errno not in _DISK_FULL or DEBUG["on"]:
                 raise

@@ -81,16 +81,19 @@ def model_features(
                 part = folder / f"part-{digest}.h5"
                 fasta = folder / f"part-{digest}.fasta"
                 _write_fasta(fasta, missing)
+                resumed = part.exists()
                 try:  # resumes an interrupted part
                     embed(fasta, part, overwrite=False)
                 except (OutputExistsError, ResumeMismatchError) as exc:  # ours, and it cannot resume
                     _notice(f"feature cache: computing {part.name} again ({_first_clause(exc, part)})")
                     embed(fasta, part, overwrite=True)
+                    resumed = False
                 fasta.unlink()
                 written = _rows(part)
                 assert written is not None, "embed_fasta returned with the part unfinished"
                 where.update(written)
-                fresh.add(part)
+                if not resumed:  # rows an earlier run wrote may be damaged; these are the model's
+                    fresh.add(part)
             try:
                 return _gather(keys, where, per_residue, ref.config.d_model)
             except _DamagedPart as exc:

@@ -93,7 +93,7 @@ def floor(
     """What a model that ignores its input scores: the train mean (regression) or majority class."""
     flat = np.concatenate([np.atleast_1d(t) for t in train])
     if kind == "regression":
-        const = [np.full(np.shape(t), float(np.mean(flat))) for t in test]
+        const = [np.full(np.shape(t), float(np.mean(flat, dtype=np.float64))) for t in test]
         return {**evaluate(kind, const, test), "spearman": float("nan")}
     majority = int(np.argmax(np.bincount(flat[flat != IGNORE].astype(np.int64))))
     return evaluate(kind, [np.full(np.shape(t), majority) for t in test], test, per_residue)

@@ -44,11 +44,11 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
 def save(run: Run, out_dir: Path, overwrite: bool = False) -> None:
     """Write head weights, the test predictions and config to `out_dir`.
 
-    Each file is written whole or not at all, `config.json` last, after the previous run's is
-    removed: a folder with a `config.json` holds one run's complete head.
+    Each file is written whole or not at all, `config.json` last, after the previous run's (and
+    its plot) is removed: a folder with a `config.json` holds one run's complete head.
     """
     check_output(out_dir, overwrite)  # creates the folder
-    for old in (CONFIG, PREDICTIONS, PLOT):  # an earlier run's, so that no folder mixes two runs
+    for old in (CONFIG, PLOT):  # an earlier run's: its head is incomplete until the new config
         (out_dir / old).unlink(missing_ok=True)
     for left in filter(_stale, out_dir.iterdir()):
         left.unlink(missing_ok=True)

@@ -18,8 +18,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from protembed.cache import write_whole
 from protembed.cli import app
-from protembed.cli_common import handle_errors, print_json
+from protembed.cli_common import handle_errors, out_console, print_json
 from protembed.cli_embed import default_output
 from protembed.errors import OptionError, StoreError
 from protembed.models import checkpoints
@@ -335,9 +336,20 @@ def test_output_that_cannot_be_written(capsys: pytest.CaptureFixture[str]) -> No
     def disk_full() -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def closed_pipe_behind_a_file(tmp: Path) -> None:  # `predict -o /dev/stdout | head`
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
     with pytest.raises(typer.Exit) as info:
         closed_pipe()
     assert info.value.exit_code == 141 and capsys.readouterr().err == ""
+    with pytest.raises(BrokenPipeError):  # not a StoreError: it reaches handle_errors as a closed pipe
+        write_whole(Path("/dev/stdout"), closed_pipe_behind_a_file)
+    try:
+        with pytest.raises(SystemExit) as stop:  # rich catches it while printing a table
+            out_console.on_broken_pipe()
+        assert stop.value.code == 141
+    finally:
+        out_console.quiet = False
     with pytest.raises(typer.Exit) as info:
         disk_full()
     assert info.value.exit_code == 1

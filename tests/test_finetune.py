@@ -27,7 +27,7 @@ from protembed.api import load_model
 from protembed.cli import app
 from protembed.embed_setup import locate_model
 from protembed.errors import BackendError, require_matplotlib
-from protembed.feature_cache import folder_lock, model_features, model_folder
+from protembed.feature_cache import folder_lock, model_features, model_folder, seq_key
 from protembed.features import onehot_flat, onehot_residues
 from protembed.flip import IGNORE, FlipError
 from protembed.heads import CNNHead, fit_ridge, predict
@@ -235,6 +235,24 @@ def test_features_that_overflow_the_cache(
     assert "computing it again" not in capfd.readouterr().err  # computed once, not blamed on the cache
 
 
+def test_damaged_rows_of_a_resumed_part_are_computed_again(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A part this call only finished holds rows an earlier run wrote: damage there is the cache's."""
+    ref = locate_model(str(ESM2))
+    seqs = ["MKTAYIAKQR", "MSEQ", "GGGHHH"]
+    good = model_features(seqs, ref, 3, False, tmp_path).pooled
+    (part,) = (model_folder(tmp_path, ref, 3, "float32") / "pooled").glob("part-*.h5")
+    with h5py.File(part, "r+") as h5:  # as if interrupted before its last row, then damaged
+        h5.attrs["complete"] = False
+        h5["written"][-1] = False
+        h5["mean"][0] = np.nan
+    (part.with_suffix(".fasta")).write_text("".join(f">{seq_key(s)}\n{s}\n" for s in seqs))
+    again = model_features(seqs, ref, 3, False, tmp_path).pooled
+    np.testing.assert_array_equal(again, good)
+    assert f"{part.name} is damaged (values that are not finite numbers)" in capfd.readouterr().err
+
+
 def test_several_damaged_parts_are_all_computed_again(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -332,7 +350,7 @@ def test_outputs_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                 "--output", out_dir, "--overwrite", "-q")  # fmt: skip
     assert r.exit_code == 1, r.output
     assert f"{out_dir / 'predictions.csv'}: cannot write output: No space left on device" in r.output
-    assert sorted(p.name for p in out_dir.iterdir()) == ["head.safetensors"]  # the old config is gone too
+    assert sorted(p.name for p in out_dir.iterdir()) == ["head.safetensors", "predictions.csv"]  # no config
 
 
 def get_name(task: str) -> str:
@@ -485,14 +503,15 @@ def test_non_finite_target_is_an_error(tmp_path: Path) -> None:
 
 
 def test_large_targets_are_scaled_without_overflow(tmp_path: Path) -> None:
-    """Targets near 1e20 square to beyond float32: the same metrics as the data in ordinary units."""
+    """Targets near 1e37 sum and square to beyond float32: the same metrics as in ordinary units."""
     data = copy_task(tmp_path, "gb1")
     path = data / "gb1" / "two_vs_rest.fasta"
     plain = finetune_json("flip-gb1", tmp_path, "--data-dir", data, "--features", "onehot", "--head", "ridge")
-    path.write_text(re.sub(r"TARGET=(\S+)", r"TARGET=\1e20", path.read_text()))
+    path.write_text(re.sub(r"TARGET=(\S+)", r"TARGET=\1e37", path.read_text()))
     big = finetune_json("flip-gb1", tmp_path, "--data-dir", data, "--features", "onehot", "--head", "ridge")
-    assert big["target_scale"][1] == pytest.approx(plain["target_scale"][1] * 1e20, rel=1e-5)
-    assert big["metrics"]["test"]["rmse"] == pytest.approx(plain["metrics"]["test"]["rmse"] * 1e20, rel=1e-4)
+    assert big["target_scale"][1] == pytest.approx(plain["target_scale"][1] * 1e37, rel=1e-5)
+    for row in ("test", "floor"):
+        assert big["metrics"][row]["rmse"] == pytest.approx(plain["metrics"][row]["rmse"] * 1e37, rel=1e-4)
     assert big["metrics"]["test"]["spearman"] == pytest.approx(plain["metrics"]["test"]["spearman"], abs=1e-6)
 
 
