@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 import tempfile
@@ -43,6 +44,15 @@ def ensure_dir(path: Path, what: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise StoreError(f"{path}: cannot write to {what}: permission denied")
     return path
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def same_file(a: Path, b: Path) -> bool:

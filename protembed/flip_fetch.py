@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from protembed.cache import ensure_dir
+from protembed.cache import ensure_dir, file_sha256
 from protembed.errors import HubError
 
 FLIP_URL = "http://data.bioembeddings.com/public/FLIP/fasta/"
@@ -90,14 +90,14 @@ def fetch(
         raise HubError(f"{key}.fasta is not a pinned FLIP file; download it yourself and pass --data-dir")
     dest = cache_dir / "flip" / folder / f"{name}.fasta"
     if dest.is_file() and not os.access(dest.parent, os.W_OK):  # a shared cache, filled by someone else
-        check_pin(dest, PINS[key], _sha256(dest), f"{dest} (in a read-only cache)")
+        check_pin(dest, PINS[key], file_sha256(dest), f"{dest} (in a read-only cache)")
         return dest
     ensure_dir(dest.parent, "cache folder")
     url = f"{base_url.rstrip('/')}/{key}.fasta"
     with _locked(dest.with_name(f".{dest.name}.lock")):
         if dest.is_file():
             try:
-                check_pin(dest, PINS[key], _sha256(dest), str(dest), length_known=True)
+                check_pin(dest, PINS[key], file_sha256(dest), str(dest), length_known=True)
                 return dest
             except (HubError, OSError):
                 dest.unlink(missing_ok=True)  # damaged since it was checked: fetched again below
@@ -150,14 +150,6 @@ def _locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_pin(path: Path, pin: Pin, sha256: str, url: str, length_known: bool = True) -> None:

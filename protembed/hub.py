@@ -12,7 +12,6 @@ fail are deleted from the cache so that they never look complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,7 +33,7 @@ from rich.progress import (
 )
 
 from protembed import __version__
-from protembed.cache import user_path
+from protembed.cache import file_sha256, user_path
 from protembed.errors import CheckpointError, HubError, UnknownModelError
 from protembed.hub_cache import UNFINISHED, cache_root, cached_snapshot, disk_size, remove_files, write_ref
 from protembed.hub_errors import check_writable, hub_errors, hub_warnings
@@ -228,7 +227,7 @@ def _download(
                 for f in todo:
                     path = fetch(f, bar)
                     lfs = remote[f].lfs
-                    if lfs is not None and _sha256(path) != lfs.sha256:
+                    if lfs is not None and file_sha256(path) != lfs.sha256:
                         remove_files(snapshot, [f])
                         reason = "corrupt download (sha256 mismatch), deleted; run the command again"
                         raise CheckpointError(f"{repo_id}/{f}", reason)
@@ -247,7 +246,7 @@ def _failed_checks(snapshot: Path, present: list[str], remote: dict[str, Any], p
     lfs = [f for f in present if remote[f].lfs is not None]
     if lfs and progress:
         _console.print(f"checking {len(lfs)} file(s) from an earlier download", highlight=False, markup=False)
-    bad = [f for f in lfs if _sha256(snapshot / f) != remote[f].lfs.sha256]
+    bad = [f for f in lfs if file_sha256(snapshot / f) != remote[f].lfs.sha256]
     remove_files(snapshot, bad)
     return bad
 
@@ -272,14 +271,6 @@ def _weight_names(repo_id: str, remote: set[str], fetch: Callable[[str], Path]) 
 def _detail(exc: CheckpointError, snapshot: Path) -> str:
     """A CheckpointError's message with the cache path of the snapshot left out."""
     return str(exc).replace(f"{snapshot}/", "").replace(str(snapshot), "checkpoint")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextmanager

@@ -107,13 +107,13 @@ def test_hub_warnings_print_as_one_line_or_not_at_all(capsys: pytest.CaptureFixt
 def test_a_run_stopped_while_checking_a_file_checks_it_again(
     hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = hub_module._sha256
+    real = hub_module.file_sha256
 
     def stopped(path: Path) -> str:
         raise KeyboardInterrupt
 
     hub.faults[(ESM, "model.safetensors")] = Fault(flip=True)  # a transfer that went wrong
-    monkeypatch.setattr(hub_module, "_sha256", stopped)
+    monkeypatch.setattr(hub_module, "file_sha256", stopped)
     with pytest.raises(KeyboardInterrupt):
         download_model("esm2-8m", progress=False)
     snapshot = next(cache.rglob("snapshots/*"))
@@ -121,7 +121,7 @@ def test_a_run_stopped_while_checking_a_file_checks_it_again(
     commit = snapshot.name
     assert cached_snapshot(ESM) is None and cached_snapshot(ESM, commit) is None  # not by any name
 
-    monkeypatch.setattr(hub_module, "_sha256", real)
+    monkeypatch.setattr(hub_module, "file_sha256", real)
     hub.requests.clear()
     with pytest.raises(CheckpointError, match="sha256 mismatch"):  # checked again, fetched again
         download_model("esm2-8m", progress=False)
