@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import stat
+import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from protembed.errors import StoreError
@@ -53,6 +57,33 @@ def file_sha256(path: Path) -> str:
         while chunk := fh.read(1 << 23):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, what: str, wait_s: float = 3600.0) -> Iterator[None]:
+    """An exclusive flock on the lock file `path`, created if needed and opened read-only, so that
+    one another user of a shared cache created serves too. Another run holding it is waited for,
+    with a notice naming `what`; a StoreError after `wait_s`, or on a file system without locks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create the lock file of {what}: {exc.strerror or exc}") from None
+    try:
+        deadline, waiting = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                    raise StoreError(f"cannot lock {what}: {exc.strerror or exc}") from None
+                if not waiting:
+                    print(f"waiting for another run to release {what}", file=sys.stderr)
+                    waiting = True
+                time.sleep(0.5)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def same_file(a: Path, b: Path) -> bool:

@@ -10,20 +10,17 @@ that no complete part holds yet, into one new part, so another head or seed cost
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import re
 import shutil
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from protembed.cache import ensure_dir
+from protembed.cache import ensure_dir, held_lock
 from protembed.embed import embed_fasta
 from protembed.embed_setup import ModelRef
 from protembed.errors import OutputExistsError, ResumeMismatchError, StoreError
@@ -71,7 +68,7 @@ def model_features(
             progress=None if progress is None else (lambda rows, _res, n: progress(rows, n)),
         )  # fmt: skip
 
-    with folder_lock(folder):
+    with held_lock(folder / ".lock", f"the feature cache {folder}"):
         fresh: set[Path] = set()  # parts computed by this call
         while True:  # each pass removes one damaged older part, or returns, or raises
             where = _index(folder)
@@ -134,30 +131,6 @@ def _notice(text: str) -> None:
 def _first_clause(exc: Exception, part: Path) -> str:
     """The reason in an error about `part`, without the path and the --overwrite hint."""
     return str(exc).removeprefix(f"{part}: ").split(";")[0]
-
-
-@contextmanager
-def folder_lock(folder: Path, wait_s: float = 3600.0) -> Iterator[None]:
-    """Hold the folder's lock file; another run that holds it is waited for (with a notice)."""
-    with open(folder / ".lock", "a") as fh:
-        deadline, waiting = time.monotonic() + wait_s, False
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise FlipError(
-                        f"cannot lock the feature cache {folder}: {exc.strerror or exc}"
-                    ) from None
-                if not waiting:
-                    print(f"waiting for another run to release the feature cache {folder}", file=sys.stderr)
-                    waiting = True
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _index(folder: Path) -> dict[str, tuple[Path, int]]:

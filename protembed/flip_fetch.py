@@ -7,18 +7,16 @@ match, or that ends inside a record, is deleted and reported, never used.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import http.client
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from protembed.cache import ensure_dir, file_sha256
+from protembed.cache import ensure_dir, file_sha256, held_lock
 from protembed.errors import HubError
 
 FLIP_URL = "http://data.bioembeddings.com/public/FLIP/fasta/"
@@ -94,7 +92,7 @@ def fetch(
         return dest
     ensure_dir(dest.parent, "cache folder")
     url = f"{base_url.rstrip('/')}/{key}.fasta"
-    with _locked(dest.with_name(f".{dest.name}.lock")):
+    with held_lock(dest.with_name(f".{dest.name}.lock"), f"the FLIP file {dest}"):
         if dest.is_file():
             try:
                 check_pin(dest, PINS[key], file_sha256(dest), str(dest), length_known=True)
@@ -130,26 +128,6 @@ def _download(url: str, part: Path, key: str, progress: Progress | None) -> tupl
     if total is not None and done < total:
         raise HubError(f"cannot download {url}: the transfer stopped after {done} of {total} bytes")
     return digest.hexdigest(), total is not None
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path` (created if needed), waited for; released on exit.
-
-    Opened read-only, so that a lock file another user of a shared cache created serves too.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise HubError(f"{path}: cannot use the cache: {exc.strerror or exc}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:  # a file system without locks (some NFS setups)
-            raise HubError(f"{path}: cannot lock the cache: {exc.strerror or exc}") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def check_pin(path: Path, pin: Pin, sha256: str, url: str, length_known: bool = True) -> None:

@@ -24,10 +24,11 @@ import torch
 from typer.testing import CliRunner
 
 from protembed.api import load_model
+from protembed.cache import held_lock
 from protembed.cli import app
 from protembed.embed_setup import locate_model
 from protembed.errors import BackendError, require_matplotlib
-from protembed.feature_cache import folder_lock, model_features, model_folder, seq_key
+from protembed.feature_cache import model_features, model_folder, seq_key
 from protembed.features import onehot_flat, onehot_residues
 from protembed.flip import IGNORE, FlipError
 from protembed.heads import CNNHead, fit_ridge, predict
@@ -640,6 +641,6 @@ def test_feature_cache_waits_for_another_run(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     t0 = time.monotonic()
-    with folder_lock(tmp_path, wait_s=30):
+    with held_lock(tmp_path / ".lock", "the feature cache", wait_s=30):
         assert time.monotonic() - t0 > 0.5, "it waited for the lock"
     holder.wait()
