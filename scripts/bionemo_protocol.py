@@ -13,6 +13,9 @@ come from, not part of protembed. Three settings, read from BioNeMo's ESM-2nv co
   clipped at norm 1.0 (the base config's trainer), the loss averaged over batches padded to 1024
   positions, and their ConvNet, whose hidden layer is not zeroed past a sequence's end.
 
+`--train-unresolved` trains on the unresolved residues too (all labelled C in FLIP's files), as a
+pipeline that ignores the resolved mask would; scoring still uses resolved residues only.
+
 All use BioNeMo's loss (logits of unlabelled positions zeroed, cross entropy averaged over every
 position of the padded batch). Prints test accuracy pooled over residues, averaged per sequence,
 averaged per batch of 64 (BioNeMo's metric) and, for secondary structure, over every residue,
@@ -84,12 +87,20 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/flip/fasta_layout"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-residues", type=int, default=1022, help="longer sequences are dropped")
+    parser.add_argument(
+        "--train-unresolved", action="store_true", help="train on unresolved residues too (label C)"
+    )
     args = parser.parse_args()
     cfg = SETTINGS[args.setting]
     torch.manual_seed(args.seed)
     task = get_task(args.task)
     data = load_task(task, data_dir=args.data_dir)
     feats = onehot_residues(data.seqs).residues
+    train_labels = data.labels
+    if args.train_unresolved:  # the loss sees every residue: the resolved mask is not applied
+        folder = args.data_dir
+        train_labels = read_residue_task(task, data.split, find_file(folder, task.folder, "sequences"),
+                                         find_file(folder, task.folder, data.split), None).labels  # fmt: skip
     keep = np.array([len(s) <= args.max_residues for s in data.seqs])
     train, test = (np.flatnonzero((data.part == p) & keep) for p in (0, 2))
     head = CNNHead(feats.dim, task.n_outputs)
@@ -102,7 +113,7 @@ def main() -> None:
         head.train()
         order = train if sequential else train[rng.permutation(train.size)]
         for start in range(0, order.size, BATCH):
-            xb, yb, mask = batch(feats, data.labels, order[start : start + BATCH], CPU)
+            xb, yb, mask = batch(feats, train_labels, order[start : start + BATCH], CPU)
             assert yb is not None
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg["lr"], step, cfg["anneal_steps"])
