@@ -33,6 +33,23 @@ def user_path(text: str | Path) -> Path | None:
         return None
 
 
+def writable(path: Path) -> bool:
+    """Whether this process may create and remove files in folder `path`."""
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def read_only(folder: Path) -> bool:
+    """Whether folder `folder` is there and not writable, or missing where it cannot be created."""
+    nearest = next(p for p in (folder, *folder.parents) if p.exists())
+    return nearest.is_dir() and not writable(nearest)
+
+
+def cache_root(path: Path) -> Path:
+    """The cache folder `path`, created if missing. An existing one is used as it is: a shared cache
+    someone else filled may be read-only, and is then only read (what it lacks is an error there)."""
+    return path if path.is_dir() else ensure_dir(path, "cache folder")
+
+
 def ensure_dir(path: Path, what: str) -> Path:
     """Create folder `path` (and its parents) if needed and check it is writable.
 
@@ -45,7 +62,7 @@ def ensure_dir(path: Path, what: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"{path}: cannot create {what}: {exc.strerror or exc}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not writable(path):
         raise StoreError(f"{path}: cannot write to {what}: permission denied")
     return path
 

@@ -15,7 +15,7 @@ import typer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from protembed.cache import check_file_output, default_cache_dir, ensure_dir, write_whole
+from protembed.cache import cache_root, check_file_output, default_cache_dir, ensure_dir, write_whole
 from protembed.cli_common import (
     Backend,
     BackendOption,
@@ -169,7 +169,7 @@ def finetune(
         require_matplotlib()
     cache = cache_dir or default_cache_dir()
     if data_dir is None or features is not FeatureKind.onehot:  # else nothing goes to the cache
-        ensure_dir(cache, "cache folder")
+        cache_root(cache)
     model_ref = None if features is FeatureKind.onehot else model or DEFAULT_MODEL
     with _progress(quiet) as bar:
         dl: dict[str, TaskID] = {}
@@ -302,8 +302,12 @@ def predict(
         check_file_output(out)
     dev = str(resolve_device(device))
     cache = cache_dir or default_cache_dir()
-    if load(head_dir)[0]["model"] is not None:  # one-hot features need no cache
+    if load(head_dir)[0]["model"] is None:  # one-hot features need no cache
+        pass
+    elif no_cache:  # the input's features go to a temporary folder in it
         ensure_dir(cache, "cache folder")
+    else:  # a read-only, shared cache serves if it holds them
+        cache_root(cache)
     with _progress(quiet) as bar:
         emb = bar.add_task("embedding", total=None, visible=False)
 

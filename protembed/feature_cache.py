@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protembed.cache import ensure_dir, held_lock
+from protembed.cache import ensure_dir, held_lock, read_only
 from protembed.embed import embed_fasta
 from protembed.embed_setup import ModelRef
 from protembed.errors import OutputExistsError, ResumeMismatchError, StoreError
@@ -55,6 +55,8 @@ def model_features(
 ) -> Features:
     """Mean-pooled (`per_residue`: per-residue) embeddings of one resolved layer, through the cache."""
     folder = model_folder(cache_dir, ref, layer, dtype) / ("residues" if per_residue else "pooled")
+    if read_only(folder):  # a shared cache, filled by someone else
+        return _read_only(folder, [seq_key(s) for s in seqs], per_residue, ref.config.d_model)
     ensure_dir(folder, "feature cache folder")
     keys = [seq_key(s) for s in seqs]
     local = Path(ref.source).is_dir()
@@ -104,6 +106,21 @@ def model_features(
                 _remove(exc.part)
 
 
+def _read_only(folder: Path, keys: list[str], per_residue: bool, dim: int) -> Features:
+    """The features of `keys` from a cache folder this process cannot change (or create): no lock,
+    no repairs."""
+    where = _index(folder, repair=False) if folder.is_dir() else {}
+    if missing := len({k for k in keys if k not in where}):
+        raise FlipError(
+            f"{folder}: the feature cache is read-only and lacks {missing} of these sequences; "
+            "pass a --cache-dir you can write to"
+        )
+    try:
+        return _gather(keys, where, per_residue, dim)
+    except _DamagedPart as exc:
+        raise FlipError(f"{exc.part}: damaged ({exc.reason}), in a read-only feature cache") from None
+
+
 def _write_fasta(path: Path, records: dict[str, str]) -> None:
     """The sequences a part is computed from (the embed pipeline reads a file)."""
     try:
@@ -133,15 +150,18 @@ def _first_clause(exc: Exception, part: Path) -> str:
     return str(exc).removeprefix(f"{part}: ").split(";")[0]
 
 
-def _index(folder: Path) -> dict[str, tuple[Path, int]]:
-    """Sequence key -> (part, row) over the complete parts of a folder (the first part wins)."""
+def _index(folder: Path, repair: bool = True) -> dict[str, tuple[Path, int]]:
+    """Sequence key -> (part, row) over the complete parts of a folder (the first part wins).
+    A part that is no embeddings file is removed (`repair`: else left out, with a notice)."""
     where: dict[str, tuple[Path, int]] = {}
     for part in sorted(folder.glob("part-*.h5")):
         try:
             rows = _rows(part)
         except StoreError as exc:  # not an embeddings file at all: damaged, of no use to anyone
-            _notice(f"feature cache: removing {part.name} ({_first_clause(exc, part)})")
-            _remove(part)
+            verb = "removing" if repair else "ignoring"
+            _notice(f"feature cache: {verb} {part.name} ({_first_clause(exc, part)})")
+            if repair:
+                _remove(part)
             continue
         if rows is None:
             continue  # unfinished: a later run with the same sequences resumes it

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from protembed.cache import ensure_dir, file_sha256, held_lock
+from protembed.cache import ensure_dir, file_sha256, held_lock, read_only
 from protembed.errors import HubError
 
 FLIP_URL = "http://data.bioembeddings.com/public/FLIP/fasta/"
@@ -87,7 +86,9 @@ def fetch(
     if key not in PINS:
         raise HubError(f"{key}.fasta is not a pinned FLIP file; download it yourself and pass --data-dir")
     dest = cache_dir / "flip" / folder / f"{name}.fasta"
-    if dest.is_file() and not os.access(dest.parent, os.W_OK):  # a shared cache, filled by someone else
+    if read_only(dest.parent):  # a shared cache, filled by someone else
+        if not dest.is_file():
+            raise HubError(f"{dest}: not in the read-only cache; pass a --cache-dir you can write to")
         check_pin(dest, PINS[key], file_sha256(dest), f"{dest} (in a read-only cache)")
         return dest
     ensure_dir(dest.parent, "cache folder")

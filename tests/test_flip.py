@@ -364,7 +364,7 @@ def test_read_only_cache_with_the_file_is_used(
     path = fetch("gb1", "two_vs_rest", tmp_path, server.url)
     (path.parent / ".two_vs_rest.fasta.lock").unlink()
     before = len(server.requests)
-    monkeypatch.setattr("protembed.flip_fetch.os.access", lambda *a, **k: False)  # as for a non-root user
+    monkeypatch.setattr("protembed.cache.writable", lambda _: False)  # as for a non-root user
     assert fetch("gb1", "two_vs_rest", tmp_path, server.url) == path
     assert len(server.requests) == before and not (path.parent / ".two_vs_rest.fasta.lock").exists()
     path.write_bytes(path.read_bytes()[:1000])
