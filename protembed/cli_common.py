@@ -162,7 +162,11 @@ def print_json(data: Any) -> None:
 
 
 def _finite(value: Any) -> Any:
-    """`value` with NaN and infinities (in dicts, lists and tuples) replaced by None."""
+    """`value` with NaN and infinities (in dicts, lists and tuples) replaced by None; NumPy and torch
+    numbers and arrays become plain numbers and lists."""
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return _finite(tolist())
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):

@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -358,12 +359,24 @@ def test_output_that_cannot_be_written(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_json_output_is_strict(capsys: pytest.CaptureFixture[str]) -> None:
     """NaN and infinities are not JSON: strict parsers (jq, JSON.parse) get null instead."""
-    print_json({"rmse": float("nan"), "scale": [1.0, float("inf")], "n": (3,)})
+    print_json(
+        {
+            "rmse": float("nan"),
+            "scale": [1.0, float("inf")],
+            "n": (3,),
+            "np": np.float32(0.5),
+            "arr": np.array([2.0, np.nan]),
+            "t": torch.tensor([1, 2]),
+        }
+    )
     out = capsys.readouterr().out
     assert json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == {
         "rmse": None,
         "scale": [1.0, None],
         "n": [3],
+        "np": 0.5,
+        "arr": [2.0, None],
+        "t": [1, 2],
     }
 
 
