@@ -84,7 +84,8 @@ def held_lock(path: Path, what: str, wait_s: float = 3600.0) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise StoreError(f"{path}: cannot create the lock file of {what}: {exc.strerror or exc}") from None
+        verb = "open" if path.exists() else "create"
+        raise StoreError(f"{path}: cannot {verb} the lock file of {what}: {exc.strerror or exc}") from None
     try:
         deadline, waiting = time.monotonic() + wait_s, False
         while True:

@@ -27,7 +27,13 @@ from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.backends import describe, prepare, resolve_backend
 from protembed.batching import default_token_budget
 from protembed.compute import COMPUTE_DTYPES, JobSpec
-from protembed.embed_setup import ModelRef, check_model_options, check_options, locate_model
+from protembed.embed_setup import (
+    ModelRef,
+    check_model_options,
+    check_options,
+    check_output_folder,
+    locate_model,
+)
 from protembed.errors import OutputCompleteError
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
 from protembed.merge import shard_ranges
@@ -135,6 +141,7 @@ def embed_fasta(
     check_options(poolings, long_policy, dtype, store_dtype, on_invalid, tokens_per_batch, compression)
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
     resolved = resolve_backend(backend, devices[0], dtype, compile)
+    check_output_folder(Path(output))  # before a download or weight hashing, not after
     # Validate the options and the whole input as soon as the model's shape is known, so that a
     # bad record fails in seconds, not after a download or weight hashing: now for a registry
     # model or a local checkpoint (whose weights are hashed later), else once a Hub model's

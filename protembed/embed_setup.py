@@ -9,8 +9,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from protembed.cache import writable
 from protembed.compute import COMPUTE_DTYPES
-from protembed.errors import OptionError, is_whole
+from protembed.errors import OptionError, StoreError, is_whole
 from protembed.models import checkpoints
 from protembed.models.encoder import EncoderConfig, resolve_layers
 from protembed.pooling import POOLINGS
@@ -89,3 +90,14 @@ def check_model_options(
     if not is_whole(limit) or not 1 <= limit <= cfg.max_residues:
         raise OptionError(f"--max-length {limit} is outside 1..{cfg.max_residues} for {name}")
     return layer_idx, limit
+
+
+def check_output_folder(output: Path) -> None:
+    """StoreError unless `output`'s folder exists and takes new files (its lock file, at least)."""
+    if output.is_dir():
+        raise StoreError(f"{output}: cannot write output: is a directory")
+    folder = output.resolve().parent
+    if not folder.is_dir():
+        raise StoreError(f"{output}: cannot write output: folder {output.parent} does not exist")
+    if not writable(folder):
+        raise StoreError(f"{output}: cannot write output: permission denied (folder {output.parent})")

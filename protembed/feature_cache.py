@@ -11,6 +11,7 @@ that no complete part holds yet, into one new part, so another head or seed cost
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import sys
@@ -77,8 +78,7 @@ def model_features(
             missing = {k: s for k, s in zip(keys, seqs) if k not in where}  # first-seen order
             if missing:  # the name follows the order too: a resumed part must get the same input
                 digest = hashlib.sha256("".join(missing).encode()).hexdigest()[:16]
-                part = folder / f"part-{digest}.h5"
-                fasta = folder / f"part-{digest}.fasta"
+                part, fasta = _part_paths(folder, digest)
                 _write_fasta(fasta, missing)
                 resumed = part.exists()
                 try:  # resumes an interrupted part
@@ -121,9 +121,22 @@ def _read_only(folder: Path, keys: list[str], per_residue: bool, dim: int) -> Fe
         raise FlipError(f"{exc.part}: damaged ({exc.reason}), in a read-only feature cache") from None
 
 
+def _part_paths(folder: Path, digest: str) -> tuple[Path, Path]:
+    """The part that holds the sequences of `digest`, and the FASTA file it is computed from. Files
+    of that name that another user left and this one cannot read and write (an interrupted run's)
+    are left alone: the part then gets a name of this user's own."""
+    for name in (f"part-{digest}", f"part-{digest}-u{os.geteuid()}"):
+        part, fasta = folder / f"{name}.h5", folder / f"{name}.fasta"
+        if all(not p.exists() or os.access(p, os.R_OK | os.W_OK) for p in (part, fasta)):
+            break
+    return part, fasta
+
+
 def _write_fasta(path: Path, records: dict[str, str]) -> None:
-    """The sequences a part is computed from (the embed pipeline reads a file)."""
+    """The sequences a part is computed from (the embed pipeline reads a file); one an interrupted
+    run left is replaced."""
     try:
+        path.unlink(missing_ok=True)  # the folder is locked: no run is reading it
         path.write_text("".join(f">{k}\n{s}\n" for k, s in records.items()))
     except OSError as exc:
         path.unlink(missing_ok=True)
@@ -147,7 +160,7 @@ def _notice(text: str) -> None:
 
 def _first_clause(exc: Exception, part: Path) -> str:
     """The reason in an error about `part`, without the path and the --overwrite hint."""
-    return str(exc).removeprefix(f"{part}: ").split(";")[0]
+    return (str(exc).removeprefix(f"{part}: ").split(";")[0].splitlines() or [""])[0]
 
 
 def _index(folder: Path, repair: bool = True) -> dict[str, tuple[Path, int]]:
@@ -155,6 +168,9 @@ def _index(folder: Path, repair: bool = True) -> dict[str, tuple[Path, int]]:
     A part that is no embeddings file is removed (`repair`: else left out, with a notice)."""
     where: dict[str, tuple[Path, int]] = {}
     for part in sorted(folder.glob("part-*.h5")):
+        if not os.access(part, os.R_OK):  # another user's, not shared: not damaged, just not ours
+            _notice(f"feature cache: ignoring {part.name} (permission denied)")
+            continue
         try:
             rows = _rows(part)
         except StoreError as exc:  # not an embeddings file at all: damaged, of no use to anyone
@@ -205,7 +221,8 @@ def _remove(part: Path) -> None:
             part.unlink()
     except OSError as exc:
         raise FlipError(
-            f"{part}: damaged, and it cannot be removed ({exc.strerror or exc}); delete it"
+            f"{part}: damaged, and it cannot be removed ({exc.strerror or exc}); delete it (or ask "
+            "its owner to), or pass another --cache-dir"
         ) from None
 
 

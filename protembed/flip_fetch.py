@@ -89,18 +89,20 @@ def fetch(
     if read_only(dest.parent):  # a shared cache, filled by someone else
         if not dest.is_file():
             raise HubError(f"{dest}: not in the read-only cache; pass a --cache-dir you can write to")
-        check_pin(dest, PINS[key], file_sha256(dest), f"{dest} (in a read-only cache)")
+        check_pin(dest, PINS[key], _sha256(dest), f"{dest} (in a read-only cache)")
         return dest
     ensure_dir(dest.parent, "cache folder")
     url = f"{base_url.rstrip('/')}/{key}.fasta"
     with held_lock(dest.with_name(f".{dest.name}.lock"), f"the FLIP file {dest}"):
         if dest.is_file():
+            digest = _sha256(dest)  # (a file this user cannot read is an error, not damage)
             try:
-                check_pin(dest, PINS[key], file_sha256(dest), str(dest), length_known=True)
+                check_pin(dest, PINS[key], digest, str(dest), length_known=True)
                 return dest
-            except (HubError, OSError):
-                dest.unlink(missing_ok=True)  # damaged since it was checked: fetched again below
+            except HubError:  # damaged since it was checked: fetched again below
+                _unlink(dest, "a damaged cached file")
         part = dest.with_suffix(".fasta.part")
+        _unlink(part, "an interrupted download")  # (we hold the lock: no one is writing it)
         try:
             sha256, length_known = _download(url, part, key, progress)
             check_pin(part, PINS[key], sha256, url, length_known)
@@ -109,6 +111,26 @@ def fetch(
             raise
         part.replace(dest)
     return dest
+
+
+def _sha256(path: Path) -> str:
+    """The digest of a cached file; a HubError naming it when it cannot be read (not damage: the
+    file may be another user's, who did not share it)."""
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        raise HubError(f"{path}: cannot read the cached file: {exc.strerror or exc}") from None
+
+
+def _unlink(path: Path, what: str) -> None:
+    """Remove `what` from the cache; a HubError naming it when that is not allowed."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise HubError(
+            f"{path}: {what} that cannot be removed ({exc.strerror or exc}); delete it (or ask its "
+            "owner to), or pass another --cache-dir"
+        ) from None
 
 
 def _download(url: str, part: Path, key: str, progress: Progress | None) -> tuple[str, bool]:

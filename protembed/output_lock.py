@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -19,7 +20,12 @@ class OutputLock:
             raise StoreError(f"{output}: cannot write output: is a directory")
         try:
             while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fd, ours = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), True
+                except PermissionError:  # another user's lock file: held now, or left by a killed run
+                    if not self.path.exists():
+                        raise
+                    fd, ours = os.open(self.path, os.O_RDONLY), False
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -31,16 +37,25 @@ class OutputLock:
                     ) from None
                 # A run that just finished may have unlinked the file we locked: lock the new one.
                 if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                    break
+                    if ours:
+                        break
+                    try:  # left by a killed run (we hold it): replaced by one of ours
+                        self.path.unlink()
+                    except OSError:  # not ours to remove (a sticky folder): held as it is
+                        break
                 os.close(fd)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            if ours:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
         except OSError as exc:
-            raise StoreError(f"{output}: cannot write output: {exc.strerror or exc}") from None
+            lock_file = exc.filename is not None and self.path.exists()  # it is in the way, not the folder
+            where = f"lock file {self.path}: " if lock_file else ""
+            raise StoreError(f"{output}: cannot write output: {where}{exc.strerror or exc}") from None
         self.fd = fd
 
     def release(self) -> None:
         if self.fd >= 0:
-            self.path.unlink(missing_ok=True)  # while still locked, so no one locks a stale file
+            with contextlib.suppress(OSError):  # (another user's, in a sticky folder: it stays)
+                self.path.unlink(missing_ok=True)  # while still locked, so no one locks a stale file
             os.close(self.fd)
             self.fd = -1

@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +24,7 @@ from torch import nn
 
 from protembed.api import default_device
 from protembed.cache import TEMP_PREFIX, default_cache_dir, ensure_dir, write_whole
-from protembed.errors import OutputExistsError, is_whole, require_matplotlib
+from protembed.errors import OutputExistsError, StoreError, is_whole, require_matplotlib
 from protembed.finetune import FORMAT, Run, featurize
 from protembed.flip import IGNORE, FlipError, get_task
 from protembed.heads import build_head, decode, predict
@@ -39,6 +41,13 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
     if not overwrite and out_dir.exists() and any(not _stale(p) for p in out_dir.iterdir()):
         raise OutputExistsError(f"{out_dir} is not empty (pass --overwrite to replace it)")
     ensure_dir(out_dir, "output folder")  # fail now, not after training
+    sticky = bool(out_dir.stat().st_mode & stat.S_ISVTX) and out_dir.stat().st_uid != os.geteuid()
+    for name in (WEIGHTS, PREDICTIONS, CONFIG, PLOT):  # an earlier run's, maybe another user's
+        path = out_dir / name
+        if not path.exists() or path.stat().st_uid == os.geteuid():
+            continue
+        if not os.access(path, os.W_OK) or (sticky and name in (CONFIG, PLOT)):  # written in place / removed
+            raise StoreError(f"{path}: cannot write output: permission denied (another user's file)")
 
 
 def save(run: Run, out_dir: Path, overwrite: bool = False) -> None:

@@ -293,7 +293,15 @@ def test_local_weights_digest_is_remembered(tmp_path: Path, monkeypatch: pytest.
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))  # new content, new size/mtime key: hashed again
-    assert checkpoints.weights_sha256(ckpt) != first
+    second = checkpoints.weights_sha256(ckpt)
+    assert second != first
+    memo = tmp_path / "cache" / "weights-sha256.json"
+    memo.unlink()
+    memo.mkdir()  # a memo that cannot be replaced: the digest is still right, and nothing is left over
+    data[-1] ^= 2
+    weights.write_bytes(bytes(data))
+    assert checkpoints.weights_sha256(ckpt) not in (first, second)
+    assert [p.name for p in memo.parent.iterdir()] == ["weights-sha256.json"]
 
 
 def test_bad_input_fails_before_a_registry_model_is_fetched(

@@ -195,3 +195,41 @@ def test_embed_fasta_checks_what_the_cli_checks(tmp_path: Path, fasta: Path) -> 
     embed_module.embed_fasta(fasta, out, model=ESM, poolings="mean, cls", overwrite=True, quiet=True)
     with h5py.File(out, "r") as f:
         assert f.attrs["pooling"] == "mean,cls"
+
+
+def test_output_folder_is_checked_before_the_model(
+    tmp_path: Path, fasta: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model download can take an hour: an output that cannot be written fails first."""
+    monkeypatch.setattr(embed_module, "locate_model", lambda *a, **k: pytest.fail("the model was looked up"))
+    shut = tmp_path / "shut"
+    shut.mkdir()
+    monkeypatch.setattr("protembed.embed_setup.writable", lambda p: Path(p) != shut.resolve())
+    for out, message in [
+        (shut / "o.h5", f"{shut / 'o.h5'}: cannot write output: permission denied (folder {shut})"),
+        (tmp_path / "none" / "o.h5", f"cannot write output: folder {tmp_path / 'none'} does not exist"),
+        (tmp_path, f"{tmp_path}: cannot write output: is a directory"),
+    ]:
+        r = run("embed", fasta, "-o", out, "--model", "esm2-8m", "-q")
+        assert r.exit_code == 1 and message in r.output.replace("\n", ""), r.output  # type: ignore[attr-defined]
+
+
+def test_another_users_stale_lock_is_taken_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock file this user may not open for writing (another user's, left by a killed run)."""
+    out = tmp_path / "o.h5"
+    lock = tmp_path / "o.h5.lock"
+    lock.write_text("12345\n")
+    real_open = os.open
+    refused: list[int] = []
+
+    def as_another_users(path: object, flags: int, *args: object) -> int:
+        if Path(str(path)) == lock and flags & os.O_RDWR and lock.exists() and lock.read_text() == "12345\n":
+            refused.append(flags)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("protembed.output_lock.os.open", as_another_users)
+    held = OutputLock(out)
+    assert refused and lock.read_text() == f"{os.getpid()}\n"  # replaced by one of ours
+    held.release()
+    assert not lock.exists()

@@ -8,6 +8,7 @@ for paths in the shared cache; every test also checks that no file in it was cre
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ import h5py
 import numpy as np
 import pytest
 
+from protembed.embed_setup import locate_model
+from protembed.errors import HubError
+from protembed.feature_cache import model_features, model_folder
+from protembed.flip_fetch import fetch
 from tests.test_finetune import ESM2, run_cli
 from tests.test_flip import TINY, TINY_SPLITS, _Server
 
@@ -127,3 +132,76 @@ def test_damaged_part_in_a_read_only_cache_is_named(tmp_path: Path, monkeypatch:
     assert f"feature cache: ignoring {part.name} (not a readable HDF5 file" in r.output
     assert "the feature cache is read-only and lacks 96 of these sequences" in r.output
     assert snapshot(shared) == before
+
+
+@pytest.mark.parametrize("left", ["unreadable", "unfinished"])
+def test_another_users_part_is_left_alone(
+    left: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """In a cache folder shared for writing, a part this user cannot read (a colleague's, made with
+    umask 077), or an unfinished one it cannot resume, is not damage: it stays, and the sequences go
+    into a part of this user's own."""
+    ref = locate_model(str(ESM2))
+    seqs = ["MKTAYIAKQR", "MSEQ"]
+    good = model_features(seqs, ref, 3, False, tmp_path)
+    (part,) = (model_folder(tmp_path, ref, 3, "float32") / "pooled").glob("part-*.h5")
+    if left == "unfinished":
+        with h5py.File(part, "r+") as h5:
+            h5.attrs["complete"] = False
+    before = snapshot(part.parent)
+    real_access = os.access
+    denied = os.R_OK if left == "unreadable" else os.W_OK
+
+    def access(path: Any, mode: int, **kw: Any) -> bool:
+        return not (Path(path) == part and mode & denied) and real_access(path, mode, **kw)
+
+    monkeypatch.setattr("protembed.feature_cache.os.access", access)
+    capfd.readouterr()
+    again = model_features(seqs, ref, 3, False, tmp_path)
+    assert again.pooled is not None and good.pooled is not None
+    np.testing.assert_array_equal(again.pooled, good.pooled)
+    assert (left == "unreadable") == (f"ignoring {part.name} (permission denied)" in capfd.readouterr().err)
+    now = snapshot(part.parent)
+    assert now[part.name] == before[part.name]  # untouched
+    assert sorted(set(now) - set(before)) == [f"{part.stem}-u{os.geteuid()}.h5"]
+
+
+def test_unreadable_flip_file_is_named_not_replaced(
+    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached FLIP file this user cannot read is someone else's: an error naming it, not damage."""
+    path = fetch("gb1", "two_vs_rest", tmp_path, server.url)
+    good, requests = path.read_bytes(), len(server.requests)
+
+    def denied(p: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr("protembed.flip_fetch.file_sha256", denied)
+    for writable in (True, False):  # a shared cache open for writing, and a read-only one
+        monkeypatch.setattr("protembed.cache.writable", lambda _, w=writable: w)
+        unreadable = r"two_vs_rest.fasta: cannot read the cached file: Permission denied$"
+        with pytest.raises(HubError, match=unreadable):
+            fetch("gb1", "two_vs_rest", tmp_path, server.url)
+    assert path.read_bytes() == good and len(server.requests) == requests
+
+
+def test_overwrite_of_another_users_head_is_refused_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A saved head in a shared folder whose files a colleague owns: refused before training, with
+    the colleague's head left whole (not half replaced)."""
+    out = tmp_path / "head"
+    base = ["--features", "onehot", "--head", "ridge", "--data-dir", TINY, "-o", out]
+    assert finetune(tmp_path / "cache", *base).exit_code == 0
+    weights = out / "head.safetensors"
+    os.chown(weights, 65534, 65534)
+    before = snapshot(out)
+    real_access = os.access
+    monkeypatch.setattr(
+        "protembed.saved_head.os.access",
+        lambda p, mode, **kw: Path(p) != weights and real_access(p, mode, **kw),
+    )
+    r = finetune(tmp_path / "cache", *base, "--overwrite")
+    assert r.exit_code == 1, r.output
+    assert f"{weights}: cannot write output: permission denied (another user's file)" in r.output
+    assert snapshot(out) == before

@@ -10,6 +10,7 @@ second full copy of the weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -312,11 +313,12 @@ def weights_sha256(path: Path) -> str:
             while chunk := handle.read(1 << 24):
                 digest.update(chunk)
     memo[key] = "sha256:" + digest.hexdigest()
+    tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}")
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(memo))
         tmp.replace(memo_path)
-    except OSError:
-        pass  # a read-only cache only costs hashing again next time
+    except OSError:  # a read-only cache, or another user's memo: only costs hashing again next time
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return str(memo[key])
