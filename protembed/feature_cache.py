@@ -10,6 +10,7 @@ that no complete part holds yet, into one new part, so another head or seed cost
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -133,13 +134,12 @@ def _part_paths(folder: Path, digest: str) -> tuple[Path, Path]:
 
 
 def _write_fasta(path: Path, records: dict[str, str]) -> None:
-    """The sequences a part is computed from (the embed pipeline reads a file); one an interrupted
-    run left is replaced."""
+    """The sequences a part is computed from (the embed pipeline reads a file)."""
     try:
-        path.unlink(missing_ok=True)  # the folder is locked: no run is reading it
         path.write_text("".join(f">{k}\n{s}\n" for k, s in records.items()))
     except OSError as exc:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
         raise FlipError(f"{path}: cannot write to the feature cache: {exc.strerror or exc}") from None
 
 

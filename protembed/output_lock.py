@@ -11,7 +11,8 @@ from protembed.errors import OutputExistsError, StoreError
 
 
 class OutputLock:
-    """An exclusive flock on `OUTPUT.lock`, which holds the pid; removed on release."""
+    """An exclusive flock on `OUTPUT.lock`, which holds the pid; removed on release. One that another
+    user's killed run left is taken over."""
 
     def __init__(self, output: Path) -> None:
         target = output.resolve()  # one lock per file, whichever symlink names it
