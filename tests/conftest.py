@@ -13,6 +13,7 @@ from huggingface_hub import constants
 
 from protembed.models.checkpoints import load_checkpoint
 from protembed.models.encoder import Encoder
+from tests.flip_server import FlipServer
 from tests.helpers import fixture_dir
 from tests.hub_server import FakeHub, default_repos
 
@@ -61,3 +62,11 @@ def cache(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def flip_server() -> Iterator[FlipServer]:
+    """The FLIP FASTA server's layout, served on 127.0.0.1 from the shared fasta_layout folder."""
+    s = FlipServer()
+    yield s
+    s.close()

@@ -5,11 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import threading
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +23,7 @@ from protembed.flip import (
     read_sequence_task,
 )
 from protembed.flip_fetch import PINS, Pin, check_pin, fetch
+from tests.flip_server import FlipServer
 from tests.helpers import SHARED
 
 FLIP = SHARED / "data" / "flip"
@@ -236,65 +233,19 @@ def test_sequences_without_labels_are_skipped(tmp_path: Path) -> None:
 # --- downloader against a local server ----------------------------------------------------------
 
 
-class _Server:
-    """Serves fasta_layout the way the FLIP server does: `<folder>/<file>.fasta`, uncompressed."""
-
-    def __init__(self) -> None:
-        self.requests: list[str] = []
-        self.tamper = False
-        self.delay = 0.0  # seconds before the body
-        self.cut: int | None = None  # send no Content-Length and drop this many final bytes
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                owner.requests.append(self.path)
-                rel = self.path.removeprefix("/public/FLIP/fasta/")
-                gz = LAYOUT / f"{rel}.gz"
-                if not rel.endswith(".fasta") or not gz.is_file():
-                    self.send_error(404)
-                    return
-                body = gzip.decompress(gz.read_bytes())
-                if owner.tamper:
-                    body = body.replace(b"SET=test", b"SET=train", 1)
-                self.send_response(200)
-                if owner.cut is None:
-                    self.send_header("Content-Length", str(len(body)))
-                else:
-                    body = body[: len(body) - owner.cut]
-                self.end_headers()
-                time.sleep(owner.delay)
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/public/FLIP/fasta/"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[_Server]:
-    s = _Server()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
-
-
-def test_download_checks_and_caches(server: _Server, tmp_path: Path) -> None:
+def test_download_checks_and_caches(flip_server: FlipServer, tmp_path: Path) -> None:
     seen: list[tuple[str, int, int | None]] = []
-    path = fetch("gb1", "two_vs_rest", tmp_path, server.url, lambda *a: seen.append(a))
+    path = fetch("gb1", "two_vs_rest", tmp_path, flip_server.url, lambda *a: seen.append(a))
     assert path == tmp_path / "flip" / "gb1" / "two_vs_rest.fasta"
     assert seen and seen[-1] == ("gb1/two_vs_rest", path.stat().st_size, path.stat().st_size)
-    n = len(server.requests)
-    again = load_task(get_task("flip-gb1"), cache_dir=tmp_path, base_url=server.url)
-    assert len(server.requests) == n  # served from the cache
+    n = len(flip_server.requests)
+    again = load_task(get_task("flip-gb1"), cache_dir=tmp_path, base_url=flip_server.url)
+    assert len(flip_server.requests) == n  # served from the cache
     assert again.counts() == {"train": 381, "validation": 43, "test": 8309}
 
 
-def test_download_residue_task(server: _Server, tmp_path: Path) -> None:
-    data = load_task(get_task("flip-bind"), cache_dir=tmp_path, base_url=server.url)
+def test_download_residue_task(flip_server: FlipServer, tmp_path: Path) -> None:
+    data = load_task(get_task("flip-bind"), cache_dir=tmp_path, base_url=flip_server.url)
     assert data.counts() == {"train": 954, "validation": 106, "test": 300}
     assert sorted(p.name for p in (tmp_path / "flip" / "bind").glob("[!.]*")) == [
         "from_publication.fasta",
@@ -302,92 +253,92 @@ def test_download_residue_task(server: _Server, tmp_path: Path) -> None:
     ]
 
 
-def test_download_rejects_tampered_file(server: _Server, tmp_path: Path) -> None:
-    server.tamper = True
+def test_download_rejects_tampered_file(flip_server: FlipServer, tmp_path: Path) -> None:
+    flip_server.tamper = True
     try:
         with pytest.raises(HubError, match=r"gb1/sampled.fasta: sha256 .* does not match the pinned"):
-            fetch("gb1", "sampled", tmp_path, server.url)
+            fetch("gb1", "sampled", tmp_path, flip_server.url)
     finally:
-        server.tamper = False
+        flip_server.tamper = False
     left = [p.name for p in (tmp_path / "flip" / "gb1").iterdir()]
     assert left == [".sampled.fasta.lock"]  # nothing half-written is left; the lock file stays
 
 
-def test_download_errors(server: _Server, tmp_path: Path) -> None:
+def test_download_errors(flip_server: FlipServer, tmp_path: Path) -> None:
     with pytest.raises(HubError, match="gb1/nope.fasta is not a pinned FLIP file"):
-        fetch("gb1", "nope", tmp_path, server.url)
+        fetch("gb1", "nope", tmp_path, flip_server.url)
     with pytest.raises(HubError, match="cannot download .*meltome/mixed_split.fasta"):
-        fetch("meltome", "mixed_split", tmp_path, server.url)  # not in fasta_layout: 404
+        fetch("meltome", "mixed_split", tmp_path, flip_server.url)  # not in fasta_layout: 404
 
 
-def test_cli_downloads_once(server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_downloads_once(flip_server: FlipServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
     from protembed.cli import app
 
-    monkeypatch.setenv("PROTEMBED_FLIP_URL", server.url)
+    monkeypatch.setenv("PROTEMBED_FLIP_URL", flip_server.url)
     args = ["finetune", "flip-gb1", "--features", "onehot", "--head", "ridge", "--cache-dir", str(tmp_path)]
-    before = len(server.requests)
+    before = len(flip_server.requests)
     for _ in range(2):
         result = CliRunner().invoke(app, [*args, "--json", "-q"])
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["counts"] == {"train": 381, "validation": 43, "test": 8309}
-    assert server.requests[before:] == ["/public/FLIP/fasta/gb1/two_vs_rest.fasta"]
+    assert flip_server.requests[before:] == ["/public/FLIP/fasta/gb1/two_vs_rest.fasta"]
 
 
-def test_concurrent_downloads_take_turns(server: _Server, tmp_path: Path) -> None:
+def test_concurrent_downloads_take_turns(flip_server: FlipServer, tmp_path: Path) -> None:
     """Two runs needing the same file at once: one downloads it, the other waits and reuses it."""
-    before, server.delay = len(server.requests), 0.5
+    before, flip_server.delay = len(flip_server.requests), 0.5
     try:
         with ThreadPoolExecutor(2) as pool:
-            paths = list(pool.map(lambda _: fetch("gb1", "two_vs_rest", tmp_path, server.url), range(2)))
+            paths = list(pool.map(lambda _: fetch("gb1", "two_vs_rest", tmp_path, flip_server.url), range(2)))
     finally:
-        server.delay = 0.0
+        flip_server.delay = 0.0
     assert paths[0] == paths[1] and paths[0].is_file()
-    assert len(server.requests) == before + 1
+    assert len(flip_server.requests) == before + 1
     names = sorted(p.name for p in paths[0].parent.iterdir())
     assert names == [".two_vs_rest.fasta.lock", "two_vs_rest.fasta"]
 
 
-def test_damaged_cached_file_is_fetched_again(server: _Server, tmp_path: Path) -> None:
-    path = fetch("gb1", "two_vs_rest", tmp_path, server.url)
-    good, before = path.read_bytes(), len(server.requests)
+def test_damaged_cached_file_is_fetched_again(flip_server: FlipServer, tmp_path: Path) -> None:
+    path = fetch("gb1", "two_vs_rest", tmp_path, flip_server.url)
+    good, before = path.read_bytes(), len(flip_server.requests)
     path.write_bytes(good[: len(good) // 2])  # cut short on disk after it was checked
-    assert fetch("gb1", "two_vs_rest", tmp_path, server.url).read_bytes() == good
-    assert len(server.requests) == before + 1
+    assert fetch("gb1", "two_vs_rest", tmp_path, flip_server.url).read_bytes() == good
+    assert len(flip_server.requests) == before + 1
 
 
 def test_read_only_cache_with_the_file_is_used(
-    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flip_server: FlipServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A shared cache that someone else filled: checked and read, with no lock file to create."""
-    path = fetch("gb1", "two_vs_rest", tmp_path, server.url)
+    path = fetch("gb1", "two_vs_rest", tmp_path, flip_server.url)
     (path.parent / ".two_vs_rest.fasta.lock").unlink()
-    before = len(server.requests)
+    before = len(flip_server.requests)
     monkeypatch.setattr("protembed.cache.writable", lambda _: False)  # as for a non-root user
-    assert fetch("gb1", "two_vs_rest", tmp_path, server.url) == path
-    assert len(server.requests) == before and not (path.parent / ".two_vs_rest.fasta.lock").exists()
+    assert fetch("gb1", "two_vs_rest", tmp_path, flip_server.url) == path
+    assert len(flip_server.requests) == before and not (path.parent / ".two_vs_rest.fasta.lock").exists()
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(
         HubError, match=r"two_vs_rest.fasta \(in a read-only cache\): sha256 .* does not match"
     ):
-        fetch("gb1", "two_vs_rest", tmp_path, server.url)
+        fetch("gb1", "two_vs_rest", tmp_path, flip_server.url)
 
 
 def test_download_cut_short_without_a_length_is_refused(
-    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flip_server: FlipServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file pinned by counts alone (meltome, scl), from a server that sends no Content-Length."""
     monkeypatch.setitem(PINS, "gb1/two_vs_rest", Pin(None, PINS["gb1/two_vs_rest"].counts))
-    server.cut = 20  # inside the last sequence: every header arrived, so the counts match
+    flip_server.cut = 20  # inside the last sequence: every header arrived, so the counts match
     try:
         with pytest.raises(HubError, match=r"two_vs_rest.fasta: the file ends inside a record"):
-            fetch("gb1", "two_vs_rest", tmp_path, server.url)
+            fetch("gb1", "two_vs_rest", tmp_path, flip_server.url)
         assert not (tmp_path / "flip" / "gb1" / "two_vs_rest.fasta").exists()
-        server.cut = 0  # the whole file, still without a length: its final line break shows the end
-        assert fetch("gb1", "two_vs_rest", tmp_path, server.url).is_file()
+        flip_server.cut = 0  # the whole file, still without a length: its final line break shows the end
+        assert fetch("gb1", "two_vs_rest", tmp_path, flip_server.url).is_file()
     finally:
-        server.cut = None
+        flip_server.cut = None
 
 
 def test_record_counts_checked(tmp_path: Path) -> None:

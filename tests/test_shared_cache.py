@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,11 @@ from protembed.embed_setup import locate_model
 from protembed.errors import HubError
 from protembed.feature_cache import model_features, model_folder
 from protembed.flip_fetch import fetch
+from tests.flip_server import FlipServer
 from tests.test_finetune import ESM2, run_cli
-from tests.test_flip import TINY, TINY_SPLITS, _Server
+from tests.test_flip import TINY, TINY_SPLITS
 
 WRITERS = ("protembed.cache.writable",)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[_Server]:
-    s = _Server()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -56,24 +48,24 @@ def finetune(cache: Path, *extra: object) -> Any:
 
 
 def test_finetune_reads_a_read_only_cache(
-    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flip_server: FlipServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shared = tmp_path / "shared"
-    monkeypatch.setenv("PROTEMBED_FLIP_URL", server.url)
+    monkeypatch.setenv("PROTEMBED_FLIP_URL", flip_server.url)
     model = ["--model", ESM2, "--device", "cpu", "--head", "ridge"]
     onehot = ["--features", "onehot", "--head", "ridge", "--split", "two_vs_rest"]
     filled = finetune(shared, *model, "--data-dir", TINY)  # the owner fills the cache
     assert filled.exit_code == 0, filled.output
     r = run_cli("finetune", "flip-gb1", *onehot, "--cache-dir", shared, "-q")  # and downloads a file
     assert r.exit_code == 0, r.output
-    before, requests = snapshot(shared), len(server.requests)
+    before, requests = snapshot(shared), len(flip_server.requests)
     read_only(monkeypatch, shared)
 
     again = finetune(shared, *model, "--data-dir", TINY)
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["metrics"] == json.loads(filled.stdout)["metrics"]
     r = run_cli("finetune", "flip-gb1", *onehot, "--cache-dir", shared, "-q")
-    assert r.exit_code == 0 and len(server.requests) == requests, r.output
+    assert r.exit_code == 0 and len(flip_server.requests) == requests, r.output
 
     r = finetune(shared, *model, "--data-dir", TINY, "--layer", "1")  # never computed
     assert r.exit_code == 1, r.output
@@ -167,11 +159,11 @@ def test_another_users_part_is_left_alone(
 
 
 def test_unreadable_flip_file_is_named_not_replaced(
-    server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flip_server: FlipServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A cached FLIP file this user cannot read is someone else's: an error naming it, not damage."""
-    path = fetch("gb1", "two_vs_rest", tmp_path, server.url)
-    good, requests = path.read_bytes(), len(server.requests)
+    path = fetch("gb1", "two_vs_rest", tmp_path, flip_server.url)
+    good, requests = path.read_bytes(), len(flip_server.requests)
 
     def denied(p: Path) -> str:
         raise PermissionError(13, "Permission denied", str(p))
@@ -181,8 +173,8 @@ def test_unreadable_flip_file_is_named_not_replaced(
         monkeypatch.setattr("protembed.cache.writable", lambda _, w=writable: w)
         unreadable = r"two_vs_rest.fasta: cannot read the cached file: Permission denied$"
         with pytest.raises(HubError, match=unreadable):
-            fetch("gb1", "two_vs_rest", tmp_path, server.url)
-    assert path.read_bytes() == good and len(server.requests) == requests
+            fetch("gb1", "two_vs_rest", tmp_path, flip_server.url)
+    assert path.read_bytes() == good and len(flip_server.requests) == requests
 
 
 def test_overwrite_of_another_users_head_is_refused_up_front(
