@@ -119,7 +119,7 @@ def check_file_output(path: Path) -> None:
     parent = path.parent
     if not parent.is_dir():
         raise StoreError(f"{path}: cannot write output: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if not writable(parent) or (path.exists() and not os.access(path, os.W_OK)):
         raise StoreError(f"{path}: cannot write output: permission denied")
 
 

@@ -57,10 +57,10 @@ def model_features(
 ) -> Features:
     """Mean-pooled (`per_residue`: per-residue) embeddings of one resolved layer, through the cache."""
     folder = model_folder(cache_dir, ref, layer, dtype) / ("residues" if per_residue else "pooled")
-    if read_only(folder):  # a shared cache, filled by someone else
-        return _read_only(folder, [seq_key(s) for s in seqs], per_residue, ref.config.d_model)
-    ensure_dir(folder, "feature cache folder")
     keys = [seq_key(s) for s in seqs]
+    if read_only(folder):  # a shared cache, filled by someone else
+        return _read_only(folder, keys, per_residue, ref.config.d_model)
+    ensure_dir(folder, "feature cache folder")
     local = Path(ref.source).is_dir()
 
     def embed(fasta: Path, part: Path, overwrite: bool) -> None:

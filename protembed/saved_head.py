@@ -41,7 +41,8 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
     if not overwrite and out_dir.exists() and any(not _stale(p) for p in out_dir.iterdir()):
         raise OutputExistsError(f"{out_dir} is not empty (pass --overwrite to replace it)")
     ensure_dir(out_dir, "output folder")  # fail now, not after training
-    sticky = bool(out_dir.stat().st_mode & stat.S_ISVTX) and out_dir.stat().st_uid != os.geteuid()
+    folder = out_dir.stat()
+    sticky = bool(folder.st_mode & stat.S_ISVTX) and folder.st_uid != os.geteuid()
     for name in (WEIGHTS, PREDICTIONS, CONFIG, PLOT):  # an earlier run's, maybe another user's
         path = out_dir / name
         if not path.exists() or path.stat().st_uid == os.geteuid():
