@@ -67,7 +67,7 @@ complete -c protembed -n '__fish_seen_subcommand_from models' -l help -d 'Show t
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -s m -l model -x -d 'Registry name, Hub repo id or checkpoint folder. Default: esm2-650m.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l features -x -a 'model onehot' -d 'Language-model embeddings or the one-hot baseline.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l split -x -d 'Split file. Default: the task\'s card split.'
-complete -c protembed -n '__fish_seen_subcommand_from finetune' -l head -x -a 'linear mlp ridge cnn' -d 'Head Default: mlp per sequence, cnn per residue.'
+complete -c protembed -n '__fish_seen_subcommand_from finetune' -l head -x -a 'linear mlp ridge cnn' -d 'Head on the features. Default: mlp per sequence, cnn per residue.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l layer -x -d 'Layer to embed: 0 is the token embedding, negative counts from the end. Default: -1.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l epochs -x -d 'Maximum training epochs.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l lr -x -d 'AdamW learning rate (> 0).'

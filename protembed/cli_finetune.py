@@ -108,7 +108,8 @@ def finetune(
         str | None, typer.Option("--split", help="Split file. Default: the task's card split.")
     ] = None,
     head: Annotated[
-        HeadName | None, typer.Option("--head", help="Head Default: mlp per sequence, cnn per residue.")
+        HeadName | None,
+        typer.Option("--head", help="Head on the features. Default: mlp per sequence, cnn per residue."),
     ] = None,
     layer: Annotated[
         int | None,
