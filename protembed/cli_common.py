@@ -92,7 +92,8 @@ def handle_errors(fn: F) -> F:
         except ProtembedError as exc:
             if DEBUG["on"]:
                 raise
-            one_line = " ".join(str(exc).split())  # texts quoted from HDF5 or the OS may hold newlines
+            # texts quoted from HDF5 or the OS may hold line breaks; spaces inside a line are kept
+            one_line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
             err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except BrokenPipeError:  # `protembed ... | head`: the reader has all it wanted
@@ -176,12 +177,18 @@ def _finite(value: Any) -> Any:
     return value
 
 
+_STDOUT_PIECE = 1 << 16  # characters
+
+
 def write_stdout(text: str) -> None:
     """`text` on stdout, flushed; a full disk behind it is a ProtembedError (a closed pipe: see
-    `handle_errors`)."""
+    `handle_errors`). Written in pieces: one large write into a pipe whose reader goes away
+    midway comes back short without an error (exit status 0, output cut), while the next piece
+    raises BrokenPipeError."""
     try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        for start in range(0, len(text), _STDOUT_PIECE):
+            sys.stdout.write(text[start : start + _STDOUT_PIECE])
+            sys.stdout.flush()
     except BrokenPipeError:
         raise
     except OSError as exc:

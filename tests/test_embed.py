@@ -23,7 +23,7 @@ from protembed.cache import write_whole
 from protembed.cli import app
 from protembed.cli_common import handle_errors, out_console, print_json
 from protembed.cli_embed import default_output
-from protembed.errors import OptionError, StoreError
+from protembed.errors import FastaError, OptionError, StoreError
 from protembed.models import checkpoints
 from protembed.reader import open_embeddings
 from tests.helpers import fixture_dir, reference, rows_written
@@ -321,7 +321,8 @@ def test_bad_input_fails_before_a_registry_model_is_fetched(
 
 
 def test_error_text_with_newlines_prints_as_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    """HDF5 and OS texts quoted in an error may hold newlines; the user still gets one line."""
+    """HDF5 and OS texts quoted in an error may hold newlines; the user still gets one line, with
+    the spaces inside a line (of a quoted input line, say) as they were."""
 
     @handle_errors
     def fails() -> None:
@@ -332,6 +333,14 @@ def test_error_text_with_newlines_prints_as_one_line(capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert info.value.exit_code == 1 and err.count("\n") == 1
     assert "time = Tue Nov 24 , filename = 'o.h5'" in err
+
+    @handle_errors
+    def quotes() -> None:
+        raise FastaError("x.fa", 1, None, "not FASTA: expected a '>' header line, found 'ID   HBA_HUMAN'")
+
+    with pytest.raises(typer.Exit):
+        quotes()
+    assert "found 'ID   HBA_HUMAN'" in capsys.readouterr().err
 
 
 def test_output_that_cannot_be_written(capsys: pytest.CaptureFixture[str]) -> None:
@@ -363,6 +372,21 @@ def test_output_that_cannot_be_written(capsys: pytest.CaptureFixture[str]) -> No
         disk_full()
     assert info.value.exit_code == 1
     assert capsys.readouterr().err == "error: cannot write: No space left on device (--debug shows where)\n"
+
+
+def test_large_output_into_a_pipe_closed_early_exits_141() -> None:
+    """`protembed predict ... | head`: a write blocked on a full pipe whose reader goes away comes
+    back short without an error; the rest of the output must still end in exit status 141."""
+    code = (
+        "import typer\n"
+        "from protembed.cli_common import handle_errors, write_stdout\n"
+        "typer.run(handle_errors(lambda: write_stdout('x' * 4_000_000)))\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    assert child.stdout.read(10) == b"x" * 10
+    child.stdout.close()
+    assert child.wait(timeout=60) == 141, child.stderr.read().decode()
 
 
 def test_json_output_is_strict(capsys: pytest.CaptureFixture[str]) -> None:

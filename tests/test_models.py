@@ -117,6 +117,10 @@ def test_layer_resolution() -> None:
     assert resolve_layers("all", esm) == list(range(7)) and resolve_layers(-1, esm) == [6]  # one item
     with pytest.raises(ValueError, match="layer 'x' is not a number, 'all' or 'final'"):
         resolve_layers(["x"], esm)
+    assert resolve_layers("0, -1,3", esm) == [0, 3, 6]  # the command line's comma list
+    assert resolve_layers(["final,0"], amp) == [0, 25]
+    with pytest.raises(ValueError, match="layer '' is not a number"):
+        resolve_layers("0,", esm)
 
 
 def test_python_api_refuses_wrong_arguments() -> None:

@@ -59,11 +59,12 @@ class EncoderConfig:
 
 def resolve_layers(spec: Sequence[int | str] | int | str, config: EncoderConfig) -> list[int]:
     """Non-negative, de-duplicated layer indices for a user's list (ints, "final" or "all"), or for
-    one such item alone."""
+    one such item alone; a string may be the command line's comma list ("0,6,-1")."""
     n, top = config.n_layers, config.top_layer
     out: list[int] = []
     # one item alone ("all", -1) or a list of them
-    items = [spec] if isinstance(spec, (str, numbers.Integral)) else list(spec)  # type: ignore[arg-type]
+    given = [spec] if isinstance(spec, (str, numbers.Integral)) else list(spec)  # type: ignore[arg-type]
+    items = [part for item in given for part in (item.split(",") if isinstance(item, str) else [item])]
     if not items:
         raise ValueError("no layers given")
     for item in items:
