@@ -12,7 +12,7 @@ from collections.abc import Callable
 from enum import Enum
 from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar
 
 import typer
 from rich.console import Console
@@ -177,18 +177,22 @@ def _finite(value: Any) -> Any:
     return value
 
 
-_STDOUT_PIECE = 1 << 16  # characters
+_PIECE = 1 << 16  # characters
+
+
+def write_in_pieces(stream: TextIO, text: str) -> None:
+    """`text` to `stream`, flushed after every 64 Ki characters. One large write into a pipe whose
+    reader goes away midway comes back short without an error (exit status 0, output cut); the
+    next piece raises BrokenPipeError, which `handle_errors` turns into exit status 141."""
+    for start in range(0, len(text), _PIECE):
+        stream.write(text[start : start + _PIECE])
+        stream.flush()
 
 
 def write_stdout(text: str) -> None:
-    """`text` on stdout, flushed; a full disk behind it is a ProtembedError (a closed pipe: see
-    `handle_errors`). Written in pieces: one large write into a pipe whose reader goes away
-    midway comes back short without an error (exit status 0, output cut), while the next piece
-    raises BrokenPipeError."""
+    """`text` on stdout (`write_in_pieces`); a full disk behind it is a ProtembedError."""
     try:
-        for start in range(0, len(text), _STDOUT_PIECE):
-            sys.stdout.write(text[start : start + _STDOUT_PIECE])
-            sys.stdout.flush()
+        write_in_pieces(sys.stdout, text)
     except BrokenPipeError:
         raise
     except OSError as exc:

@@ -26,6 +26,7 @@ from protembed.cli_common import (
     path_value,
     print_json,
     resolve_device,
+    write_in_pieces,
     write_stdout,
 )
 from protembed.errors import OutputExistsError, require_matplotlib
@@ -329,6 +330,11 @@ def predict(
     if out is None:
         write_stdout(text.getvalue())
     else:
-        write_whole(out, lambda tmp: tmp.write_text(text.getvalue(), newline=""))
+
+        def fill(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8", newline="") as handle:  # `-o /dev/stdout | head`
+                write_in_pieces(handle, text.getvalue())
+
+        write_whole(out, fill)
     if out is not None and not quiet:
         err_console.print(f"wrote {len(rows)} predictions to {out}", highlight=False)
