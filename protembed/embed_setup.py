@@ -66,7 +66,8 @@ def check_options(
         raise OptionError(f"--tokens-per-batch {tokens_per_batch} must be at least 1")
     bad = [p for p in poolings if p not in POOLINGS]
     if bad or not poolings:
-        raise OptionError(f"unknown pooling {', '.join(bad) or '(none)'}; choose from {', '.join(POOLINGS)}")
+        given = ",".join(bad) or "(none)"
+        raise OptionError(f"--pool {given!r} is not one of {', '.join(POOLINGS)} (or a comma list of them)")
     for value, allowed, what in (
         (long_policy, LONG_POLICIES, "--long"),
         (dtype, tuple(COMPUTE_DTYPES), "--dtype"),

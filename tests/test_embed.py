@@ -257,7 +257,7 @@ def test_skip_policy_records_skipped_rows(tmp_path: Path) -> None:
     [
         (["--model", "esm2-65m"], "esm2-650m"),
         (["--layer", "9"], "out of range"),
-        (["--pool", "max"], "unknown pooling"),
+        (["--pool", "max"], "--pool 'max' is not one of mean, cls"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], expected: str) -> None:
