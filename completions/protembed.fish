@@ -74,10 +74,10 @@ complete -c protembed -n '__fish_seen_subcommand_from finetune' -l lr -x -d 'Ada
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l batch-size -x -d 'Sequences per step.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l seed -x -d 'Seed for initialisation and shuffling.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l patience -x -d 'Epochs without improvement to stop.'
-complete -c protembed -n '__fish_seen_subcommand_from finetune' -l data-dir -r -F -d 'Folder in the FLIP FASTA layout (<dir>/<task>/<file>.fasta[.gz]); default: download once from the FLIP server into the cache.'
+complete -c protembed -n '__fish_seen_subcommand_from finetune' -l data-dir -r -F -d 'Folder of FLIP FASTA files, one subfolder per dataset (e.g. DIR/gb1/two_vs_rest.fasta, or .fasta.gz); default: download once from the FLIP server into the cache.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l cache-dir -r -F -d 'Cache for downloads and features (default: $PROTEMBED_CACHE or ~/.cache/protembed).'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -s o -l output -r -F -d 'Save head, config, predictions.'
-complete -c protembed -n '__fish_seen_subcommand_from finetune' -l overwrite -d 'Replace a non-empty --output folder.'
+complete -c protembed -n '__fish_seen_subcommand_from finetune' -l overwrite -d 'Replace a non-empty --output folder or an existing --plot file.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l device -x -d 'cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l backend -x -a 'auto torch te' -d 'auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l json -d 'Print results as JSON on stdout.'
@@ -87,7 +87,7 @@ complete -c protembed -n '__fish_seen_subcommand_from finetune' -l help -d 'Show
 complete -c protembed -n '__fish_seen_subcommand_from finetune; and not __fish_seen_subcommand_from flip-meltome flip-gb1 flip-secondary-structure flip-ss3 flip-conservation flip-scl flip-bind' -a 'flip-meltome flip-gb1 flip-secondary-structure flip-ss3 flip-conservation flip-scl flip-bind' -d 'FLIP task.'
 
 # protembed predict
-complete -c protembed -n '__fish_seen_subcommand_from predict' -s o -l output -r -F -d 'CSV file. Default: stdout.'
+complete -c protembed -n '__fish_seen_subcommand_from predict' -s o -l output -r -F -d 'CSV file (- for stdout). Default: stdout.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l overwrite -d 'Replace an existing output file.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l cache-dir -r -F -d 'Cache for downloads and features (default: $PROTEMBED_CACHE or ~/.cache/protembed).'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l no-cache -d 'Do not keep the input\'s features in the cache (they are computed in a temporary folder there and deleted at the end; an interrupted run starts over).'

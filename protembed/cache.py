@@ -118,7 +118,8 @@ def check_file_output(path: Path) -> None:
         raise StoreError(f"{path}: cannot write output: is a folder")
     parent = path.parent
     if not parent.is_dir():
-        raise StoreError(f"{path}: cannot write output: folder {parent} does not exist")
+        why = f"{parent} is not a folder" if parent.exists() else f"folder {parent} does not exist"
+        raise StoreError(f"{path}: cannot write output: {why}")
     if not writable(parent) or (path.exists() and not os.access(path, os.W_OK)):
         raise StoreError(f"{path}: cannot write output: permission denied")
 

@@ -35,6 +35,15 @@ class _StdoutConsole(Console):
         _discard_stdout()
         raise SystemExit(EXIT_BROKEN_PIPE)
 
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        """Console.print; a full disk behind stdout is the ProtembedError `write_stdout` raises."""
+        try:
+            super().print(*objects, **kwargs)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise ProtembedError(f"cannot write to standard output: {exc.strerror or exc}") from None
+
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process the signal ended
 # emoji=False: ":fire:" in a file name or FASTA id must print as typed

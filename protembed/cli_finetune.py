@@ -61,8 +61,8 @@ DataDir = Annotated[
     typer.Option(
         "--data-dir",
         parser=path_value,
-        help="Folder in the FLIP FASTA layout (<dir>/<task>/<file>.fasta[.gz]); default: download once "
-        "from the FLIP server into the cache.",
+        help="Folder of FLIP FASTA files, one subfolder per dataset (e.g. DIR/gb1/two_vs_rest.fasta, "
+        "or .fasta.gz); default: download once from the FLIP server into the cache.",
     ),
 ]
 CacheDir = Annotated[
@@ -93,6 +93,7 @@ def _progress(quiet: bool) -> Progress:
 
 @handle_errors
 def finetune(
+    ctx: typer.Context,
     task: Annotated[TaskName, typer.Argument(help="FLIP task.", show_default=False)],
     model: Annotated[
         str | None,
@@ -135,7 +136,8 @@ def finetune(
         typer.Option("--output", "-o", help="Save head, config, predictions.", parser=path_value),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a non-empty --output folder.")
+        bool,
+        typer.Option("--overwrite", help="Replace a non-empty --output folder or an existing --plot file."),
     ] = False,
     device: Device = None,
     backend: BackendOption = Backend.auto,
@@ -160,6 +162,9 @@ def finetune(
         raise typer.BadParameter(f"must be a positive number, got {lr}", param_hint="--lr")
     spec = get_task(task.value)
     head_name = check_head(spec, head.value if head else None)
+    if head_name == "ridge" and not quiet:
+        training = ["epochs", "lr", "batch_size", "seed", "patience"]
+        _note_unused(ctx, training, "--head ridge is fit in closed form")
     dev = str(resolve_device(device))
     if features is FeatureKind.onehot and backend is not Backend.auto:
         raise typer.BadParameter("one-hot features are not computed by a model", param_hint="--backend")
@@ -187,6 +192,8 @@ def finetune(
         plot_path = None
         if plot_png:  # checked before training, written after it
             plot_path = (output / PLOT) if output else Path(f"{spec.name}_{data.split}_{head_name}.png")
+            if output is None and plot_path.is_file() and not overwrite:
+                raise OutputExistsError(f"{plot_path} exists (pass --overwrite to replace it)")
             check_file_output(plot_path)
         emb = bar.add_task("embedding", total=None, visible=False)
         ep = bar.add_task("training", total=epochs, visible=False)
@@ -203,7 +210,7 @@ def finetune(
         run = run_finetune(data, model=model_ref, head=head_name, layer=-1 if layer is None else layer,
                            epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience,
                            device=dev, backend=backend.value, cache_dir=cache, on_embed=on_embed,
-                           on_epoch=on_epoch)  # fmt: skip
+                           on_epoch=on_epoch, quiet=quiet)  # fmt: skip
     cfg = run.config
     if output is not None:
         save(run, output, overwrite)
@@ -220,6 +227,14 @@ def finetune(
     for label, path in (("saved", output), ("plot", plot_path)):
         if path is not None:
             out_console.print(f"{label}: {path}", highlight=False)
+
+
+def _note_unused(ctx: typer.Context, names: list[str], why: str) -> None:
+    """A note on stderr naming the options among `names` given on the command line: `why` they do nothing."""
+    given = [n for n in names if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+    if given:
+        options = ", ".join("--" + n.replace("_", "-") for n in given)
+        err_console.print(f"note: {why}; {options} not used", highlight=False, soft_wrap=True)
 
 
 def results_table(cfg: dict[str, Any]) -> Table:
@@ -278,9 +293,9 @@ def predict(
             help="Sequences to predict (FASTA, .gz, or - for stdin).", show_default=False, parser=input_value
         ),
     ],
-    out: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="CSV file. Default: stdout.", parser=path_value),
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="CSV file (- for stdout). Default: stdout.", parser=input_value),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     cache_dir: CacheDir = None,
@@ -298,13 +313,17 @@ def predict(
     """Apply a saved FLIP head to new sequences: CSV of id and prediction."""
     from protembed.saved_head import load, predict_fasta
 
+    out = None if output in (None, "-") else Path(output)
+    if out is not None and out.is_dir():
+        raise OutputExistsError(f"{out}: cannot write output: is a folder")
     if out is not None and out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
     if out is not None:
         check_file_output(out)
     dev = str(resolve_device(device))
     cache = cache_dir or default_cache_dir()
-    if load(head_dir)[0]["model"] is None:  # one-hot features need no cache
+    onehot = load(head_dir)[0]["model"] is None
+    if onehot:  # one-hot features need no cache
         pass
     elif no_cache:  # the input's features go to a temporary folder in it
         ensure_dir(cache, "cache folder")
@@ -316,11 +335,11 @@ def predict(
         def on_embed(done: int, total: int) -> None:
             bar.update(emb, completed=done, total=total, visible=True)
 
-        if no_cache and cache.is_dir():  # (a one-hot head has no features to keep out of it)
+        if no_cache and not onehot:
             with tempfile.TemporaryDirectory(prefix="predict-", dir=cache) as scratch:
-                rows, truncated = predict_fasta(head_dir, fasta, dev, Path(scratch), on_embed)
+                rows, truncated = predict_fasta(head_dir, fasta, dev, Path(scratch), on_embed, quiet)
         else:
-            rows, truncated = predict_fasta(head_dir, fasta, dev, cache, on_embed)
+            rows, truncated = predict_fasta(head_dir, fasta, dev, cache, on_embed, quiet)
     if truncated and not quiet:
         err_console.print(f"note: {truncated} sequences were truncated to the features' maximum length")
     text = io.StringIO(newline="")

@@ -99,6 +99,8 @@ def check_output_folder(output: Path) -> None:
         raise StoreError(f"{output}: cannot write output: is a directory")
     folder = output.resolve().parent
     if not folder.is_dir():
-        raise StoreError(f"{output}: cannot write output: folder {output.parent} does not exist")
+        where = output.parent
+        why = f"{where} is not a folder" if folder.exists() else f"folder {where} does not exist"
+        raise StoreError(f"{output}: cannot write output: {why}")
     if not writable(folder):
         raise StoreError(f"{output}: cannot write output: permission denied (folder {output.parent})")

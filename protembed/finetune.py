@@ -78,8 +78,10 @@ def featurize(
     device: str,
     progress: Callable[[int, int], None] | None = None,
     backend: str = "auto",
+    quiet: bool = False,
 ) -> Features:
-    """One-hot features, or the cached embeddings of the model described by `model_cfg`."""
+    """One-hot features, or the cached embeddings of the model described by `model_cfg` (`quiet`:
+    no notice or progress bar when the model is downloaded first)."""
     if model_cfg is None:
         if task.level == "residue":
             return onehot_residues(seqs)
@@ -88,7 +90,7 @@ def featurize(
     dtype = "bfloat16" if backend == "te" else "float32"  # Transformer Engine runs in half precision
     expected = model_cfg.get("revision")  # a Hub commit, or a local checkpoint's weights digest
     digest = expected if expected and expected.startswith("sha256:") else None
-    ref = locate_model(model_cfg["ref"], None if digest else expected)
+    ref = locate_model(model_cfg["ref"], None if digest else expected, progress=not quiet)
     if digest and digest != ref.revision:
         raise FlipError(f"the weights in {ref.source} changed since the head was trained ({digest})")
     model_cfg.update(name=ref.name, source=ref.source, revision=ref.revision)
@@ -164,6 +166,7 @@ def finetune(
     cache_dir: Path,
     on_embed: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[int, float, dict[str, float]], None] | None = None,
+    quiet: bool = False,
 ) -> Run:
     """Fit a head on `data`'s train split (ridge: train + validation), evaluate on its test split.
 
@@ -172,7 +175,8 @@ def finetune(
     task, head_name, dev = data.task, check_head(data.task, head), device or default_device()
     counts = data.counts()
     if counts["train"] == 0 or counts["test"] == 0:
-        raise FlipError(f"{task.name}/{data.split} needs train and test records (found {counts})")
+        found = ", ".join(f"{n} {part}" for part, n in counts.items())
+        raise FlipError(f"{task.name}/{data.split} needs train and test records (found {found})")
     if head_name != "ridge" and counts["validation"] == 0:
         raise FlipError(f"{task.name}/{data.split} has no validation records for early stopping")
     t0 = time.perf_counter()
@@ -182,7 +186,7 @@ def finetune(
     if model is None and task.level == "sequence":  # pad to the longest sequence the head is fit on
         onehot_length = min(MAX_ONEHOT, max(len(data.seqs[i]) for i in np.flatnonzero(data.part != TEST)))
     model_cfg = None if model is None else {"ref": _model_ref(model), "layer": layer}
-    feats = featurize(data.seqs, task, model_cfg, onehot_length, cache_dir, dev, on_embed, backend)
+    feats = featurize(data.seqs, task, model_cfg, onehot_length, cache_dir, dev, on_embed, backend, quiet)
     t_features = time.perf_counter() - t0
     x, y, dropped = inputs_and_targets(data, feats)
     if task.level == "residue":
@@ -237,7 +241,7 @@ def finetune(
         "onehot_length": onehot_length,
         "head": head_name, "head_config": head_config(head_name, feats.dim, task.n_outputs),
         "target_scale": list(scale),
-        "training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "patience": patience,
+        "training": {**({k: None for k in train_kw} if head_name == "ridge" else train_kw),  # closed form
                      "ridge_alpha": ridge_alpha if head_name == "ridge" else None,
                      "fit_on": "train+validation" if head_name == "ridge" else "train",
                      "epochs_run": len(history), "best_epoch": int(best["epoch"]) if best else None},

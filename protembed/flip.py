@@ -232,10 +232,13 @@ def find_file(root: Path, folder: str, name: str) -> Path:
     """`<root>/<folder>/<name>.fasta` or `.fasta.gz`; FlipError listing what is there otherwise."""
     for suffix in (".fasta", ".fasta.gz"):
         path = root / folder / f"{name}{suffix}"
-        if path.is_file():
-            return path
+        try:
+            if path.is_file():
+                return path
+        except OSError as exc:  # a folder on the way that cannot be searched
+            raise FlipError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not root.is_dir():
-        raise FlipError(f"--data-dir {root}: no such folder")
+        raise FlipError(f"--data-dir {root}: {'not a folder' if root.exists() else 'no such folder'}")
     there = sorted(p.name for p in (root / folder).glob("*.fasta*") if p.is_file())
     listing = f" (found: {', '.join(there)})" if there else ""
     raise FlipError(f"no {name}.fasta[.gz] in {root / folder}{listing}")

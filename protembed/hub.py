@@ -99,8 +99,9 @@ def resolve_model(
     """Find a model's checkpoint directory: a local directory, else the cache, else download it.
 
     A cached snapshot is used without any network call. A model that is not cached is downloaded
-    (with a notice on stderr) unless `download` is False or `HF_HUB_OFFLINE` is set; `on_config`
-    then sees its configuration before the weights are fetched, and may raise to stop there.
+    (with a notice on stderr when `progress` is on) unless `download` is False or `HF_HUB_OFFLINE`
+    is set; `on_config` then sees its configuration before the weights are fetched, and may raise
+    to stop there.
     """
     local = local_checkpoint(model, revision)
     if local is not None:
@@ -112,12 +113,13 @@ def resolve_model(
     if constants.is_offline_mode() or not download:
         raise _not_cached(model, repo_id, revision, cache_dir)
     at = f" at revision {revision}" if revision else ""
-    _console.print(
-        f"{name or repo_id}{at} is not cached: downloading {repo_id} into {cache_root(cache_dir)}",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
-    )
+    if progress:
+        _console.print(
+            f"{name or repo_id}{at} is not cached: downloading {repo_id} into {cache_root(cache_dir)}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     resolved, _ = _download(name, repo_id, revision, cache_dir, False, progress, on_config)
     return resolved
 

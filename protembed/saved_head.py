@@ -99,7 +99,13 @@ def load(out_dir: Path) -> tuple[dict[str, Any], nn.Module]:
     if not cfg_path.is_file() or not w_path.is_file():
         raise FlipError(f"{out_dir} is not a saved head (needs {CONFIG} and {WEIGHTS})")
     try:
-        config = json.loads(cfg_path.read_text())
+        with open(w_path, "rb"):  # readable: a failure below then means wrong weights
+            pass
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise FlipError(f"{exc.filename}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise FlipError(f"{cfg_path}: not UTF-8 text (byte {exc.start + 1})") from None
     except json.JSONDecodeError as exc:
         raise FlipError(f"{cfg_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -155,6 +161,7 @@ def predict_fasta(
     device: str | None = None,
     cache_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    quiet: bool = False,
 ) -> tuple[list[list[str]], int]:
     """Apply a saved head to a FASTA file: rows (id, prediction) and the number of truncated inputs."""
     config, head = load(out_dir)
@@ -172,11 +179,14 @@ def predict_fasta(
         revision = model_cfg.get("revision")
         revision = None if revision == "local" else revision  # heads saved before weight digests
         model_cfg = {"ref": model_cfg["ref"], "layer": model_cfg["layer"], "revision": revision}
-    feats = featurize(
-        seqs, task, model_cfg, config.get("onehot_length"), cache_dir or default_cache_dir(), dev, progress
-    )
+    cache = cache_dir or default_cache_dir()
+    feats = featurize(seqs, task, model_cfg, config.get("onehot_length"), cache, dev, progress, quiet=quiet)
     x = feats.residues if task.level == "residue" else feats.pooled
     assert x is not None
+    d_in = config["head_config"].get("d_in")
+    if d_in != feats.dim:  # a hand-edited config: onehot_length, or a model of another width
+        what = "one-hot features" if model_cfg is None else f"features of {model_cfg['ref']}"
+        raise FlipError(f"{out_dir / CONFIG}: the head takes {d_in} inputs, the {what} have {feats.dim}")
     scale = (float(config["target_scale"][0]), float(config["target_scale"][1]))
     preds = decode(task.kind, predict(head.to(dev), x, None, dev), scale)
     rows = []

@@ -98,11 +98,13 @@ def _type_info(param: Any) -> tuple[tuple[Any, ...], str, str]:
         return tuple(getattr(ptype, "choices", ()) or ()), paths, ptype.name
     paths = ""
     item = get_args(desc.annotation)[0] if desc.is_list else desc.annotation
-    if desc.is_path or desc.is_file or item is Path:  # Path with a `parser` is not `is_path`
+    by_name = getattr(desc.parameter_info.parser, "__name__", "") == "input_value"  # a path, or - for stdio
+    if desc.is_path or desc.is_file or item is Path or by_name:  # Path with a `parser` is not `is_path`
         paths = "dir" if desc.parameter_info.dir_okay and not desc.parameter_info.file_okay else "file"
     type_name = (
         "choice" if desc.choices else desc.path_type if desc.is_path else getattr(item, "__name__", "")
     )
+    type_name = "Path" if by_name else type_name
     return desc.choices or (), paths, type_name
 
 

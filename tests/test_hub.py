@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from huggingface_hub import constants
 from typer.testing import CliRunner
 
@@ -28,6 +27,7 @@ from protembed.hub_cache import cached_snapshot
 from protembed.models.checkpoints import load_checkpoint
 from tests.helpers import fixture_dir
 from tests.hub_server import FIXTURES, TOKEN, FakeHub, Fault
+from tests.test_flip import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 ESM, AMP = "facebook/esm2_t6_8M_UR50D", "chandar-lab/AMPLIFY_120M"
@@ -121,19 +121,20 @@ def test_load_model_downloads_repo_id_on_first_use(hub: FakeHub, tmp_path: Path)
 
 
 def test_embed_cli_downloads_on_first_use(hub: FakeHub, tmp_path: Path) -> None:
-    embed = getattr(typer.main.get_command(app), "commands", {}).get("embed")
-    if embed is None:
-        pytest.skip("no `embed` command registered")
-    opts = {o for p in embed.params for o in getattr(p, "opts", [])}
-    out_opt = next((o for o in ("--output", "--out", "-o") if o in opts), None)
-    if "--model" not in opts or out_opt is None:
-        pytest.skip("`embed` has no --model / --output options")
     fasta = tmp_path / "seqs.fasta"
     fasta.write_text(">a\nMKTAYIAKQR\n>b\nMSEQ\n")
     out_h5 = tmp_path / "out.h5"
-    out = cli("embed", str(fasta), "--model", AMP, out_opt, str(out_h5), hub=hub, home=tmp_path / "hf")
+    out = cli("embed", str(fasta), "--model", AMP, "-o", str(out_h5), hub=hub, home=tmp_path / "hf")
     assert out.returncode == 0, out.stderr
     assert "not cached: downloading" in out.stderr and out_h5.exists()
+    assert set(hub.gets(AMP)) == AMP_FILES
+
+
+def test_quiet_commands_download_without_a_word(hub: FakeHub, tmp_path: Path) -> None:
+    args = ["finetune", "flip-gb1", "--model", AMP, "--data-dir", str(TINY), "--split", "two_vs_rest",
+            "--cache-dir", str(tmp_path / "features"), "--epochs", "1", "--device", "cpu", "-q"]  # fmt: skip
+    out = cli(*args, hub=hub, home=tmp_path / "hf")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
     assert set(hub.gets(AMP)) == AMP_FILES
 
 

@@ -1,0 +1,158 @@
+"""`finetune` and `predict` around files a user gets wrong: saved heads that cannot be read, data
+folders that cannot be searched, output paths that are folders, a --plot file that exists, stdout
+on a full disk. Permission errors are simulated (tests may run as root, who reads everything)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_finetune import ESM2, finetune_json, run_cli
+from tests.test_flip import TINY, TINY_SPLITS
+
+GB1 = TINY / "gb1" / "two_vs_rest.fasta"
+
+
+def one_line_error(r: Any, message: str) -> None:
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and message in lines[0], r.output
+
+
+@pytest.fixture
+def onehot_head(tmp_path: Path) -> Path:
+    out_dir = tmp_path / "head"
+    finetune_json("flip-gb1", tmp_path, "--features", "onehot", "--head", "ridge", "--output", out_dir)
+    return out_dir
+
+
+def test_saved_head_that_cannot_be_read(onehot_head: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, weights = onehot_head / "config.json", onehot_head / "head.safetensors"
+    saved = config.read_bytes()
+    config.write_bytes(b"\xff\xfe{")
+    one_line_error(run_cli("predict", onehot_head, GB1, "-q"), f"{config}: not UTF-8 text (byte 1)")
+    config.write_bytes(saved)
+
+    edited = json.loads(saved)
+    config.write_text(json.dumps({**edited, "onehot_length": 10}))  # the ridge's weights expect more
+    one_line_error(
+        run_cli("predict", onehot_head, GB1, "-q"),
+        "the head takes 5565 inputs, the one-hot features have 210",
+    )
+    config.write_bytes(saved)
+
+    real_open = open
+
+    def refuse(target: Path) -> Any:
+        def fake_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if Path(path) == target:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        return fake_open
+
+    for target in (config, weights):
+        monkeypatch.setattr("builtins.open", refuse(target))
+        monkeypatch.setattr("io.open", refuse(target))  # Path.read_text's
+        r = run_cli("predict", onehot_head, GB1, "-q")
+        monkeypatch.undo()
+        one_line_error(r, f"{target}: cannot read: Permission denied")
+
+
+def test_predict_output_paths(onehot_head: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "odir"
+    folder.mkdir()
+    one_line_error(
+        run_cli("predict", onehot_head, GB1, "-o", folder, "--overwrite"),
+        "odir: cannot write output: is a folder",
+    )
+    one_line_error(run_cli("predict", onehot_head, GB1, "-o", GB1 / "x.csv"), f"{GB1} is not a folder")
+    to_stdout = run_cli("predict", onehot_head, GB1, "-o", "-", "-q")
+    assert to_stdout.exit_code == 0 and to_stdout.stdout == run_cli("predict", onehot_head, GB1, "-q").stdout
+    assert to_stdout.stdout.startswith("id,prediction\n") and not Path("-").exists()
+
+
+def test_onehot_predict_needs_no_scratch_folder(
+    onehot_head: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--no-cache with a one-hot head: nothing to keep out of the cache, so nothing is made in it
+    (a read-only cache is no obstacle)."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", "scratch")
+
+    monkeypatch.setattr("tempfile.TemporaryDirectory", refuse)
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    r = run_cli("predict", onehot_head, GB1, "--cache-dir", tmp_path / "cache", "--no-cache", "-q")
+    assert r.exit_code == 0 and r.stdout.startswith("id,prediction\n"), r.output
+
+
+def test_data_dir_that_cannot_be_searched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = ["finetune", "flip-gb1", "--features", "onehot", "-q"]
+    one_line_error(run_cli(*base, "--data-dir", GB1), f"--data-dir {GB1}: not a folder")
+    real_is_file = Path.is_file
+
+    def is_file(path: Path) -> bool:
+        if path.parent.name == "gb1":  # the folder can be listed but not entered
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    r = run_cli(*base, "--data-dir", TINY)
+    one_line_error(r, f"{TINY / 'gb1' / 'two_vs_rest.fasta'}: cannot read: Permission denied")
+
+
+def test_ridge_notes_training_options_it_does_not_use(tmp_path: Path) -> None:
+    args = ["finetune", "flip-gb1", "--features", "onehot", "--head", "ridge", "--data-dir", TINY, "--json"]
+    r = run_cli(*args, "--split", TINY_SPLITS["flip-gb1"], "--epochs", "7", "--lr", "0.5")
+    assert r.exit_code == 0, r.output
+    assert "note: --head ridge is fit in closed form; --epochs, --lr not used" in r.stderr
+    training = json.loads(r.stdout)["training"]
+    assert training["epochs"] is None and training["lr"] is None and training["ridge_alpha"] == 1.0
+    quiet = run_cli(*args, "--epochs", "7", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr
+    mlp = run_cli("finetune", "flip-gb1", "--model", ESM2, "--data-dir", TINY, "--cache-dir", tmp_path,
+                  "--epochs", "1", "--json")  # fmt: skip
+    assert (
+        mlp.exit_code == 0 and "note:" not in mlp.stderr and json.loads(mlp.stdout)["training"]["epochs"] == 1
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs protembed[plot]")
+def test_plot_never_replaces_a_file_unasked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    png = tmp_path / "flip-gb1_two_vs_rest_ridge.png"
+    png.write_text("precious")
+    args = [
+        "finetune",
+        "flip-gb1",
+        "--features",
+        "onehot",
+        "--head",
+        "ridge",
+        "--data-dir",
+        TINY,
+        "--plot",
+        "-q",
+    ]
+    one_line_error(run_cli(*args), f"{png.name} exists (pass --overwrite to replace it)")
+    assert png.read_text() == "precious"
+    r = run_cli(*args, "--overwrite")
+    assert r.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG", r.output
+
+
+def test_results_table_on_a_full_disk(tmp_path: Path) -> None:
+    """The table, like --json, reports which output failed."""
+    args = ["finetune", "flip-gb1", "--features", "onehot", "--head", "ridge", "--data-dir", str(TINY), "-q"]
+    cmd = [sys.executable, "-m", "protembed", *args]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert (
+        r.returncode == 1
+        and r.stderr.strip() == "error: cannot write to standard output: No space left on device"
+    )
