@@ -58,6 +58,9 @@ def ensure_dir(path: Path, what: str) -> Path:
     """
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path}: cannot use as {what}: it is a file, not a folder")
+    if path.is_symlink() and not path.exists():
+        target = os.readlink(path)
+        raise StoreError(f"{path}: cannot create {what}: it links to {target}, which does not exist")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -156,3 +156,11 @@ def test_results_table_on_a_full_disk(tmp_path: Path) -> None:
         r.returncode == 1
         and r.stderr.strip() == "error: cannot write to standard output: No space left on device"
     )
+
+
+def test_output_link_to_nowhere(tmp_path: Path) -> None:
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "gone")
+    args = ["finetune", "flip-gb1", "--features", "onehot", "--head", "ridge", "--data-dir", TINY, "-o", link]
+    message = f"{link}: cannot create output folder: it links to {tmp_path / 'gone'}, which does not exist"
+    one_line_error(run_cli(*args), message)
