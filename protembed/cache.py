@@ -127,6 +127,22 @@ def check_file_output(path: Path) -> None:
         raise StoreError(f"{path}: cannot write output: permission denied")
 
 
+def check_replaceable(path: Path) -> None:
+    """StoreError unless `path` is absent or a regular file. An HDF5 output is written beside it and
+    renamed over it: a link, a device or a pipe in its place would be swapped for a plain file."""
+    try:
+        st = path.lstat()
+    except OSError:  # absent, or a folder on the way cannot be searched (the write names that)
+        return
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(path)
+        raise StoreError(f"{path}: cannot write output: it is a link to {target}; name the file itself")
+    if stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path}: cannot write output: is a folder")
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path}: cannot write output: not a regular file (an HDF5 output replaces it)")
+
+
 TEMP_PREFIX = ".protembed-"  # temporary files of `write_whole`; one a killed run left is stale
 
 

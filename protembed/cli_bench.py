@@ -253,8 +253,9 @@ def bench(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> None:
     """Measure embedding throughput (residues/s, TFLOP/s, % of peak, memory) on synthetic or FASTA input."""
-    if input is not None and not input.is_file():
-        raise typer.BadParameter(f"{input} is not a file", param_hint="--input")
+    if input is not None and not input.is_file():  # an input mistake: exit 1, as embed's
+        why = "no such file" if str(input) != "-" else "bench reads a file, not stdin"
+        raise OptionError(f"--input {input}: {'is a folder' if input.is_dir() else why}")
     if input is not None and lengths:
         raise typer.BadParameter(
             "give either --lengths (synthetic) or --input (FASTA), not both", param_hint="--lengths"

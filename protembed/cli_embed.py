@@ -245,7 +245,11 @@ def _print_summary(s: EmbedSummary) -> None:
 def merge(
     output: Annotated[
         Path,
-        typer.Argument(help="The output whose shards (OUTPUT.shard-*-of-*.h5) to join.", parser=path_value),
+        typer.Argument(
+            help="The output whose shards (OUTPUT.shard-*-of-*.h5) to join.",
+            metavar="OUTPUT",
+            parser=path_value,
+        ),
     ],
     virtual: Annotated[
         bool, typer.Option("--virtual", help="Write an HDF5 virtual-dataset file over the shards instead.")

@@ -94,7 +94,7 @@ def _progress(quiet: bool) -> Progress:
 @handle_errors
 def finetune(
     ctx: typer.Context,
-    task: Annotated[TaskName, typer.Argument(help="FLIP task.", show_default=False)],
+    task: Annotated[TaskName, typer.Argument(help="FLIP task.", metavar="TASK", show_default=False)],
     model: Annotated[
         str | None,
         typer.Option(
@@ -285,12 +285,20 @@ def _num(v: float | None) -> str:
 def predict(
     head_dir: Annotated[
         Path,
-        typer.Argument(help="Folder written by `finetune --output`.", show_default=False, parser=path_value),
+        typer.Argument(
+            help="Folder written by `finetune --output`.",
+            metavar="HEAD_DIR",
+            show_default=False,
+            parser=path_value,
+        ),
     ],
     fasta: Annotated[
         str,
         typer.Argument(
-            help="Sequences to predict (FASTA, .gz, or - for stdin).", show_default=False, parser=input_value
+            help="Sequences to predict (FASTA, .gz, or - for stdin).",
+            metavar="FASTA",
+            show_default=False,
+            parser=input_value,
         ),
     ],
     output: Annotated[

@@ -11,6 +11,7 @@ from rich.filesize import decimal
 from rich.table import Table
 
 from protembed.cli_common import err_console, handle_errors, out_console, path_value, print_json
+from protembed.errors import OptionError
 from protembed.registry import MODELS
 
 CacheDir = Annotated[
@@ -29,7 +30,10 @@ def _params(n: int) -> str:
 
 @handle_errors
 def download(
-    model: Annotated[str, typer.Argument(help="Registry name (esm2-650m), Hub repo id or local directory.")],
+    model: Annotated[
+        str,
+        typer.Argument(help="Registry name (esm2-650m), Hub repo id or local directory.", metavar="MODEL"),
+    ],
     revision: Annotated[
         str | None, typer.Option("--revision", help="Branch, tag or commit hash (default: main).")
     ] = None,
@@ -64,6 +68,9 @@ def models(
     """List the registry models: shape, size, and whether each is cached (revision, disk size)."""
     from protembed.hub_cache import cache_root, cached_models
 
+    root = cache_root(cache_dir)
+    if root.exists() and not root.is_dir():  # a missing one is an empty cache; a file is a mistake
+        raise OptionError(f"Hub cache {root}: not a folder")
     cached = {c.name: c for c in cached_models(cache_dir)}
     if as_json:
         print_json(

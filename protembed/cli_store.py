@@ -26,7 +26,10 @@ def export(
     source: Annotated[
         Path,
         typer.Argument(
-            help="Embeddings file written by `protembed embed`.", show_default=False, parser=path_value
+            help="Embeddings file written by `protembed embed`.",
+            metavar="SOURCE",
+            show_default=False,
+            parser=path_value,
         ),
     ],
     output: Annotated[

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from protembed.cache import writable
+from protembed.cache import check_replaceable, writable
 from protembed.compute import COMPUTE_DTYPES
 from protembed.errors import OptionError, StoreError, is_whole
 from protembed.models import checkpoints
@@ -96,7 +96,8 @@ def check_model_options(
 def check_output_folder(output: Path) -> None:
     """StoreError unless `output`'s folder exists and takes new files (its lock file, at least)."""
     if output.is_dir():
-        raise StoreError(f"{output}: cannot write output: is a directory")
+        raise StoreError(f"{output}: cannot write output: is a folder")
+    check_replaceable(output)
     folder = output.resolve().parent
     if not folder.is_dir():
         where = output.parent

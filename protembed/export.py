@@ -13,6 +13,7 @@ records have no embedding and are left out.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import h5py
 import numpy as np
 
 from protembed import signals
-from protembed.cache import check_file_output, same_file
+from protembed.cache import check_file_output, check_replaceable, same_file
 from protembed.errors import OutputExistsError, StoreError
 from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings
 
@@ -83,6 +84,7 @@ def export_per_protein(
     if same_file(source, output):
         raise StoreError(f"{output}: the output is the source file; choose another -o")
     check_file_output(output)
+    check_replaceable(output)
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output}: already exists; pass --overwrite to replace it")
     with open_embeddings(source) as emb:
@@ -90,6 +92,7 @@ def export_per_protein(
             raise StoreError(f"{source}: holds layers {emb.layers}; pick one with --layer")
         if layer is not None:
             layer = emb.stored_layer(layer)
+        _check_space(emb, what, output)
         tmp = output.with_name(output.name + ".partial")
         try:
             with h5py.File(tmp, "w") as out:
@@ -109,6 +112,23 @@ def export_per_protein(
             tmp.unlink(missing_ok=True)
             raise
         return ExportSummary(output, n, int(np.count_nonzero(emb.skipped)))
+
+
+def _check_space(emb: EmbeddingFile, what: str, output: Path) -> None:
+    """StoreError if the output's disk has too little room for it. HDF5 cannot recover from a full
+    disk midway through thousands of small datasets (its caches fail as objects close, and the
+    process can crash), so the room is checked first: the values plus ~1 KiB per record."""
+    name = "residues" if what == "residues" else what
+    if name not in emb.h5:  # _write_records names the missing pooling or per-residue data
+        return
+    ds, keep = emb.h5[name], ~emb.skipped
+    rows = int(emb.lengths[keep].sum()) if what == "residues" else int(keep.sum())
+    values = rows * ds.shape[-1] * ds.dtype.itemsize  # one layer's
+    needed = values + int(keep.sum()) * (1024 + 2 * max((len(i) for i in emb.ids), default=0)) + (1 << 16)
+    free = shutil.disk_usage(output.resolve().parent).free
+    if needed > free:
+        raise StoreError(f"{output}: cannot write output: needs about {needed / 1e6:,.1f} MB, "
+                         f"{free / 1e6:,.1f} MB free on its disk")  # fmt: skip
 
 
 def _write_records(emb: EmbeddingFile, out: h5py.File, what: str, layer: int | None) -> int:

@@ -23,7 +23,7 @@ from huggingface_hub import constants
 from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
 
 from protembed.cache import user_path
-from protembed.errors import CheckpointError, OptionError
+from protembed.errors import CheckpointError, HubError, OptionError
 from protembed.models.checkpoints import CONFIG_FILE, weight_files
 from protembed.registry import MODELS
 
@@ -81,9 +81,13 @@ def cached_snapshot(
         commit = rev
     else:
         ref = storage / "refs" / rev
-        if not ref.is_file():
-            return None
-        commit = ref.read_text().strip()
+        try:
+            if not ref.is_file():
+                return None
+            commit = ref.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:  # another user's cache, or damage
+            why = exc.strerror if isinstance(exc, OSError) else "not a commit hash"
+            raise HubError(f"{ref}: cannot read the cached revision: {why or exc}") from None
     snapshot = storage / "snapshots" / commit
     return (snapshot, commit) if is_complete(snapshot) else None
 

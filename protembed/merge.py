@@ -18,13 +18,15 @@ import h5py
 import numpy as np
 
 from protembed import signals
+from protembed.cache import check_replaceable
 from protembed.errors import StoreError
-from protembed.reader import FORMAT, open_embeddings, plain
+from protembed.reader import FORMAT, open_embeddings, open_h5, plain
 from protembed.store import EmbeddingWriter
 
 SHARD_ATTRS = ("shard_start", "shard_stop", "shard_rank", "shard_world_size")
 WRITER_ATTRS = ("format", "format_version", "protembed_version", "n_sequences", "per_residue", "store_dtype",
                 "created", "complete")  # fmt: skip
+VARYING_ATTRS = ("protembed_version", "n_sequences", "created", "complete")  # may differ between shards
 COPY_ROWS = 4096  # rows copied per step when merging
 
 
@@ -89,7 +91,7 @@ def _check_shards(shards: list[Path]) -> tuple[dict[str, Any], list[tuple[int, i
     settings: dict[str, Any] | None = None
     ranges, budgets = [], set()
     for path in shards:
-        with h5py.File(path, "r") as h5:
+        with open_h5(path) as h5:
             attrs = {k: plain(v) for k, v in h5.attrs.items()}
             if attrs.get("format") != FORMAT:
                 raise StoreError(f"{path}: not a protembed embeddings file")
@@ -103,7 +105,7 @@ def _check_shards(shards: list[Path]) -> tuple[dict[str, Any], list[tuple[int, i
         if any(k not in attrs for k in SHARD_ATTRS):
             raise StoreError(f"{path}: not a shard of a torchrun job (no shard_start/shard_stop attributes)")
         ranges.append((int(attrs["shard_start"]), int(attrs["shard_stop"])))
-        mine = {k: v for k, v in attrs.items() if k not in (*SHARD_ATTRS, *WRITER_ATTRS)}
+        mine = {k: v for k, v in attrs.items() if k not in (*SHARD_ATTRS, *VARYING_ATTRS)}
         budgets.add(mine.pop("tokens_per_batch", None))  # ranks may size batches to their own GPU
         if settings is None:
             settings = mine
@@ -115,6 +117,7 @@ def _check_shards(shards: list[Path]) -> tuple[dict[str, Any], list[tuple[int, i
         listing = ", ".join(f"{p.name} rows {a}:{b}" for p, (a, b) in zip(shards, ranges))
         raise StoreError(f"{shards[0].resolve().parent}: shards do not cover consecutive rows ({listing})")
     assert settings is not None
+    settings = {k: v for k, v in settings.items() if k not in WRITER_ATTRS}
     if len(budgets) == 1 and None not in budgets:  # kept only when every shard used the same
         settings["tokens_per_batch"] = budgets.pop()
     return settings, ranges
@@ -177,6 +180,7 @@ def _copy_rows(f: Any, writer: EmbeddingWriter, base: int, todo: np.ndarray) -> 
 def write_virtual(output: Path, shards: list[Path], overwrite: bool = False) -> Path:
     """Write OUTPUT as an HDF5 virtual-dataset file over complete shards (names relative to it)."""
     settings, _ = _check_shards(shards)
+    check_replaceable(output)
     if output.exists() and not overwrite:
         raise StoreError(f"{output}: exists; pass --overwrite to replace it")
     with h5py.File(shards[0], "r") as h5:
@@ -188,6 +192,27 @@ def write_virtual(output: Path, shards: list[Path], overwrite: bool = False) -> 
             sizes.append({k: h5[k].shape for k in names})
             lengths.append(h5["lengths"][...].astype(np.int64))
     tmp = output.with_name(output.name + ".partial")
+    try:
+        _write_layout(tmp, shards, names, sizes, lengths, attrs)
+        tmp.replace(output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"{output}: cannot write output: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return output
+
+
+def _write_layout(
+    tmp: Path,
+    shards: list[Path],
+    names: list[str],
+    sizes: list[dict[str, Any]],
+    lengths: list[np.ndarray],
+    attrs: dict[str, Any],
+) -> None:
+    """The virtual-dataset file itself: each dataset maps its rows onto the shards' in order."""
     with h5py.File(tmp, "w", libver="latest") as out:
         for name in names:
             with h5py.File(shards[0], "r") as h5:
@@ -208,5 +233,3 @@ def write_virtual(output: Path, shards: list[Path], overwrite: bool = False) -> 
         out.attrs["n_sequences"] = sum(s["ids"][0] for s in sizes)
         out.attrs["virtual_shards"] = np.array([p.name for p in shards], dtype=h5py.string_dtype())
         out.attrs["complete"] = True
-    tmp.replace(output)
-    return output

@@ -18,7 +18,7 @@ class OutputLock:
         target = output.resolve()  # one lock per file, whichever symlink names it
         self.path, self.fd = target.with_name(target.name + ".lock"), -1
         if output.is_dir():
-            raise StoreError(f"{output}: cannot write output: is a directory")
+            raise StoreError(f"{output}: cannot write output: is a folder")
         try:
             while True:
                 try:

@@ -161,6 +161,16 @@ class EmbeddingFile:
         return 0 if layer is None else self.layers.index(self.stored_layer(layer))
 
 
+def open_h5(path: Path) -> h5py.File:
+    """`path` opened read-only; StoreError saying why it cannot be (missing, a folder, not HDF5)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = "no such file" if not path.exists() else "is a folder" if path.is_dir() else None
+        raise StoreError(f"{path}: {why or f'not a readable HDF5 file ({detail})'}") from None
+
+
 def open_embeddings(path: str | Path, allow_incomplete: bool = False) -> EmbeddingFile:
     """Open an embeddings file for reading.
 
@@ -169,12 +179,7 @@ def open_embeddings(path: str | Path, allow_incomplete: bool = False) -> Embeddi
             `allow_incomplete`, in which case rows with `written` false hold no data).
     """
     path = Path(path)
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        why = "no such file" if not path.exists() else f"not a readable HDF5 file ({detail})"
-        raise StoreError(f"{path}: {why}") from None
+    h5 = open_h5(path)
     try:
         fmt, version = plain(h5.attrs.get("format")), plain(h5.attrs.get("format_version"))
         if fmt != FORMAT or not all(k in h5 for k in RECORD_DATASETS):

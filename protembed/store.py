@@ -29,6 +29,7 @@ import numpy as np
 from h5py import h5d, h5p
 
 from protembed import __version__
+from protembed.cache import check_replaceable
 from protembed.errors import StoreError
 from protembed.export import compressed_copy
 from protembed.output_lock import OutputLock
@@ -127,6 +128,7 @@ class EmbeddingWriter:
         big = {name: (n, *shape) for name in poolings}
         if per_residue:
             big["residues"] = (int(offsets[-1]), *shape)
+        check_replaceable(path)
         lock = OutputLock(path)
         try:
             if path.exists() and not overwrite:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,6 +226,14 @@ def test_no_json_without_flag_and_bad_options() -> None:
     assert workers.exit_code == 1 and "--device cpu:N (worker processes) is for embed" in workers.output
     unknown = invoke("--model", "esm2-9m", "--random-weights", *FAST)
     assert unknown.exit_code == 1 and "unknown model 'esm2-9m'" in unknown.output
+    here = Path(__file__).parent
+    for path, why in [
+        (here / "none.fa", "no such file"),
+        (here, "is a folder"),
+        ("-", "bench reads a file, not stdin"),
+    ]:
+        r = invoke("--model", ESM2_CKPT, "--input", str(path), *FAST)  # an input mistake, as in embed
+        assert r.exit_code == 1 and f"error: --input {path}: {why}" in r.output, r.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

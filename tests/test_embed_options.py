@@ -208,7 +208,7 @@ def test_output_folder_is_checked_before_the_model(
     for out, message in [
         (shut / "o.h5", f"{shut / 'o.h5'}: cannot write output: permission denied (folder {shut})"),
         (tmp_path / "none" / "o.h5", f"cannot write output: folder {tmp_path / 'none'} does not exist"),
-        (tmp_path, f"{tmp_path}: cannot write output: is a directory"),
+        (tmp_path, f"{tmp_path}: cannot write output: is a folder"),
         (fasta / "o.h5", f"cannot write output: {fasta} is not a folder"),
     ]:
         r = run("embed", fasta, "-o", out, "--model", "esm2-8m", "-q")

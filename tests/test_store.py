@@ -272,7 +272,7 @@ def test_unwritable_output(tmp_path: Path) -> None:
         StoreError, match=r"^.*missing/out.h5: cannot write output: No such file or directory$"
     ):
         open_writer(tmp_path / "missing" / "out.h5")
-    with pytest.raises(StoreError, match="cannot write output: is a directory"):
+    with pytest.raises(StoreError, match="cannot write output: is a folder"):
         open_writer(tmp_path)
 
 
