@@ -13,8 +13,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from protembed.errors import StoreError
+
+T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -141,6 +144,22 @@ def check_replaceable(path: Path) -> None:
         raise StoreError(f"{path}: cannot write output: is a folder")
     if not stat.S_ISREG(st.st_mode):
         raise StoreError(f"{path}: cannot write output: not a regular file (an HDF5 output replaces it)")
+
+
+def write_partial(path: Path, fill: Callable[[Path], T]) -> T:
+    """`fill(tmp)` writes an HDF5 output's content to `path.partial`, renamed over `path` when it
+    returns: the output is whole or not there. A failure removes the partial file; an OSError is a
+    StoreError naming `path`. Returns what `fill` returns."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        result = fill(tmp)
+        os.replace(tmp, path)
+        return result
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise StoreError(f"{path}: cannot write output: {exc.strerror or exc}") from None
+        raise
 
 
 TEMP_PREFIX = ".protembed-"  # temporary files of `write_whole`; one a killed run left is stale

@@ -37,12 +37,7 @@ class _StdoutConsole(Console):
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
         """Console.print; a full disk behind stdout is the ProtembedError `write_stdout` raises."""
-        try:
-            super().print(*objects, **kwargs)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise ProtembedError(f"cannot write to standard output: {exc.strerror or exc}") from None
+        _to_stdout(lambda: super(_StdoutConsole, self).print(*objects, **kwargs))
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process the signal ended
@@ -200,8 +195,13 @@ def write_in_pieces(stream: TextIO, text: str) -> None:
 
 def write_stdout(text: str) -> None:
     """`text` on stdout (`write_in_pieces`); a full disk behind it is a ProtembedError."""
+    _to_stdout(lambda: write_in_pieces(sys.stdout, text))
+
+
+def _to_stdout(write: Callable[[], object]) -> None:
+    """Run `write`; an OSError other than a closed pipe (see `handle_errors`) is a ProtembedError."""
     try:
-        write_in_pieces(sys.stdout, text)
+        write()
     except BrokenPipeError:
         raise
     except OSError as exc:

@@ -192,9 +192,9 @@ def finetune(
         plot_path = None
         if plot_png:  # checked before training, written after it
             plot_path = (output / PLOT) if output else Path(f"{spec.name}_{data.split}_{head_name}.png")
-            if output is None and plot_path.is_file() and not overwrite:
-                raise OutputExistsError(f"{plot_path} exists (pass --overwrite to replace it)")
             check_file_output(plot_path)
+            if output is None and plot_path.exists() and not overwrite:  # (in --output: check_output)
+                raise OutputExistsError(f"{plot_path} exists (pass --overwrite to replace it)")
         emb = bar.add_task("embedding", total=None, visible=False)
         ep = bar.add_task("training", total=epochs, visible=False)
 
@@ -322,12 +322,10 @@ def predict(
     from protembed.saved_head import load, predict_fasta
 
     out = None if output in (None, "-") else Path(output)
-    if out is not None and out.is_dir():
-        raise OutputExistsError(f"{out}: cannot write output: is a folder")
-    if out is not None and out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
     if out is not None:
-        check_file_output(out)
+        check_file_output(out)  # a folder, no folder to write in, permission
+        if out.exists() and not overwrite:
+            raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
     dev = str(resolve_device(device))
     cache = cache_dir or default_cache_dir()
     onehot = load(head_dir)[0]["model"] is None

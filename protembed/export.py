@@ -12,7 +12,6 @@ records have no embedding and are left out.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import h5py
 import numpy as np
 
 from protembed import signals
-from protembed.cache import check_file_output, check_replaceable, same_file
+from protembed.cache import check_file_output, check_replaceable, same_file, write_partial
 from protembed.errors import OutputExistsError, StoreError
 from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings
 
@@ -93,8 +92,8 @@ def export_per_protein(
         if layer is not None:
             layer = emb.stored_layer(layer)
         _check_space(emb, what, output)
-        tmp = output.with_name(output.name + ".partial")
-        try:
+
+        def fill(tmp: Path) -> int:
             with h5py.File(tmp, "w") as out:
                 for key in emb.h5.attrs:
                     if key not in _LAYOUT_ATTRS:
@@ -104,13 +103,9 @@ def export_per_protein(
                     out.attrs["layer"] = layer if layer is not None else emb.layers[0]
                 n = _write_records(emb, out, what, layer)
                 out.attrs["n_sequences"] = n
-            os.replace(tmp, output)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise StoreError(f"{output}: cannot write output: {exc.strerror or exc}") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            return n
+
+        n = write_partial(output, fill)
         return ExportSummary(output, n, int(np.count_nonzero(emb.skipped)))
 
 

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from protembed import signals
-from protembed.cache import check_replaceable
+from protembed.cache import check_replaceable, write_partial
 from protembed.errors import StoreError
 from protembed.reader import FORMAT, open_embeddings, open_h5, plain
 from protembed.store import EmbeddingWriter
@@ -191,16 +191,7 @@ def write_virtual(output: Path, shards: list[Path], overwrite: bool = False) -> 
         with h5py.File(path, "r") as h5:
             sizes.append({k: h5[k].shape for k in names})
             lengths.append(h5["lengths"][...].astype(np.int64))
-    tmp = output.with_name(output.name + ".partial")
-    try:
-        _write_layout(tmp, shards, names, sizes, lengths, attrs)
-        tmp.replace(output)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"{output}: cannot write output: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_partial(output, lambda tmp: _write_layout(tmp, shards, names, sizes, lengths, attrs))
     return output
 
 

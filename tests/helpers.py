@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -48,3 +49,9 @@ def rows_written(path: Path) -> int:
             return int(f["written"][:].sum())
     except (OSError, KeyError):
         return 0
+
+
+def one_line_error(result: Any, message: str) -> None:
+    """A CLI result (CliRunner) that failed with exit 1 and one output line holding `message`."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output

@@ -13,15 +13,11 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import one_line_error
 from tests.test_finetune import ESM2, finetune_json, run_cli
 from tests.test_flip import TINY, TINY_SPLITS
 
 GB1 = TINY / "gb1" / "two_vs_rest.fasta"
-
-
-def one_line_error(r: Any, message: str) -> None:
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert r.exit_code == 1 and len(lines) == 1 and message in lines[0], r.output
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from protembed.cli import app
 from protembed.errors import HubError, StoreError
 from protembed.hub_cache import cached_snapshot, repo_dir
 from protembed.merge import find_shards, write_virtual
-from tests.helpers import fixture_dir
+from tests.helpers import fixture_dir, one_line_error
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
 runner = CliRunner()
@@ -25,11 +25,6 @@ runner = CliRunner()
 
 def run(*args: object) -> Any:
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r: Any, message: str) -> None:
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert r.exit_code == 1 and len(lines) == 1 and message in lines[0], r.output
 
 
 @pytest.fixture
