@@ -127,6 +127,7 @@ def embed_fasta(
     progress: Progress | None = None,
     started: Callable[[int, int], None] | None = None,
     quiet: bool = False,
+    cache_dir: Path | None = None,
 ) -> EmbedSummary:
     """Embed every record of a FASTA file into one HDF5 file (layout: README, "HDF5 layout").
 
@@ -134,7 +135,8 @@ def embed_fasta(
     joins the shards when all are done (`merge=False`: a virtual-dataset file over them).
     `progress(rows_done, residues_done, n_rows)` is called as rows are written; `started(rows,
     residues)` once the work is known (rows and residues still to compute). `quiet` hides the
-    download progress of a model that is not cached yet.
+    download progress of a model that is not cached yet. `cache_dir` is the protembed cache that
+    remembers a local checkpoint's weights digest (default: `cache.default_cache_dir()`).
     """
     t0 = time.perf_counter()
     poolings = [p.strip() for p in poolings.split(",")] if isinstance(poolings, str) else list(poolings)
@@ -160,7 +162,9 @@ def embed_fasta(
     if early is not None:
         validate(early)
     try:
-        ref = locate_model(model, revision, progress=not quiet, on_config=None if scanned else validate)
+        ref = locate_model(
+            model, revision, progress=not quiet, on_config=None if scanned else validate, cache_dir=cache_dir
+        )
         layer_idx, limit = check_model_options(ref.config, ref.name, layers, max_length)
         if not scanned:  # a Hub model that was already cached
             validate(ref.config)

@@ -36,15 +36,17 @@ def locate_model(
     revision: str | None = None,
     progress: bool = True,
     on_config: Callable[[EncoderConfig], None] | None = None,
+    cache_dir: Path | None = None,
 ) -> ModelRef:
     """Registry name, Hub repo id (downloaded if not cached) or local directory -> `ModelRef`.
 
-    `on_config` sees a downloaded model's configuration before its weights are fetched.
+    `on_config` sees a downloaded model's configuration before its weights are fetched;
+    `cache_dir` is the protembed cache that remembers a local checkpoint's weights digest.
     """
     path = checkpoints.local_checkpoint(model, revision)
     if path is not None:
         config = checkpoints.read_config(path)
-        return ModelRef(model, str(path), checkpoints.weights_sha256(path), path, config)
+        return ModelRef(model, str(path), checkpoints.weights_sha256(path, cache_dir), path, config)
     from protembed.hub import resolve_model
 
     resolved = resolve_model(model, revision=revision, progress=progress, on_config=on_config)

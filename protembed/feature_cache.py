@@ -68,7 +68,7 @@ def model_features(
             fasta, part, model=ref.source, revision=None if local else ref.revision,
             layers=[layer], per_residue=per_residue, dtype=dtype,
             store_dtype="float16" if per_residue else "float32", device=device, backend=backend,
-            overwrite=overwrite, quiet=True,
+            overwrite=overwrite, quiet=True, cache_dir=cache_dir,
             progress=None if progress is None else (lambda rows, _res, n: progress(rows, n)),
         )  # fmt: skip
 

@@ -90,7 +90,8 @@ def featurize(
     dtype = "bfloat16" if backend == "te" else "float32"  # Transformer Engine runs in half precision
     expected = model_cfg.get("revision")  # a Hub commit, or a local checkpoint's weights digest
     digest = expected if expected and expected.startswith("sha256:") else None
-    ref = locate_model(model_cfg["ref"], None if digest else expected, progress=not quiet)
+    revision = None if digest else expected
+    ref = locate_model(model_cfg["ref"], revision, progress=not quiet, cache_dir=cache_dir)
     if digest and digest != ref.revision:
         raise FlipError(f"the weights in {ref.source} changed since the head was trained ({digest})")
     model_cfg.update(name=ref.name, source=ref.source, revision=ref.revision)

@@ -160,3 +160,11 @@ def test_output_link_to_nowhere(tmp_path: Path) -> None:
     args = ["finetune", "flip-gb1", "--features", "onehot", "--head", "ridge", "--data-dir", TINY, "-o", link]
     message = f"{link}: cannot create output folder: it links to {tmp_path / 'gone'}, which does not exist"
     one_line_error(run_cli(*args), message)
+
+
+def test_cache_dir_holds_the_weights_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    default = tmp_path / "default-cache"
+    monkeypatch.setenv("PROTEMBED_CACHE", str(default))
+    finetune_json("flip-gb1", tmp_path, "--model", ESM2, "--head", "linear", "--epochs", "1")
+    assert (tmp_path / "cache" / "weights-sha256.json").is_file()
+    assert not default.exists()  # --cache-dir given: nothing written to the default cache

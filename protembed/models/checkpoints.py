@@ -292,15 +292,16 @@ def local_checkpoint(model: str, revision: str | None = None) -> Path | None:
     return path.resolve()
 
 
-def weights_sha256(path: Path) -> str:
+def weights_sha256(path: Path, cache_dir: Path | None = None) -> str:
     """SHA-256 over a local checkpoint's weight files (its `model_revision`).
 
     Hashing tens of GB on every run would dominate start-up, so the digest is remembered per
-    (file, size, modification time) in `<cache>/weights-sha256.json`.
+    (file, size, modification time) in `<cache>/weights-sha256.json`, where `<cache>` is
+    `cache_dir` or protembed's default cache.
     """
     files = weight_files(path)
     key = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    memo_path = default_cache_dir() / "weights-sha256.json"
+    memo_path = (cache_dir or default_cache_dir()) / "weights-sha256.json"
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
