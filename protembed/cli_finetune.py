@@ -328,7 +328,8 @@ def predict(
             raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
     dev = str(resolve_device(device))
     cache = cache_dir or default_cache_dir()
-    onehot = load(head_dir)[0]["model"] is None
+    saved = load(head_dir)
+    onehot = saved[0]["model"] is None
     if onehot:  # one-hot features need no cache
         pass
     elif no_cache:  # the input's features go to a temporary folder in it
@@ -341,11 +342,12 @@ def predict(
         def on_embed(done: int, total: int) -> None:
             bar.update(emb, completed=done, total=total, visible=True)
 
+        args = (head_dir, fasta, dev, cache, on_embed, quiet)
         if no_cache and not onehot:
             with tempfile.TemporaryDirectory(prefix="predict-", dir=cache) as scratch:
-                rows, truncated = predict_fasta(head_dir, fasta, dev, Path(scratch), on_embed, quiet)
+                rows, truncated = predict_fasta(*args, scratch=Path(scratch), saved=saved)
         else:
-            rows, truncated = predict_fasta(head_dir, fasta, dev, cache, on_embed, quiet)
+            rows, truncated = predict_fasta(*args, saved=saved)
     if truncated and not quiet:
         err_console.print(f"note: {truncated} sequences were truncated to the features' maximum length")
     text = io.StringIO(newline="")

@@ -54,8 +54,10 @@ def model_features(
     device: str | None = None,
     backend: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    memo_dir: Path | None = None,
 ) -> Features:
-    """Mean-pooled (`per_residue`: per-residue) embeddings of one resolved layer, through the cache."""
+    """Mean-pooled (`per_residue`: per-residue) embeddings of one resolved layer, through the cache
+    in `cache_dir`; a local checkpoint's weights digest is remembered in `memo_dir` (default: the same)."""
     folder = model_folder(cache_dir, ref, layer, dtype) / ("residues" if per_residue else "pooled")
     keys = [seq_key(s) for s in seqs]
     if read_only(folder):  # a shared cache, filled by someone else
@@ -68,7 +70,7 @@ def model_features(
             fasta, part, model=ref.source, revision=None if local else ref.revision,
             layers=[layer], per_residue=per_residue, dtype=dtype,
             store_dtype="float16" if per_residue else "float32", device=device, backend=backend,
-            overwrite=overwrite, quiet=True, cache_dir=cache_dir,
+            overwrite=overwrite, quiet=True, cache_dir=memo_dir or cache_dir,
             progress=None if progress is None else (lambda rows, _res, n: progress(rows, n)),
         )  # fmt: skip
 

@@ -79,9 +79,11 @@ def featurize(
     progress: Callable[[int, int], None] | None = None,
     backend: str = "auto",
     quiet: bool = False,
+    features_dir: Path | None = None,
 ) -> Features:
     """One-hot features, or the cached embeddings of the model described by `model_cfg` (`quiet`:
-    no notice or progress bar when the model is downloaded first)."""
+    no notice or progress bar when the model is downloaded first). The embeddings are cached in
+    `features_dir` (default: `cache_dir`, which also remembers a local checkpoint's digest)."""
     if model_cfg is None:
         if task.level == "residue":
             return onehot_residues(seqs)
@@ -102,8 +104,8 @@ def featurize(
     # The features are computed by the embed pipeline: "cuda" (no index) means every GPU.
     embed_device = None if device == "cuda" else device
     return model_features(
-        seqs, ref, layer, task.level == "residue", cache_dir,
-        dtype=dtype, device=embed_device, backend=backend, progress=progress,
+        seqs, ref, layer, task.level == "residue", features_dir or cache_dir,
+        dtype=dtype, device=embed_device, backend=backend, progress=progress, memo_dir=cache_dir,
     )  # fmt: skip
 
 

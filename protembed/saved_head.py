@@ -162,9 +162,13 @@ def predict_fasta(
     cache_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     quiet: bool = False,
+    scratch: Path | None = None,
+    saved: tuple[dict[str, Any], nn.Module] | None = None,
 ) -> tuple[list[list[str]], int]:
-    """Apply a saved head to a FASTA file: rows (id, prediction) and the number of truncated inputs."""
-    config, head = load(out_dir)
+    """Apply a saved head (`saved`: as `load(out_dir)` returned it) to a FASTA file: rows (id,
+    prediction) and the number of truncated inputs. Features are cached in `cache_dir`, or only in
+    `scratch` (a folder the caller deletes)."""
+    config, head = saved or load(out_dir)
     ids, seqs = [], []
     for rec in read_records(fasta):  # the header after the id is a free-text description
         body = rec.body.removesuffix("*")  # a translated stop codon, as `embed` drops it
@@ -180,7 +184,8 @@ def predict_fasta(
         revision = None if revision == "local" else revision  # heads saved before weight digests
         model_cfg = {"ref": model_cfg["ref"], "layer": model_cfg["layer"], "revision": revision}
     cache = cache_dir or default_cache_dir()
-    feats = featurize(seqs, task, model_cfg, config.get("onehot_length"), cache, dev, progress, quiet=quiet)
+    length = config.get("onehot_length")
+    feats = featurize(seqs, task, model_cfg, length, cache, dev, progress, quiet=quiet, features_dir=scratch)
     x = feats.residues if task.level == "residue" else feats.pooled
     assert x is not None
     d_in = config["head_config"].get("d_in")

@@ -305,7 +305,7 @@ def test_save_and_predict_round_trip(tmp_path: Path) -> None:
                      "--device", "cpu", "--cache-dir", new_cache, "--no-cache", "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (tmp_path / "nc.csv").read_text() == (tmp_path / "flip-ss3.csv").read_text()
-    assert list(new_cache.iterdir()) == []
+    assert [p.name for p in new_cache.iterdir()] == ["weights-sha256.json"]  # no features, the digest kept
 
 
 def test_outputs_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
