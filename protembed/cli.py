@@ -107,7 +107,10 @@ app.command("models", epilog=EXAMPLES["models"])(cli_hub.models)
 from protembed import cli_finetune  # noqa: E402
 
 app.command("finetune", epilog=EXAMPLES["finetune"])(cli_finetune.finetune)
-app.command("predict", epilog=EXAMPLES["predict"])(cli_finetune.predict)
+
+from protembed import cli_predict  # noqa: E402
+
+app.command("predict", epilog=EXAMPLES["predict"])(cli_predict.predict)
 
 from protembed import cli_bench  # noqa: E402
 

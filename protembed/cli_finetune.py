@@ -1,12 +1,9 @@
-"""`protembed finetune` and `protembed predict`: FLIP heads on frozen features, from the command line."""
+"""`protembed finetune`: FLIP heads on frozen features, from the command line (`predict`: cli_predict)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,19 +12,16 @@ import typer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from protembed.cache import cache_root, check_file_output, default_cache_dir, ensure_dir, write_whole
+from protembed.cache import cache_root, check_file_output, default_cache_dir
 from protembed.cli_common import (
     Backend,
     BackendOption,
     err_console,
     handle_errors,
-    input_value,
     out_console,
     path_value,
     print_json,
     resolve_device,
-    write_in_pieces,
-    write_stdout,
 )
 from protembed.errors import OutputExistsError, require_matplotlib
 from protembed.flip_fetch import FLIP_URL
@@ -79,7 +73,8 @@ Device = Annotated[
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 
 
-def _progress(quiet: bool) -> Progress:
+def progress_bar(quiet: bool) -> Progress:
+    """Progress bars on stderr, when it is a terminal and not `quiet`."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -178,7 +173,7 @@ def finetune(
     if data_dir is None or features is not FeatureKind.onehot:  # else nothing goes to the cache
         cache_root(cache)
     model_ref = None if features is FeatureKind.onehot else model or DEFAULT_MODEL
-    with _progress(quiet) as bar:
+    with progress_bar(quiet) as bar:
         dl: dict[str, TaskID] = {}
 
         def on_download(name: str, done: int, total: int | None) -> None:
@@ -279,89 +274,3 @@ def _num(v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     return f"{v:.2f}" if abs(v) >= 10 else f"{v:.3f}"
-
-
-@handle_errors
-def predict(
-    head_dir: Annotated[
-        Path,
-        typer.Argument(
-            help="Folder written by `finetune --output`.",
-            metavar="HEAD_DIR",
-            show_default=False,
-            parser=path_value,
-        ),
-    ],
-    fasta: Annotated[
-        str,
-        typer.Argument(
-            help="Sequences to predict (FASTA, .gz, or - for stdin).",
-            metavar="FASTA",
-            show_default=False,
-            parser=input_value,
-        ),
-    ],
-    output: Annotated[
-        str | None,
-        typer.Option("--output", "-o", help="CSV file (- for stdout). Default: stdout.", parser=input_value),
-    ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
-    cache_dir: CacheDir = None,
-    no_cache: Annotated[
-        bool,
-        typer.Option(
-            "--no-cache",
-            help="Do not keep the input's features in the cache (they are computed in a temporary "
-            "folder there and deleted at the end; an interrupted run starts over).",
-        ),
-    ] = False,
-    device: Device = None,
-    quiet: Quiet = False,
-) -> None:
-    """Apply a saved FLIP head to new sequences: CSV of id and prediction."""
-    from protembed.saved_head import load, predict_fasta
-
-    out = None if output in (None, "-") else Path(output)
-    if out is not None:
-        check_file_output(out)  # a folder, no folder to write in, permission
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
-    dev = str(resolve_device(device))
-    cache = cache_dir or default_cache_dir()
-    saved = load(head_dir)
-    onehot = saved[0]["model"] is None
-    if onehot:  # one-hot features need no cache
-        pass
-    elif no_cache:  # the input's features go to a temporary folder in it
-        ensure_dir(cache, "cache folder")
-    else:  # a read-only, shared cache serves if it holds them
-        cache_root(cache)
-    with _progress(quiet) as bar:
-        emb = bar.add_task("embedding", total=None, visible=False)
-
-        def on_embed(done: int, total: int) -> None:
-            bar.update(emb, completed=done, total=total, visible=True)
-
-        args = (head_dir, fasta, dev, cache, on_embed, quiet)
-        if no_cache and not onehot:
-            with tempfile.TemporaryDirectory(prefix="predict-", dir=cache) as scratch:
-                rows, truncated = predict_fasta(*args, scratch=Path(scratch), saved=saved)
-        else:
-            rows, truncated = predict_fasta(*args, saved=saved)
-    if truncated and not quiet:
-        err_console.print(f"note: {truncated} sequences were truncated to the features' maximum length")
-    text = io.StringIO(newline="")
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["id", "prediction"])
-    writer.writerows(rows)
-    if out is None:
-        write_stdout(text.getvalue())
-    else:
-
-        def fill(tmp: Path) -> None:
-            with open(tmp, "w", encoding="utf-8", newline="") as handle:  # `-o /dev/stdout | head`
-                write_in_pieces(handle, text.getvalue())
-
-        write_whole(out, fill)
-    if out is not None and not quiet:
-        err_console.print(f"wrote {len(rows)} predictions to {out}", highlight=False)
