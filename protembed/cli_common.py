@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -83,6 +84,9 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # writes to stdout, or f
 DEBUG = {"on": False}  # set by `protembed --debug`: known errors raise with their traceback
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # shown as \xNN: never sent to the terminal raw
+
+
 def handle_errors(fn: F) -> F:
     """Turn known errors into `error: <one line>` on stderr with exit code 1 (130 on Ctrl-C, 143 on
     SIGTERM)."""
@@ -98,6 +102,7 @@ def handle_errors(fn: F) -> F:
                 raise
             # texts quoted from HDF5 or the OS may hold line breaks; spaces inside a line are kept
             one_line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+            one_line = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", one_line)  # ids with NUL, ESC
             err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except BrokenPipeError:  # `protembed ... | head`: the reader has all it wanted

@@ -11,7 +11,11 @@ Validation = `SET=train VALIDATION=True`; train = the other `SET=train` records;
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,8 @@ from protembed.flip_fetch import FLIP_URL, Progress, fetch
 from protembed.records import Record, read_records
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # regression targets are trained in float32
+# A TARGET as written in FLIP's files (nan and inf are read, then refused as not finite)
+NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|inf(?:inity)?|nan)", re.ASCII | re.IGNORECASE)
 IGNORE = -100  # label of residues without a usable label (unresolved); skipped by loss and metrics
 PARTS = ("train", "validation", "test")
 TRAIN, VALIDATION, TEST = 0, 1, 2
@@ -111,6 +117,9 @@ def get_task(name: str) -> Task:
 def parse_header(rec: Record) -> dict[str, str]:
     """The `KEY=VALUE` annotations after the record id (keys upper-cased, each at most once)."""
     attrs: dict[str, str] = {}
+    key = rec.id.partition("=")[0].upper()
+    if key in ("TARGET", "SET", "VALIDATION"):  # `> SET=train ...`: the id is missing
+        raise rec.error(f"header without an id: it starts with the annotation {rec.id!r}")
     for item in rec.header.split()[1:]:
         key, eq, value = item.partition("=")
         if not eq or not key:
@@ -123,10 +132,14 @@ def parse_header(rec: Record) -> dict[str, str]:
 
 def part_of(rec: Record, attrs: dict[str, str]) -> int:
     """Train, validation or test from the SET and VALIDATION annotations."""
-    s = attrs.get("SET", "").lower()
-    v = attrs.get("VALIDATION", "False").lower()
+    if "SET" not in attrs:
+        raise rec.error("missing SET= annotation")
+    s = attrs["SET"].lower()
     if s not in ("train", "test"):
-        raise rec.error(f"SET must be train or test, got '{attrs.get('SET', '')}'")
+        raise rec.error(f"SET must be train or test, got '{attrs['SET']}'")
+    if "VALIDATION" not in attrs:  # FLIP's files give it on every record, test ones too
+        raise rec.error("missing VALIDATION= annotation")
+    v = attrs["VALIDATION"].lower()
     if v not in ("true", "false"):
         raise rec.error(f"VALIDATION must be True or False, got '{attrs['VALIDATION']}'")
     return TEST if s == "test" else VALIDATION if v == "true" else TRAIN
@@ -146,10 +159,9 @@ def read_sequence_task(task: Task, split: str, path: Path) -> Dataset:
             raise rec.error("missing TARGET= annotation")
         raw = attrs["TARGET"]
         if task.kind == "regression":
-            try:
-                value = float(raw)
-            except ValueError:
-                raise rec.error(f"TARGET '{raw}' is not a number") from None
+            if not NUMBER.fullmatch(raw):  # float() would also take 1_5, non-ASCII digits, spaces
+                raise rec.error(f"TARGET '{raw}' is not a number")
+            value = float(raw)
             if not math.isfinite(value):
                 raise rec.error(f"TARGET '{raw}' is not a finite number")
             if abs(value) > FLOAT32_MAX:
@@ -230,18 +242,39 @@ def _unresolved(mask: Record, n: int) -> np.ndarray:
 
 def find_file(root: Path, folder: str, name: str) -> Path:
     """`<root>/<folder>/<name>.fasta` or `.fasta.gz`; FlipError listing what is there otherwise."""
-    for suffix in (".fasta", ".fasta.gz"):
-        path = root / folder / f"{name}{suffix}"
+    paths = [root / folder / f"{name}{suffix}" for suffix in (".fasta", ".fasta.gz")]
+    for path in paths:
         try:
             if path.is_file():
                 return path
         except OSError as exc:  # a folder on the way that cannot be searched
             raise FlipError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    for path in paths:
+        if why := _not_usable(path, folder=False):  # there, but not a file that can be read
+            raise FlipError(f"{path}: {why}")
     if not root.is_dir():
-        raise FlipError(f"--data-dir {root}: {'not a folder' if root.exists() else 'no such folder'}")
+        raise FlipError(f"--data-dir {root}: {_not_usable(root, folder=True) or 'no such folder'}")
+    if why := _not_usable(root / folder, folder=True):
+        raise FlipError(f"{root / folder}: {why}")
     there = sorted(p.name for p in (root / folder).glob("*.fasta*") if p.is_file())
     listing = f" (found: {', '.join(there)})" if there else ""
     raise FlipError(f"no {name}.fasta[.gz] in {root / folder}{listing}")
+
+
+def _not_usable(path: Path, folder: bool) -> str | None:
+    """Why `path`, which is not a file (`folder`: a folder) as wanted, cannot be used; None if
+    nothing is there (or it is what was wanted)."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:  # a link to nowhere, a loop of links
+        if exc.errno == errno.ENOENT:
+            return f"is a link to {os.readlink(path)}, which does not exist"
+        return f"cannot read: {exc.strerror or exc}"
+    if folder:
+        return None if stat.S_ISDIR(mode) else "not a folder"
+    return "is a folder" if stat.S_ISDIR(mode) else None if stat.S_ISREG(mode) else "not a regular file"
 
 
 def load_task(

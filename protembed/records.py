@@ -108,6 +108,10 @@ def _records(source: str, text: io.TextIOWrapper) -> Iterator[Record]:
             continue
         if header is None:
             raise FastaError(source, n, None, "text before the first '>' header")
+        if ">" in chunk:  # ' >id' or a BOM before it: a header that does not start its line
+            shown = storable(header.split(None, 1)[0]) if header.split() else None
+            reason = f"'>' at column {raw.index('>') + 1}: a header must start at the beginning of its line"
+            raise FastaError(source, n, shown, reason)
         parts.append(chunk)
         starts.append(size)
         lines.append(n)

@@ -168,3 +168,25 @@ def test_cache_dir_holds_the_weights_digest(tmp_path: Path, monkeypatch: pytest.
     finetune_json("flip-gb1", tmp_path, "--model", ESM2, "--head", "linear", "--epochs", "1")
     assert (tmp_path / "cache" / "weights-sha256.json").is_file()
     assert not default.exists()  # --cache-dir given: nothing written to the default cache
+
+
+def test_control_characters_in_ids_are_escaped(onehot_head: Path, tmp_path: Path) -> None:
+    """A NUL or an ESC sequence in a record id reaches the terminal escaped, never raw."""
+    fasta = tmp_path / "odd.fasta"
+    fasta.write_bytes(b">a\x00b\nMKV\n")
+    one_line_error(
+        run_cli("predict", onehot_head, fasta), "odd.fasta:1: record 'a\\x00b': NUL byte in the header"
+    )
+    fasta.write_bytes(b">a\x1b[31mb\nMK1\n")
+    r = run_cli("predict", onehot_head, fasta)
+    one_line_error(r, "odd.fasta:2: record 'a\\x1b[31mb': invalid residue '1' at position 3")
+    assert "\x1b" not in r.output
+
+
+def test_header_that_does_not_start_its_line(onehot_head: Path, tmp_path: Path) -> None:
+    fasta = tmp_path / "in.fasta"
+    fasta.write_bytes(b">a\nMKV\n\xef\xbb\xbf>b\nMKV\n")  # a BOM in the middle: two files concatenated
+    r = run_cli("predict", onehot_head, fasta)
+    one_line_error(
+        r, "in.fasta:3: record 'a': '>' at column 2: a header must start at the beginning of its line"
+    )

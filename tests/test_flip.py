@@ -117,10 +117,34 @@ def test_unknown_split_and_missing_file() -> None:
         find_file(Path("/nonexistent"), "gb1", "two_vs_rest")
 
 
-def test_folder_named_like_a_file_is_not_listed(tmp_path: Path) -> None:
-    (tmp_path / "gb1" / "two_vs_rest.fasta").mkdir(parents=True)
-    with pytest.raises(FlipError, match=r"no two_vs_rest.fasta\[.gz\] in \S*gb1$"):
+def test_data_files_that_are_there_but_cannot_be_read(tmp_path: Path) -> None:
+    """Not reported as missing: a folder, a link to nowhere or a loop of links in a file's place, a
+    file in a dataset folder's place, a loop as --data-dir."""
+    wanted = tmp_path / "gb1" / "two_vs_rest.fasta"
+    wanted.mkdir(parents=True)
+    with pytest.raises(FlipError, match=rf"^{wanted}: is a folder$"):
         find_file(tmp_path, "gb1", "two_vs_rest")
+    wanted.rmdir()
+    wanted.symlink_to(tmp_path / "gone.fasta")
+    with pytest.raises(
+        FlipError, match=rf"^{wanted}: is a link to {tmp_path / 'gone.fasta'}, which does not"
+    ):
+        find_file(tmp_path, "gb1", "two_vs_rest")
+    wanted.unlink()
+    wanted.symlink_to(wanted)
+    with pytest.raises(FlipError, match=rf"^{wanted}: cannot read: Too many levels of symbolic links$"):
+        find_file(tmp_path, "gb1", "two_vs_rest")
+    wanted.unlink()
+    (tmp_path / "gb1").rmdir()
+    (tmp_path / "gb1").write_text("")
+    with pytest.raises(FlipError, match=rf"^{tmp_path / 'gb1'}: not a folder$"):
+        find_file(tmp_path, "gb1", "two_vs_rest")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(
+        FlipError, match=rf"^--data-dir {loop}: cannot read: Too many levels of symbolic links$"
+    ):
+        find_file(loop, "gb1", "two_vs_rest")
 
 
 # --- malformed files: one defect each, one-line messages with path:line -------------------------
@@ -143,6 +167,25 @@ SEQ_OK = ">s1 TARGET=1.5 SET=train VALIDATION=False\nMKV\n"
         (">s1 TARGET=1e39 SET=test\nMKV\n", r"record 's1': TARGET '1e39' is out of range \(at most 3.4e\+38"),
         (SEQ_OK + ">s1 TARGET=2 SET=test\nMKV\n", r"bad.fasta:3: record 's1': duplicate id"),
         ("", r"no FASTA records"),
+        (">s1 TARGET=1 SET=train\nMKV\n", r"bad.fasta:1: record 's1': missing VALIDATION= annotation"),
+        (">s1 TARGET=1 VALIDATON=True SET=train\nMKV\n", r"record 's1': missing VALIDATION= annotation"),
+        (
+            "> TARGET=1 SET=train VALIDATION=False\nMKV\n",
+            r"bad.fasta:1: record 'TARGET=1': header without an id",
+        ),
+        (">s1 TARGET=1_5 SET=train VALIDATION=False\nMKV\n", r"record 's1': TARGET '1_5' is not a number"),
+        (
+            ">s1 TARGET=\u0663 SET=train VALIDATION=False\nMKV\n",
+            "record 's1': TARGET '\u0663' is not a number",
+        ),
+        (
+            ">s1 TARGET=nan SET=train VALIDATION=False\nMKV\n",
+            r"record 's1': TARGET 'nan' is not a finite number",
+        ),
+        (
+            SEQ_OK + " >s2 TARGET=1 SET=test VALIDATION=False\nMKV\n",
+            r"bad.fasta:3: record 's1': '>' at column 2: a header must start at the beginning of its line",
+        ),
     ],
 )
 def test_malformed_sequence_file(tmp_path: Path, text: str, message: str) -> None:
@@ -184,26 +227,46 @@ def test_unknown_class(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("labels", "mask", "message"),
     [
-        (">a SET=train\nCCH\n", None, r"labels.fasta:1: record 'a': 3 labels for a sequence of 4 residues"),
         (
-            ">a SET=train\nCCXH\n",
+            ">a SET=train VALIDATION=False\nCCH\n",
+            None,
+            r"labels.fasta:1: record 'a': 3 labels for a sequence of 4 residues",
+        ),
+        (
+            ">a SET=train VALIDATION=False\nCCXH\n",
             None,
             r"record 'a': invalid label 'X' at position 3 \(expected one of CEH\)",
         ),
-        (">zz SET=test\nCCHH\n", None, r"record 'zz': no sequence with this id in sequences.fasta"),
-        (">a SET=train\nCCHH\n>a SET=test\nCCHH\n", None, r"labels.fasta:3: record 'a': duplicate id"),
         (
-            ">a SET=train\nCCHH\n",
+            ">zz SET=test VALIDATION=False\nCCHH\n",
+            None,
+            r"record 'zz': no sequence with this id in sequences.fasta",
+        ),
+        (
+            ">a SET=train VALIDATION=False\nCCHH\n>a SET=test\nCCHH\n",
+            None,
+            r"labels.fasta:3: record 'a': duplicate id",
+        ),
+        (
+            ">a SET=train VALIDATION=False\nCCHH\n",
             ">a\n011\n",
             r"mask.fasta:1: record 'a': mask of 3 positions for a sequence of 4",
         ),
         (
-            ">a SET=train\nCCHH\n",
+            ">a SET=train VALIDATION=False\nCCHH\n",
             ">a\n01\n21\n",
             r"mask.fasta:3: record 'a': mask .* found '2' at position 3",
         ),
-        (">a SET=train\nCCHH\n", ">b\n0111\n", r"mask.fasta: record 'a': no mask record for this id"),
-        (">a SET=train\nCCHH\n", ">a\n0111\n>a\n1111\n", r"mask.fasta:3: record 'a': duplicate id"),
+        (
+            ">a SET=train VALIDATION=False\nCCHH\n",
+            ">b\n0111\n",
+            r"mask.fasta: record 'a': no mask record for this id",
+        ),
+        (
+            ">a SET=train VALIDATION=False\nCCHH\n",
+            ">a\n0111\n>a\n1111\n",
+            r"mask.fasta:3: record 'a': duplicate id",
+        ),
     ],
 )
 def test_malformed_residue_files(tmp_path: Path, labels: str, mask: str | None, message: str) -> None:
@@ -221,7 +284,9 @@ def test_malformed_residue_files(tmp_path: Path, labels: str, mask: str | None, 
 
 def test_sequences_without_labels_are_skipped(tmp_path: Path) -> None:
     (tmp_path / "sequences.fasta").write_text(">a\nMKVL\n>b\nMK\n>c\nMKV\n")
-    (tmp_path / "labels.fasta").write_text(">c SET=test\n111\n>a SET=train VALIDATION=True\n9999\n")
+    (tmp_path / "labels.fasta").write_text(
+        ">c SET=test VALIDATION=False\n111\n>a SET=train VALIDATION=True\n9999\n"
+    )
     data = read_residue_task(
         get_task("flip-conservation"), "x", tmp_path / "sequences.fasta", tmp_path / "labels.fasta", None
     )
