@@ -22,6 +22,7 @@ from protembed.compute import run_batch
 from protembed.errors import BackendError, OptionError, is_whole
 from protembed.models.checkpoints import load_checkpoint, local_checkpoint, weights_sha256
 from protembed.models.encoder import Encoder, resolve_layers
+from protembed.pooling import POOLINGS, pooling_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,24 +90,29 @@ class Model:
                 raise TypeError(f"sequences: item {i} is {type(seq).__name__}, not str")
             sequences[i] = seq = seq.replace(" ", "").replace("\r", "").replace("\n", "")
             if not seq:
-                raise ValueError(f"sequences: sequence {i} is empty")
-        pooling = [p.strip() for p in pooling.split(",")] if isinstance(pooling, str) else list(pooling)
-        if not pooling:
-            raise ValueError("pooling: name at least one of mean, cls")
-        idx = self.layers(layers)
+                raise OptionError(f"sequences: sequence {i} is empty")
+        pooling = pooling_names(pooling)
+        bad = [p for p in pooling if p not in POOLINGS]
+        if bad or not pooling:
+            named = f"{', '.join(map(repr, bad))} is not" if bad else "name at least"
+            raise OptionError(f"pooling: {named} one of {', '.join(POOLINGS)}")
+        try:
+            idx = self.layers(layers)
+        except ValueError as exc:
+            raise OptionError(f"layers: {exc}") from None
         top = self.encoder.config.max_residues
         limit = top if max_residues is None else max_residues
         if not is_whole(limit) or not 1 <= limit <= top:
-            raise ValueError(
+            raise OptionError(
                 f"max_residues: {max_residues!r} is not a whole number in 1..{top} for this model"
             )
         if not is_whole(tokens_per_batch) or tokens_per_batch < 1:
-            raise ValueError(f"tokens_per_batch: {tokens_per_batch!r} is not a whole number >= 1")
+            raise OptionError(f"tokens_per_batch: {tokens_per_batch!r} is not a whole number >= 1")
         limit = int(limit)
         tokens = [self.alphabet.encode(s, record=str(i)) for i, s in enumerate(sequences)]
         for i, t in enumerate(tokens):
             if t.size <= 2:  # BOS and EOS only: the sequence was just a '*'
-                raise ValueError(f"sequences: sequence {i} is empty once its final '*' is dropped")
+                raise OptionError(f"sequences: sequence {i} is empty once its final '*' is dropped")
         truncated = np.array([t.size - 2 > limit for t in tokens], dtype=bool)
         tokens = [np.concatenate([t[: limit + 1], t[-1:]]) if cut else t for t, cut in zip(tokens, truncated)]
         d = self.encoder.config.d_model
@@ -127,7 +133,9 @@ def check_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device or default_device())
     except RuntimeError:
-        raise BackendError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index is not None):
+        raise BackendError(f"unknown device {device!r} (use cpu, cuda or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device {device!r} requested but CUDA is not available")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():

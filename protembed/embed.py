@@ -50,6 +50,7 @@ from protembed.pipeline import (
     read_windows,
     run_pipeline,
 )
+from protembed.pooling import pooling_names
 from protembed.registry import lookup
 from protembed.store import EmbeddingWriter
 
@@ -139,7 +140,7 @@ def embed_fasta(
     remembers a local checkpoint's weights digest (default: `cache.default_cache_dir()`).
     """
     t0 = time.perf_counter()
-    poolings = [p.strip() for p in poolings.split(",")] if isinstance(poolings, str) else list(poolings)
+    poolings = pooling_names(poolings)
     check_options(poolings, long_policy, dtype, store_dtype, on_invalid, tokens_per_batch, compression)
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
     resolved = resolve_backend(backend, devices[0], dtype, compile)
@@ -244,7 +245,7 @@ def recorded_budget(output: Path) -> int | None:
     try:
         with h5py.File(output, "r") as h5:
             value = h5.attrs.get("tokens_per_batch")
-    except OSError:  # no such file, or not HDF5: the writer reports what is in the way
+    except (OSError, RuntimeError, KeyError):  # no such file, not HDF5, damaged: the writer says which
         return None
     return int(value) if value is not None else None
 

@@ -96,5 +96,6 @@ def require_matplotlib() -> None:
         raise BackendError("--plot needs matplotlib: pip install 'protembed[plot]'") from None
 
 
-class OptionError(ProtembedError):
-    """Option values that cannot work together or do not fit the model."""
+class OptionError(ProtembedError, ValueError):
+    """Option values that cannot work together or do not fit the model (also a ValueError, as the
+    Python API's wrong arguments are)."""

@@ -130,6 +130,8 @@ def _write_records(emb: EmbeddingFile, out: h5py.File, what: str, layer: int | N
     """Copy every non-skipped record into its own dataset, reading the source in large blocks."""
     names, ids = dataset_names(emb.ids), emb.ids
     keep = ~emb.skipped
+    if not all(ids[row] for row in np.flatnonzero(keep).tolist()):  # embed gives every such row an id
+        raise StoreError(f"{emb.path}: damaged HDF5 file (a record that was embedded has no id)")
     n = len(emb)
     if what != "residues":
         if what not in emb.poolings:

@@ -6,11 +6,20 @@ is the BOS state (ESM-2's <cls>, AMPLIFY's <bos>).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from protembed.models.packing import Packing
 
 POOLINGS = ("mean", "cls")
+
+
+def pooling_names(spec: Sequence[str] | str) -> list[str]:
+    """The names in a pooling spec (one name, the command line's comma list, or a list of either),
+    stripped, in order, each once; checking them against `POOLINGS` is the caller's."""
+    given = [spec] if isinstance(spec, str) else list(spec)
+    return list(dict.fromkeys(part.strip() for item in given for part in str(item).split(",")))
 
 
 def residue_index(packing: Packing) -> torch.Tensor:

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from protembed.errors import OutputCompleteError, OutputExistsError, ResumeMismatchError, StoreError, is_whole
+from protembed.errors import (
+    OutputCompleteError,
+    OutputExistsError,
+    ProtembedError,
+    ResumeMismatchError,
+    StoreError,
+    is_whole,
+)
 
 FORMAT, FORMAT_VERSION = "protembed-embeddings", 1
 RECORD_DATASETS = ("ids", "descriptions", "lengths", "truncated", "skipped", "skip_reasons", "written")
@@ -161,6 +170,17 @@ class EmbeddingFile:
         return 0 if layer is None else self.layers.index(self.stored_layer(layer))
 
 
+@contextmanager
+def intact(path: Path, error: type[ProtembedError] = StoreError, hint: str = "") -> Iterator[None]:
+    """Reads of an HDF5 file whose damage h5py reports as OSError, RuntimeError or KeyError (a bad
+    heap or object header) become an `error` naming the file (and `hint`, what to do)."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError) as exc:
+        detail = str(exc).strip().splitlines()[0].strip("'") if str(exc).strip() else type(exc).__name__
+        raise error(f"{path}: damaged HDF5 file ({detail}){'; ' + hint if hint else ''}") from None
+
+
 def open_h5(path: Path) -> h5py.File:
     """`path` opened read-only; StoreError saying why it cannot be (missing, a folder, not HDF5)."""
     try:
@@ -181,26 +201,29 @@ def open_embeddings(path: str | Path, allow_incomplete: bool = False) -> Embeddi
     path = Path(path)
     h5 = open_h5(path)
     try:
-        fmt, version = plain(h5.attrs.get("format")), plain(h5.attrs.get("format_version"))
-        if fmt != FORMAT or not all(k in h5 for k in RECORD_DATASETS):
-            raise StoreError(f"{path}: not a protembed embeddings file")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{path}: layout version {version} is not supported (this protembed reads 1)")
-        shards = plain(h5.attrs.get("virtual_shards")) or []  # `merge --virtual` / `embed --no-merge`
-        beside = path.resolve().parent  # where HDF5 looks, through a symlink too
-        if lost := [name for name in shards if not (beside / name).is_file()]:
-            raise StoreError(
-                f"{path}: reads through to shard files that are not beside it: {', '.join(lost)} "
-                f"(copy them next to it, or run `protembed merge` where they are to get one plain file)"
-            )
-        if not plain(h5.attrs.get("complete")) and not allow_incomplete:
-            done = int(np.count_nonzero(h5["written"][...]))
-            todo = int(np.count_nonzero(~h5["skipped"][...]))
-            raise StoreError(
-                f"{path}: unfinished output ({done} of {todo} records written); rerun the same "
-                f"embed command to finish it (from Python: open_embeddings(..., allow_incomplete=True))"
-            )
-        return EmbeddingFile(h5, path)
+        with intact(path):  # damage found while reading the attributes or record datasets
+            fmt, version = plain(h5.attrs.get("format")), plain(h5.attrs.get("format_version"))
+            if fmt != FORMAT or not all(k in h5 for k in RECORD_DATASETS):
+                raise StoreError(f"{path}: not a protembed embeddings file")
+            if version != FORMAT_VERSION:
+                raise StoreError(
+                    f"{path}: layout version {version} is not supported (this protembed reads 1)"
+                )
+            shards = plain(h5.attrs.get("virtual_shards")) or []  # `merge --virtual` / `embed --no-merge`
+            beside = path.resolve().parent  # where HDF5 looks, through a symlink too
+            if lost := [name for name in shards if not (beside / name).is_file()]:
+                raise StoreError(
+                    f"{path}: reads through to shard files that are not beside it: {', '.join(lost)} "
+                    f"(copy them next to it, or run `protembed merge` where they are to get one plain file)"
+                )
+            if not plain(h5.attrs.get("complete")) and not allow_incomplete:
+                done = int(np.count_nonzero(h5["written"][...]))
+                todo = int(np.count_nonzero(~h5["skipped"][...]))
+                raise StoreError(
+                    f"{path}: unfinished output ({done} of {todo} records written); rerun the same "
+                    f"embed command to finish it (from Python: open_embeddings(..., allow_incomplete=True))"
+                )
+            return EmbeddingFile(h5, path)
     except BaseException:
         h5.close()
         raise
@@ -224,7 +247,7 @@ def unfinished_output(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as h5:
             return h5.attrs.get("format") == FORMAT and not h5.attrs.get("complete")
-    except OSError:
+    except (OSError, RuntimeError, KeyError):  # not HDF5, or damaged
         return False
 
 
@@ -251,7 +274,7 @@ def check_resumable(
         h5 = h5py.File(path, "r")
     except OSError:
         raise OutputExistsError(f"{path}: exists and is not a readable HDF5 file; {hint}") from None
-    with h5:
+    with h5, intact(path, OutputExistsError, hint):
         old = {k: plain(v) for k, v in h5.attrs.items()}
         if old.get("format") != FORMAT or not all(k in h5 for k in RECORD_DATASETS):
             raise OutputExistsError(f"{path}: exists and is not a protembed embeddings file; {hint}")

@@ -30,10 +30,10 @@ from h5py import h5d, h5p
 
 from protembed import __version__
 from protembed.cache import check_replaceable
-from protembed.errors import StoreError
+from protembed.errors import OutputExistsError, StoreError
 from protembed.export import compressed_copy
 from protembed.output_lock import OutputLock
-from protembed.reader import FORMAT, FORMAT_VERSION, check_resumable
+from protembed.reader import FORMAT, FORMAT_VERSION, check_resumable, intact
 
 STORE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 COMPRESSIONS = (None, "gzip", "lzf")
@@ -145,7 +145,10 @@ class EmbeddingWriter:
                     **({"offsets": offsets} if per_residue else {}),
                 }
                 _create(path, full, records, big, STORE_DTYPES[store_dtype])
-            with h5py.File(path, "r") as h5:
+            with (
+                h5py.File(path, "r") as h5,
+                intact(path, OutputExistsError, "pass --overwrite to replace it"),
+            ):
                 written = h5["written"][...].astype(bool)
                 slabs = {name: _slab(h5[name]) for name in [*big, "written"]}
             return cls(path, lock, slabs, offsets, written, skipped, compression, flush_seconds, flush_bytes)

@@ -192,7 +192,9 @@ def test_embed_fasta_checks_what_the_cli_checks(tmp_path: Path, fasta: Path) -> 
     embed_module.embed_fasta(fasta, out, model=ESM, layers="all", poolings="cls", quiet=True)
     with h5py.File(out, "r") as f:
         assert list(f.attrs["layers"]) == [0, 1, 2, 3] and f["cls"].shape == (12, 4, 64)
-    embed_module.embed_fasta(fasta, out, model=ESM, poolings="mean, cls", overwrite=True, quiet=True)
+    embed_module.embed_fasta(
+        fasta, out, model=ESM, poolings=["mean, cls", "mean"], overwrite=True, quiet=True
+    )
     with h5py.File(out, "r") as f:
         assert f.attrs["pooling"] == "mean,cls"
 

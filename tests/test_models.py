@@ -159,6 +159,18 @@ def test_python_api_refuses_wrong_arguments() -> None:
         with pytest.raises(ValueError, match=f"tokens_per_batch: {bad_budget} is not a whole number >= 1"):
             model.embed(["MKV"], tokens_per_batch=bad_budget)  # type: ignore[arg-type]
     assert model.embed(["MKV"], layers="all").pooled["mean"].shape == (1, 4, 64)
+    for pooling in ("max", ["mean", "max"], "mean,"):  # refused before anything is computed
+        with pytest.raises(OptionError, match=r"pooling: '(max|)' is not one of mean, cls"):
+            model.embed([], pooling=pooling)
+    both = model.embed(["MKV"], pooling=["mean,cls", "mean"])  # comma lists inside a list, each name once
+    assert list(both.pooled) == ["mean", "cls"]
+    with pytest.raises(
+        OptionError, match="layers: layer 9 out of range"
+    ):  # a ProtembedError, and a ValueError
+        model.embed(["MKV"], layers=9)
+    for device in ("meta", "mps", "cpu:2"):  # one real device: cpu, cuda or cuda:N
+        with pytest.raises(BackendError, match=f"unknown device '{device}'"):
+            load_model(ckpt, device=device)
     spaced = model.embed(["MK TAY\nIAK\r\n", "MKTAYIAK"], pooling="mean,cls")  # read as a FASTA record
     assert sorted(spaced.pooled) == ["cls", "mean"]
     assert np.array_equal(spaced.pooled["mean"][0], spaced.pooled["mean"][1])

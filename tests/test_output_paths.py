@@ -17,6 +17,7 @@ from protembed.cli import app
 from protembed.errors import HubError, StoreError
 from protembed.hub_cache import cached_snapshot, repo_dir
 from protembed.merge import find_shards, write_virtual
+from protembed.reader import open_embeddings
 from tests.helpers import fixture_dir, one_line_error
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
@@ -153,3 +154,22 @@ def test_unreadable_cached_revision_is_named(tmp_path: Path, monkeypatch: pytest
     one_line_error(r, f"{ref}: cannot read the cached revision: Permission denied")
     one_line_error(run("models", "--cache-dir", ref), f"Hub cache {ref}: not a folder")
     assert run("models", "--cache-dir", tmp_path / "none").exit_code == 0  # nothing cached yet
+
+
+def test_damaged_file_is_a_one_line_error(embedded: Path, tmp_path: Path) -> None:
+    """Damage that h5py finds only once the file is open (here the root group's heap) is a
+    StoreError naming the file, for the reader, `export` and an `embed` that would resume it."""
+    data = bytearray(embedded.read_bytes())
+    at = data.find(b"HEAP")  # the signature of the root group's local heap
+    assert at > 0
+    data[at : at + 4] = b"XXXX"
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(data)
+    with pytest.raises(StoreError, match=rf"^{bad}: damaged HDF5 file \(.*bad local heap signature"):
+        open_embeddings(bad)
+    one_line_error(run("export", bad, "-o", tmp_path / "e.h5"), f"{bad}: damaged HDF5 file")
+    r = run("embed", tmp_path / "s.fa", "-o", bad, "--model", ESM, "-q")
+    one_line_error(r, "; pass --overwrite to replace it")
+    assert bad.read_bytes() == data  # left as it was
+    r = run("embed", tmp_path / "s.fa", "-o", bad, "--model", ESM, "-q", "--overwrite")
+    assert r.exit_code == 0, r.output
