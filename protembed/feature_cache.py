@@ -209,7 +209,7 @@ def _reading(part: Path) -> Iterator[EmbeddingFile]:
             yield emb
     except StoreError as exc:
         raise _DamagedPart(part, _first_clause(exc, part)) from None
-    except (OSError, KeyError, IndexError, ValueError) as exc:  # truncated data, lost or misshapen datasets
+    except (OSError, RuntimeError, KeyError, IndexError, ValueError) as exc:  # truncated, lost or damaged
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _DamagedPart(part, first) from None
 
