@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -142,3 +145,29 @@ def test_out_of_memory_batches_are_split_down_to_single_sequences(monkeypatch: p
     with pytest.raises(compute.SequenceTooLargeError) as err:
         compute.run_splitting(encoder, tokens, [3], ["mean"], False)
     assert err.value.position == 4 and err.value.n_tokens == 42
+
+
+def test_compiled_batch_of_one_sequence(tmp_path: Path) -> None:
+    """A first batch holding one sequence compiles (torch.compile's CPU code generation failed on
+    the scatter that counted each sequence's masks)."""
+    fasta, out = tmp_path / "one.fa", tmp_path / "one.h5"
+    fasta.write_text(">one\nMKTAYIAKQRQISFVKSHFS\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # a separate process: vectorised kernels, 2 threads
+    args = [
+        sys.executable,
+        "-m",
+        "protembed",
+        "embed",
+        str(fasta),
+        "-o",
+        str(out),
+        "--model",
+        ESM,
+        "--compile",
+        "-q",
+    ]
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = load_model(ESM).embed(["MKTAYIAKQRQISFVKSHFS"]).pooled["mean"][:, 0]
+    with h5py.File(out, "r") as f:
+        assert np.abs(f["mean"][:] - want).max() <= 1e-5

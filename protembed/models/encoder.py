@@ -140,10 +140,11 @@ class Encoder(nn.Module):
         lens_B = cu[1:] - cu[:-1]
         token_T = torch.arange(tokens_T.shape[0], device=cu.device)
         seq_of_token = torch.searchsorted(cu[1:], token_T, right=True)
-        n_mask_B = torch.zeros_like(lens_B, dtype=torch.float32).index_add_(
-            0, seq_of_token, is_mask_T.float()
-        )
-        ratio_B = n_mask_B / lens_B.float()
+        # Masks per sequence from a running count (exact integers; an index_add here made
+        # torch.compile's CPU code generation fail on batches of one sequence).
+        count_T = torch.cat([is_mask_T.new_zeros(1, dtype=torch.int64), is_mask_T.long().cumsum(0)])
+        n_mask_B = count_T[cu[1:]] - count_T[cu[:-1]]
+        ratio_B = n_mask_B.float() / lens_B.float()
         x_TD = x_TD.masked_fill(is_mask_T[:, None], 0.0)
         return (x_TD * 0.88 / (1 - ratio_B)[seq_of_token, None]).to(x_TD.dtype)
 
