@@ -34,7 +34,7 @@ from protembed.embed_setup import (
     check_output_folder,
     locate_model,
 )
-from protembed.errors import OutputCompleteError
+from protembed.errors import OptionError, OutputCompleteError
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
 from protembed.merge import shard_ranges
 from protembed.models import checkpoints
@@ -145,6 +145,8 @@ def embed_fasta(
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
     resolved = resolve_backend(backend, devices[0], dtype, compile)
     check_output_folder(Path(output))  # before a download or weight hashing, not after
+    if str(input_path) == "-" and torchrun.distributed_env() is not None:
+        raise OptionError("standard input cannot be shared by the ranks of a torchrun job; give a file")
     # Validate the options and the whole input as soon as the model's shape is known, so that a
     # bad record fails in seconds, not after a download or weight hashing: now for a registry
     # model or a local checkpoint (whose weights are hashed later), else once a Hub model's

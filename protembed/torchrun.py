@@ -89,9 +89,21 @@ def sum_over_ranks(values: list[float], elapsed: float) -> tuple[list[float], fl
 
     sums = torch.tensor(values, dtype=torch.float64)
     slowest = torch.tensor([elapsed], dtype=torch.float64)
-    tdist.all_reduce(sums)
-    tdist.all_reduce(slowest, op=tdist.ReduceOp.MAX)
+    try:
+        tdist.all_reduce(sums)
+        tdist.all_reduce(slowest, op=tdist.ReduceOp.MAX)
+    except RuntimeError as exc:
+        raise _peer_lost(exc) from None
     return sums.tolist(), float(slowest)
+
+
+def _peer_lost(exc: RuntimeError) -> StoreError:
+    """A collective that failed because another rank stopped (killed, or its node lost)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreError(
+        f"another rank of the job stopped ({first}); this rank's shard is kept: "
+        f"run the same command again to resume"
+    )
 
 
 def run_rank(
@@ -105,7 +117,10 @@ def run_rank(
         tdist.init_process_group("gloo", timeout=timedelta(days=7))
     try:
         result = embed_shard(shard_path(output, rank, world))
-        tdist.barrier()
+        try:
+            tdist.barrier()
+        except RuntimeError as exc:
+            raise _peer_lost(exc) from None
         if rank == 0:
             shards = [shard_path(output, r, world) for r in range(world)]
             if merge:
@@ -119,7 +134,10 @@ def run_rank(
         except RuntimeError:  # rank 0 stopped while joining the shards: its message says why
             if rank == 0:
                 raise
-            raise StoreError(f"{output}: rank 0 could not join the shards (see its message)") from None
+            raise StoreError(
+                f"{output}: rank 0 could not join the shards (see its message, if it printed one); "
+                f"run the same command again to resume"
+            ) from None
     finally:
         tdist.destroy_process_group()
     return result

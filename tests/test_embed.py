@@ -26,7 +26,7 @@ from protembed.cli_embed import default_output
 from protembed.errors import FastaError, OptionError, StoreError
 from protembed.models import checkpoints
 from protembed.reader import open_embeddings
-from tests.helpers import fixture_dir, reference, rows_written
+from tests.helpers import fixture_dir, one_line_error, reference, rows_written
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
 AMP = str(fixture_dir("amplify_l3_h64") / "checkpoint")
@@ -461,3 +461,28 @@ def test_colons_in_names_print_as_typed(tmp_path: Path) -> None:
     fasta.write_text(">id:smile:\nMK1\n")
     r = embed(str(fasta), "-o", str(tmp_path / "a.h5"), "--model", ESM)
     assert r.exit_code == 1 and "a:fire:.fa:2: record 'id:smile:': invalid residue '1'" in r.output, r.output
+
+
+def test_torchrun_refuses_stdin_and_names_a_lost_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank would read stdin, one of them getting all of it; a collective that fails because
+    another rank stopped is a one-line error that says to rerun."""
+    import torch.distributed as tdist
+
+    from protembed import torchrun
+    from protembed.errors import StoreError
+
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    r = runner.invoke(app, ["embed", "-", "-o", str(tmp_path / "a.h5"), "--model", ESM], input=">a\nMKV\n")
+    one_line_error(r, "standard input cannot be shared by the ranks of a torchrun job; give a file")
+
+    def closed(*_: object, **__: object) -> None:
+        raise RuntimeError("[gloo pair.cc:553] Connection closed by peer [127.0.0.1]:5678\nmore")
+
+    monkeypatch.setattr(tdist, "all_reduce", closed)
+    lost = r"^another rank of the job stopped \(\[gloo pair.cc:553\] Connection closed by peer \S+\)"
+    with pytest.raises(StoreError, match=lost + "; this rank's shard is kept: run the same command again"):
+        torchrun.sum_over_ranks([1.0], 1.0)
