@@ -51,6 +51,7 @@ from protembed.pipeline import (
     run_pipeline,
 )
 from protembed.pooling import pooling_names
+from protembed.reader import H5_ERRORS
 from protembed.registry import lookup
 from protembed.store import EmbeddingWriter
 
@@ -247,7 +248,7 @@ def recorded_budget(output: Path) -> int | None:
     try:
         with h5py.File(output, "r") as h5:
             value = h5.attrs.get("tokens_per_batch")
-    except (OSError, RuntimeError, KeyError):  # no such file, not HDF5, damaged: the writer says which
+    except H5_ERRORS:  # no such file, not HDF5, damaged: the writer says which
         return None
     return int(value) if value is not None else None
 

@@ -12,6 +12,12 @@ def is_whole(value: object) -> TypeGuard[int]:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text (HDF5, gloo and safetensors quote several), else its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ProtembedError(Exception):
     """Base of every error caused by user input or environment, mapped to exit code 1."""
 

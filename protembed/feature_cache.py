@@ -25,7 +25,7 @@ import numpy as np
 from protembed.cache import ensure_dir, held_lock, read_only
 from protembed.embed import embed_fasta
 from protembed.embed_setup import ModelRef
-from protembed.errors import OutputExistsError, ResumeMismatchError, StoreError
+from protembed.errors import OutputExistsError, ResumeMismatchError, StoreError, first_line
 from protembed.features import Features, Ragged
 from protembed.flip import FlipError
 from protembed.reader import EmbeddingFile, open_embeddings
@@ -210,8 +210,7 @@ def _reading(part: Path) -> Iterator[EmbeddingFile]:
     except StoreError as exc:
         raise _DamagedPart(part, _first_clause(exc, part)) from None
     except (OSError, RuntimeError, KeyError, IndexError, ValueError) as exc:  # truncated, lost or damaged
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _DamagedPart(part, first) from None
+        raise _DamagedPart(part, first_line(exc)) from None
 
 
 def _remove(part: Path) -> None:

@@ -23,6 +23,7 @@ from protembed.errors import (
     ProtembedError,
     ResumeMismatchError,
     StoreError,
+    first_line,
     is_whole,
 )
 
@@ -32,6 +33,8 @@ PER_RESIDUE_DATASETS = ("residues", "offsets")
 # Every other root attribute must match to resume. `model` is how the user named the model; the
 # model itself is `model_source` + `model_revision` (a path spelled another way is the same model).
 NOT_COMPARED = ("protembed_version", "created", "model")
+# What h5py raises for a file that is not HDF5 or is damaged (a bad heap or object header)
+H5_ERRORS = (OSError, RuntimeError, KeyError)
 
 
 class EmbeddingFile:
@@ -172,12 +175,12 @@ class EmbeddingFile:
 
 @contextmanager
 def intact(path: Path, error: type[ProtembedError] = StoreError, hint: str = "") -> Iterator[None]:
-    """Reads of an HDF5 file whose damage h5py reports as OSError, RuntimeError or KeyError (a bad
-    heap or object header) become an `error` naming the file (and `hint`, what to do)."""
+    """Reads of an HDF5 file whose damage h5py reports (`H5_ERRORS`) become an `error` naming the
+    file (and `hint`, what to do)."""
     try:
         yield
-    except (OSError, RuntimeError, KeyError) as exc:
-        detail = str(exc).strip().splitlines()[0].strip("'") if str(exc).strip() else type(exc).__name__
+    except H5_ERRORS as exc:
+        detail = first_line(exc).strip("'")
         raise error(f"{path}: damaged HDF5 file ({detail}){'; ' + hint if hint else ''}") from None
 
 
@@ -186,7 +189,7 @@ def open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         why = "no such file" if not path.exists() else "is a folder" if path.is_dir() else None
         raise StoreError(f"{path}: {why or f'not a readable HDF5 file ({detail})'}") from None
 
@@ -247,7 +250,7 @@ def unfinished_output(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as h5:
             return h5.attrs.get("format") == FORMAT and not h5.attrs.get("complete")
-    except (OSError, RuntimeError, KeyError):  # not HDF5, or damaged
+    except H5_ERRORS:  # not HDF5, or damaged
         return False
 
 

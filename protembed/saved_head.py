@@ -24,7 +24,7 @@ from torch import nn
 
 from protembed.api import default_device
 from protembed.cache import TEMP_PREFIX, default_cache_dir, ensure_dir, write_whole
-from protembed.errors import OutputExistsError, StoreError, is_whole, require_matplotlib
+from protembed.errors import OutputExistsError, StoreError, first_line, is_whole, require_matplotlib
 from protembed.finetune import FORMAT, Run, featurize
 from protembed.flip import IGNORE, FlipError, get_task
 from protembed.heads import build_head, decode, predict
@@ -116,8 +116,7 @@ def load(out_dir: Path) -> tuple[dict[str, Any], nn.Module]:
         head = build_head(config["head_config"])
         head.load_state_dict(load_file(str(w_path)))
     except (KeyError, ValueError, TypeError, RuntimeError, OSError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FlipError(f"{w_path}: not the weights of the head in {CONFIG} ({first})") from None
+        raise FlipError(f"{w_path}: not the weights of the head in {CONFIG} ({first_line(exc)})") from None
     return config, head.eval()
 
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from protembed.errors import OptionError, OutputExistsError, StoreError
+from protembed.errors import OptionError, OutputExistsError, StoreError, first_line
 from protembed.merge import merge_shards, shard_path, shard_sets, shard_worlds, write_virtual
 from protembed.reader import unfinished_output
 
@@ -99,9 +99,8 @@ def sum_over_ranks(values: list[float], elapsed: float) -> tuple[list[float], fl
 
 def _peer_lost(exc: RuntimeError) -> StoreError:
     """A collective that failed because another rank stopped (killed, or its node lost)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return StoreError(
-        f"another rank of the job stopped ({first}); this rank's shard is kept: "
+        f"another rank of the job stopped ({first_line(exc)}); this rank's shard is kept: "
         f"run the same command again to resume"
     )
 
