@@ -87,7 +87,7 @@ _protembed() {
             models) _protembed_words '--json --cache-dir --help' ;;
             finetune) _protembed_words '-m --model --features --split --head --layer --epochs --lr --batch-size --seed --patience --data-dir --cache-dir -o --output --overwrite --device --backend --json --plot -q --quiet --help' ;;
             predict) _protembed_words '-o --output --overwrite --cache-dir --no-cache --device -q --quiet --help' ;;
-            bench) _protembed_words '-m --model --device --dtype --backend --compile --lengths --tokens-per-batch -i --input --random-weights --compare --repeats --batches --threads --seed --json --plot -q --quiet --help' ;;
+            bench) _protembed_words '-m --model --device --dtype --backend --compile --lengths --tokens-per-batch -i --input --random-weights --compare --repeats --batches --threads --seed --json --plot --overwrite -q --quiet --help' ;;
             export) _protembed_words '-o --output --layout --what --layer --overwrite --help' ;;
         esac
         return

@@ -114,6 +114,7 @@ complete -c protembed -n '__fish_seen_subcommand_from bench' -l threads -x -d 'C
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l seed -x -d 'Seed of synthetic sequences and random weights.'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l json -d 'Print machine-readable results on stdout.'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l plot -r -F -d 'Write a PNG of residues/s against length.'
+complete -c protembed -n '__fish_seen_subcommand_from bench' -l overwrite -d 'Replace an existing --plot file.'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -s q -l quiet -d 'No progress on stderr.'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l help -d 'Show this message and exit.'
 

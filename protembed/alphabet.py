@@ -24,7 +24,7 @@ AMPLIFY_TOKENS = (
     "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C", "B",
 )  # fmt: skip
 
-_MASK_TEXT = "<mask>"
+MASK_TEXT = "<mask>"
 _INVALID = -1
 
 
@@ -68,7 +68,7 @@ class Alphabet:
         """Token ids of the residues only, without BOS/EOS."""
         if seq.endswith("*"):
             seq = seq[:-1]
-        if _MASK_TEXT in seq.lower():
+        if MASK_TEXT in seq.lower():
             return self._with_masks(seq, record)
         return self._lookup(seq, 0, record)
 
@@ -86,15 +86,15 @@ class Alphabet:
         lowered = seq.lower()
         start = 0
         while True:
-            hit = lowered.find(_MASK_TEXT, start)
+            hit = lowered.find(MASK_TEXT, start)
             chunk = seq[start:] if hit < 0 else seq[start:hit]
             parts.append(self._lookup(chunk, offset, record))
             offset += len(chunk)
             if hit < 0:
                 break
             parts.append(np.array([self.mask], dtype=np.int64))
-            offset += len(_MASK_TEXT)
-            start = hit + len(_MASK_TEXT)
+            offset += len(MASK_TEXT)
+            start = hit + len(MASK_TEXT)
         return np.concatenate(parts)
 
     def validate(self, seq: str, record: str | None = None) -> int:

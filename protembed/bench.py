@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protembed.alphabet import Alphabet
+from protembed.alphabet import MASK_TEXT, Alphabet
 from protembed.api import Model
 from protembed.batching import token_batches
 from protembed.errors import ProtembedError
@@ -37,6 +37,10 @@ from protembed.peaks import Peak, cpu_peak_rss_mb, synchronize, time_repeats
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 WARMUP_BATCHES = 2
+# Agreement bound for --compare: max |Δ| of the mean embeddings relative to their largest |value|
+# (at least 1). Loose on purpose: it flags gross disagreement (other weights or tokens, a bug), not
+# rounding. Seen on CPU with random weights: float32 ~2e-6, float16 ~1e-3, bfloat16 ~1e-2.
+PARITY_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.05, torch.bfloat16: 0.1}
 
 
 class BenchError(ProtembedError):
@@ -45,16 +49,20 @@ class BenchError(ProtembedError):
 
 @dataclass(frozen=True)
 class Workload:
-    """Sequences to embed: synthetic at one length (`length` set) or read from a FASTA file."""
+    """Sequences to embed: synthetic at one length (`length` set) or read from a FASTA file.
+
+    `lengths` counts residue tokens, not characters: the text `<mask>` is one residue.
+    """
 
     name: str
     sequences: list[str]
+    lengths: list[int]
     length: int | None = None
     truncated: int = 0  # sequences cut to the model's maximum length
 
     @property
     def n_residues(self) -> int:
-        return sum(len(s) for s in self.sequences)
+        return sum(self.lengths)
 
 
 def synthetic_workload(length: int, tokens_per_batch: int, n_batches: int, seed: int = 0) -> Workload:
@@ -63,18 +71,29 @@ def synthetic_workload(length: int, tokens_per_batch: int, n_batches: int, seed:
     rng = np.random.default_rng(seed + length)
     letters = np.frombuffer(AMINO_ACIDS.encode(), dtype=np.uint8)
     rows = letters[rng.integers(0, len(AMINO_ACIDS), size=(per_batch * n_batches, length))]
-    return Workload(f"L={length}", [r.tobytes().decode() for r in rows], length=length)
+    seqs = [r.tobytes().decode() for r in rows]
+    return Workload(f"L={length}", seqs, [length] * len(seqs), length=length)
 
 
 def fasta_workload(path: Path, alphabet: Alphabet, max_residues: int) -> Workload:
-    """Sequences of a FASTA file (validated), upper-cased and cut to `max_residues` (cuts counted)."""
+    """Sequences of a FASTA file (validated), each cut to its first `max_residues` tokens (cuts counted)."""
     index = scan_fasta(path, alphabet)
+    seqs: list[str] = []
+    lengths: list[int] = []
+    cut = 0
     try:
-        seqs = [seq.upper().removesuffix("*") for _, seq in iter_records(index)]
+        for _, seq in iter_records(index):  # validated by the scan
+            seq = seq.removesuffix("*")
+            ids = alphabet.residue_ids(seq)
+            if ids.size > max_residues:
+                cut += 1
+                masks = int(np.count_nonzero(ids[:max_residues] == alphabet.mask))
+                seq = seq[: max_residues + masks * (len(MASK_TEXT) - 1)]  # `<mask>` is 6 characters
+            seqs.append(seq)
+            lengths.append(min(int(ids.size), max_residues))
     finally:
         index.cleanup()
-    cut = sum(len(s) > max_residues for s in seqs)
-    return Workload(Path(path).name, [s[:max_residues] for s in seqs], truncated=cut)
+    return Workload(Path(path).name, seqs, lengths, truncated=cut)
 
 
 @dataclass(frozen=True)
@@ -167,8 +186,7 @@ def measure(
     runner: Runner, workload: Workload, budget: int, repeats: int, flops: int, peak: Peak
 ) -> tuple[RunStats, np.ndarray]:
     """Warm up, then time `repeats` passes of `runner` over the workload; returns stats and embeddings."""
-    seqs, device = workload.sequences, runner.device
-    lengths = [len(s) for s in seqs]
+    seqs, lengths, device = workload.sequences, workload.lengths, runner.device
     n_batches, fed = runner.batches(lengths, budget)
     first = token_batches(np.asarray(lengths) + 2, budget)[:WARMUP_BATCHES]
     runner.embed([seqs[i] for b in first for i in b], budget)
@@ -220,6 +238,14 @@ class ConfigResult:
     reference: RunStats | None = None
     speedup: float | None = None  # protembed residues/s over the reference's
     max_abs_diff: float | None = None  # of the mean embeddings, protembed vs reference
+    parity_tolerance: float | None = None  # the largest max_abs_diff counted as agreement
+
+    @property
+    def disagrees(self) -> bool:
+        """Whether the two runners' embeddings differ by more than rounding can explain."""
+        if self.max_abs_diff is None or self.parity_tolerance is None:
+            return False
+        return not self.max_abs_diff <= self.parity_tolerance  # NaN disagrees
 
 
 def bench_config(
@@ -234,7 +260,7 @@ def bench_config(
     """Measure protembed (and the reference, when given) on one workload and token budget."""
     if reference is not None:
         check_like_with_like((ours.dtype, ours.device), (reference.dtype, reference.device))
-    tokens = [len(s) + 2 for s in workload.sequences]
+    tokens = [n + 2 for n in workload.lengths]
     flops = forward_flops(tokens, config)
     stats, emb = measure(ours, workload, budget, repeats, flops.total, peak)
     result = ConfigResult(
@@ -253,4 +279,6 @@ def bench_config(
         result.reference = ref_stats
         result.speedup = round(stats.residues_per_s / ref_stats.residues_per_s, 3)
         result.max_abs_diff = float(np.abs(emb - ref_emb).max())
+        scale = max(1.0, float(np.abs(ref_emb).max()))
+        result.parity_tolerance = float(f"{PARITY_TOLERANCE[ours.dtype] * scale:.3g}")
     return result

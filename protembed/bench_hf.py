@@ -1,23 +1,26 @@
 """The Hugging Face transformers reference for `protembed bench --compare hf` (ESM-2 only).
 
-The reference runs ESM-2 the way users do: `EsmModel` (no pooler) with SDPA attention, the
-`EsmTokenizer`, length-sorted batches under the same token budget padded to the longest row, and
-a masked mean over residues (BOS, EOS and padding excluded). It holds a copy of protembed's
-weights, so the two mean embeddings can be compared as a parity check. transformers is imported
-only here, and only when a comparison is asked for.
+The reference runs ESM-2 the way users do: `EsmModel` (no pooler) with SDPA attention,
+length-sorted batches under the same token budget padded to the longest row, and a masked mean
+over residues (BOS, EOS and padding excluded). It holds a copy of protembed's weights, so the two
+mean embeddings can be compared as a parity check.
+
+Both runners get the same token ids: the reference's are encoded inside each timed pass with
+protembed's ESM-2 alphabet, whose ids are the Hub vocabulary's. `EsmTokenizer` itself would
+encode some inputs differently (a run of letters outside the vocabulary such as `JJ` becomes one
+`<unk>`, and `<MASK>` in capitals is split into letters), and the parity check would then compare
+different inputs. transformers is imported only here, and only when a comparison is asked for.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from protembed.alphabet import ESM2_TOKENS
+from protembed.alphabet import ESM2
 from protembed.bench import BenchError, Runner
 from protembed.errors import BackendError
 from protembed.models import esm2
@@ -98,20 +101,21 @@ def build_model(encoder: Encoder) -> Any:
     return model
 
 
-def build_tokenizer() -> Any:
-    """`EsmTokenizer` over ESM-2's 33-token vocabulary (a Hub `vocab.txt` written to a temp dir)."""
-    from transformers import EsmTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="protembed_vocab_") as tmp:
-        vocab = Path(tmp) / "vocab.txt"
-        vocab.write_text("\n".join(ESM2_TOKENS) + "\n")
-        return EsmTokenizer(str(vocab))
+def padded_ids(rows: list[np.ndarray], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows right-padded to the longest: (input_ids, attention_mask), both int64 [B, T]."""
+    width = max(r.size for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : r.size] = torch.from_numpy(r)
+        attention[j, : r.size] = 1
+    return ids, attention
 
 
 def hf_runner(encoder: Encoder) -> Runner:
     """The transformers reference as a bench `Runner`, with the dtype and device its weights really have."""
     require_transformers(encoder.config.family)
-    model, tokenizer = build_model(encoder), build_tokenizer()
+    model = build_model(encoder)
     placements = {(p.dtype, p.device) for p in model.parameters()}
     if len(placements) > 1:
         raise BenchError(
@@ -122,14 +126,15 @@ def hf_runner(encoder: Encoder) -> Runner:
     @torch.inference_mode()
     def embed(seqs: list[str], budget: int) -> np.ndarray:
         out = np.zeros((len(seqs), encoder.config.d_model), dtype=np.float32)
-        for rows in padded_batches([len(s) for s in seqs], budget):
-            enc = tokenizer([seqs[i] for i in rows], padding=True, return_tensors="pt").to(device)
-            hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-            n_tokens = enc["attention_mask"].sum(1)
-            mask = enc["attention_mask"].clone()
-            mask[:, 0] = 0  # BOS
-            mask[torch.arange(len(rows)), n_tokens - 1] = 0  # EOS
-            m = mask.unsqueeze(-1).float()
+        tokens = [ESM2.encode(s) for s in seqs]
+        for rows in padded_batches([t.size - 2 for t in tokens], budget):
+            ids, attention = padded_ids([tokens[i] for i in rows], ESM2.pad)
+            ids, attention = ids.to(device), attention.to(device)
+            hidden = model(input_ids=ids, attention_mask=attention).last_hidden_state
+            residues = attention.clone()
+            residues[:, 0] = 0  # BOS
+            residues[torch.arange(len(rows)), attention.sum(1) - 1] = 0  # EOS
+            m = residues.unsqueeze(-1).float()
             out[rows] = ((hidden.float() * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy()
         return out
 

@@ -25,7 +25,7 @@ from protembed.cli_common import (
     print_json,
     resolve_device,
 )
-from protembed.errors import OptionError, UnknownModelError, require_matplotlib
+from protembed.errors import OptionError, OutputExistsError, UnknownModelError, require_matplotlib
 from protembed.registry import DEFAULT_MODEL, MODELS, lookup
 
 if TYPE_CHECKING:  # torch and the bench machinery are imported when the command runs, not for --help
@@ -156,7 +156,8 @@ def table(results: list[ConfigResult]) -> Table:
             ]
             if compared:
                 mine = s is r.protembed and r.speedup is not None
-                cells += [f"{r.speedup:.2f}x", f"{r.max_abs_diff:.1e}"] if mine else ["", ""]
+                diff = f"{r.max_abs_diff:.1e}" + (" [red]![/]" if r.disagrees else "")
+                cells += [f"{r.speedup:.2f}x", diff] if mine else ["", ""]
             t.add_row(*cells)
     return t
 
@@ -250,6 +251,7 @@ def bench(
         Path | None,
         typer.Option(help="Write a PNG of residues/s against length.", parser=path_value),
     ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --plot file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> None:
     """Measure embedding throughput (residues/s, TFLOP/s, % of peak, memory) on synthetic or FASTA input."""
@@ -267,6 +269,8 @@ def bench(
         if plot.suffix.lower() != ".png":
             raise OptionError(f"--plot {plot}: the plot is a PNG; name the file *.png")
         check_file_output(plot)
+        if plot.exists() and not overwrite:
+            raise OutputExistsError(f"{plot} exists (pass --overwrite to replace it)")
     import torch
 
     from protembed import bench_hf
@@ -358,7 +362,18 @@ def bench(
             f"config: tokens per batch · workload. ms/batch: median of {repeats} "
             f"pass{'es' if repeats > 1 else ''} ± half the range. TFLOP/s: matmuls + attention over "
             f"real tokens. MB: {memory}."
-            + (" vs hf: residues/s ratio; max |Δ|: of the mean embeddings." if reference else ""),
+            + (
+                " vs hf: residues/s ratio; max |Δ|: of the mean embeddings (! above rounding)."
+                if reference
+                else ""
+            ),
+            highlight=False,
+        )
+    for r in (r for r in results if r.disagrees):
+        err_console.print(
+            f"warning: {r.tokens_per_batch} · {r.workload}: protembed and hf differ by max |Δ| "
+            f"{r.max_abs_diff:.2e}, above the {r.parity_tolerance:.2e} that {dtype.value} rounding "
+            "explains; please report it with this command line",
             highlight=False,
         )
     if plot is not None:

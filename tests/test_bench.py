@@ -16,11 +16,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
+from protembed import bench as bench_module
+from protembed.alphabet import ESM2
 from protembed.batching import pack
 from protembed.bench import (
     AMINO_ACIDS,
     BenchError,
     check_like_with_like,
+    fasta_workload,
     forward_flops,
     synthetic_workload,
 )
@@ -199,6 +202,39 @@ def test_json_schema_with_hf_compare() -> None:
         assert r["protembed"]["padding_fraction"] == 0.0
         assert r["speedup"] > 0
         assert r["max_abs_diff"] < 1e-4  # same weights, fp32: the two implementations agree
+        assert r["parity_tolerance"] >= 1e-3  # float32: 1e-3 x max(1, largest |value|)
+
+
+def test_fasta_workload_counts_tokens_and_cuts_between_them(tmp_path) -> None:
+    fasta = tmp_path / "masks.fa"
+    fasta.write_text(">a\nMK<mask>AY*\n>b\nAC<mask><mask>DEFG\n>c\nmsq\n")
+    w = fasta_workload(fasta, ESM2, max_residues=4)
+    assert w.lengths == [4, 4, 3] and w.n_residues == 11 and w.truncated == 2
+    assert w.sequences == ["MK<mask>A", "AC<mask><mask>", "msq"]  # a cut never splits `<mask>`
+    assert [ESM2.validate(s) for s in w.sequences] == w.lengths
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_compare_hf_feeds_the_same_tokens(tmp_path) -> None:
+    # EsmTokenizer turns "JJJ" into one <unk> and splits "<MASK>"; protembed makes three <unk> and
+    # one <mask>. The reference must see protembed's tokens, or the parity figure compares two inputs.
+    fasta = tmp_path / "odd.fa"
+    fasta.write_text(">a\nMKTJJJAYIAKQR\n>b\nMK<mask>AYIAK<MASK>QRQ\n>c\nACDEFGHIKLMNPQRSTVWY\n")
+    result = invoke("--model", ESM2_CKPT, "--device", "cpu", "--input", str(fasta), "--compare", "hf",
+                    "--json", *FAST)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [r] = json.loads(result.stdout)["results"]
+    assert r["n_residues"] == 13 + 12 + 20
+    assert r["max_abs_diff"] < 1e-4 and "warning" not in result.stderr
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_compare_hf_warns_on_disagreement(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(bench_module.PARITY_TOLERANCE, torch.float32, 0.0)  # any rounding now disagrees
+    result = invoke("--model", ESM2_CKPT, "--device", "cpu", "--lengths", "8", "--compare", "hf", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "warning: 64 · L=8: protembed and hf differ by max |Δ|" in result.stderr
+    assert " !" in result.stdout
 
 
 def test_random_weights_fasta_table(tmp_path) -> None:
@@ -254,6 +290,11 @@ def test_plot(tmp_path) -> None:
     result = invoke("--model", ESM2_CKPT, "--device", "cpu", "--lengths", "8,16", "--plot", str(png), *FAST)
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = invoke("--model", ESM2_CKPT, "--plot", str(png), *FAST)  # refused before anything runs
+    assert again.exit_code == 1 and f"{png} exists (pass --overwrite to replace it)" in again.output
+    png.write_bytes(b"old")
+    replaced = invoke("--model", ESM2_CKPT, "--lengths", "8", "--plot", str(png), "--overwrite", *FAST)
+    assert replaced.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG"
     for name in ("bench.txt", "bench"):  # refused before anything runs
         result = invoke("--model", ESM2_CKPT, "--plot", str(tmp_path / name), *FAST)
         assert result.exit_code == 1 and "the plot is a PNG; name the file *.png" in result.output
