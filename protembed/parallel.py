@@ -94,6 +94,7 @@ class WorkerPool:
             recv: (p, name) for (recv, _), p, name in zip(pipes, procs, names)
         }
         in_flight, reading, limit = 0, True, 2 * len(procs)
+        done = False
         try:
             while reading or in_flight:
                 while reading and in_flight < limit:
@@ -122,19 +123,30 @@ class WorkerPool:
                         raise SequenceTooLargeError(0, payload[1], payload[2], row=payload[0])
                     put(payload)
                     in_flight -= 1
+            done = True
         finally:
-            for _ in procs:
-                tasks.put(None)
-            for p in procs:
-                p.join(timeout=5)
-                if p.is_alive():
-                    p.terminate()
-            # Units left in the task pipe (a worker died, or we stopped early) must not make this
-            # process wait for the queue's feeder thread at exit.
-            tasks.cancel_join_thread()
-            tasks.close()
+            _stop(procs, tasks, finished=done)
             for conn in workers:
                 conn.close()
+
+
+def _stop(procs: list, tasks: Any, finished: bool) -> None:
+    """End the workers. After the last result they are told to stop and exit on their own; on an
+    error or an interrupt they are killed at once: their queued units would be computed for nothing
+    (the rows they hold are not written, and a rerun resumes), and they ignore SIGTERM."""
+    for _ in procs:
+        tasks.put(None)
+    for p in procs:
+        if not finished:
+            p.kill()
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+    # Units left in the task pipe (a worker died, or we stopped early) must not make this
+    # process wait for the queue's feeder thread at exit.
+    tasks.cancel_join_thread()
+    tasks.close()
 
 
 def worker_names(devices: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -32,7 +33,7 @@ from protembed.compute import BatchResult
 from protembed.errors import BackendError, StoreError
 from protembed.fasta import duplicate_groups, scan_fasta
 from protembed.merge import find_shards, merge_shards, shard_ranges
-from protembed.parallel import parse_devices, worker_names
+from protembed.parallel import _stop, parse_devices, worker_names
 from protembed.pipeline import (
     TAIL_BATCHES,
     Work,
@@ -308,6 +309,32 @@ def test_workers_end_when_the_main_process_is_killed(tmp_path: Path) -> None:
     if alive:
         os.kill(worker, signal.SIGKILL)
     assert not alive, "a worker outlived the main process"
+
+
+def _busy_worker(tasks: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as real workers do
+    while True:  # a long unit: never reads the stop message
+        time.sleep(0.05)
+
+
+def _polite_worker(tasks: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while tasks.get() is not None:
+        pass
+
+
+def test_stopping_workers_kills_busy_ones_only_after_an_interrupt() -> None:
+    """On Ctrl-C or an error, workers are killed at once instead of computing their queued units
+    (a SIGTERM would be ignored); after the last result they exit on their own, exit code 0."""
+    ctx = multiprocessing.get_context("fork")
+    for target, finished, code in [(_busy_worker, False, -signal.SIGKILL), (_polite_worker, True, 0)]:
+        tasks = ctx.Queue()
+        procs = [ctx.Process(target=target, args=(tasks,), daemon=True) for _ in range(2)]
+        for p in procs:
+            p.start()
+        tasks.put("a queued unit")
+        _stop(procs, tasks, finished=finished)
+        assert [p.exitcode for p in procs] == [code, code]
 
 
 def test_killed_worker_stops_cleanly_and_rerun_completes(many: Path, single: Path, tmp_path: Path) -> None:
