@@ -146,7 +146,9 @@ def embed_fasta(
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
     resolved = resolve_backend(backend, devices[0], dtype, compile)
     check_output_folder(Path(output))  # before a download or weight hashing, not after
-    if str(input_path) == "-" and torchrun.distributed_env() is not None:
+    if torchrun.distributed_env() is None:
+        torchrun.check_single_process_output(Path(output), overwrite)
+    elif str(input_path) == "-":
         raise OptionError("standard input cannot be shared by the ranks of a torchrun job; give a file")
     # Validate the options and the whole input as soon as the model's shape is known, so that a
     # bad record fails in seconds, not after a download or weight hashing: now for a registry

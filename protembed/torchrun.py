@@ -63,8 +63,31 @@ def rank_device(local_rank: int) -> str:
 
 def check_output(output: Path, world: int, merge: bool, overwrite: bool) -> None:
     """OutputExistsError if `output` exists, unless overwriting or it is this job's stopped merge."""
-    if output.exists() and not overwrite and not _stopped_merge(output, world, merge):
-        raise OutputExistsError(f"{output}: exists; pass --overwrite to replace it")
+    if not output.exists() or overwrite or _stopped_merge(output, world, merge):
+        return
+    if unfinished_output(output) and not shard_worlds(output):
+        raise OutputExistsError(
+            f"{output}: an unfinished output of a single-process run (no shard files beside it); "
+            "run its command again without torchrun to resume it, or pass --overwrite to start over"
+        )
+    raise OutputExistsError(f"{output}: exists; pass --overwrite to replace it")
+
+
+def check_single_process_output(output: Path, overwrite: bool) -> None:
+    """Refuse a run without torchrun on an output that a torchrun job is writing or left unfinished
+    (its shard files are beside it): the run would neither use the shards nor remove them. With
+    `--overwrite` the run goes on and says that the shards stay. A complete output is left to the
+    usual checks (a virtual-dataset output keeps its shards beside it)."""
+    worlds = shard_worlds(output)
+    if not worlds or (output.exists() and not unfinished_output(output)):
+        return
+    shards = f"shard files of a torchrun job are beside {output} ({shard_sets(worlds)})"
+    if not overwrite:
+        raise OutputExistsError(
+            f"{shards}: run that torchrun command again to finish the job (or `protembed merge "
+            f"{output}` if every shard is done), or pass --overwrite to embed without them"
+        )
+    print(f"note: {shards}; this run does not use or remove them", file=sys.stderr)
 
 
 def _stopped_merge(output: Path, world: int, merge: bool) -> bool:

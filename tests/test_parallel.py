@@ -188,9 +188,38 @@ def test_torchrun_refuses_an_unfinished_single_process_output_at_once(single: Pa
     rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     r = subprocess.run([*launcher, *rendezvous, "-m", "protembed", *embed_args(fasta, out)],
                        env=ENV, capture_output=True, text=True)  # fmt: skip
-    assert r.returncode != 0 and r.stderr.count("left.h5: exists; pass --overwrite") == 2, r.stderr
+    told = "left.h5: an unfinished output of a single-process run (no shard files beside it); run its command"
+    assert r.returncode != 0 and r.stderr.count(told) == 2, r.stderr
     assert not list(tmp_path.glob("*.shard-*"))  # refused before any rank computed (torchrun's own
     # ChildFailedError traceback follows the ranks' one-line errors)
+
+
+def test_a_single_process_run_refuses_an_output_with_a_torchrun_jobs_shards(
+    single: Path, tmp_path: Path
+) -> None:
+    """Shards beside the output: a torchrun job is writing it or stopped; a run without torchrun
+    would neither use nor remove them. A complete output (a virtual-dataset one keeps its shards)
+    gets the usual message."""
+    fasta = tmp_path / "in.fa"
+    fasta.write_text("".join(f">p{i}\nMKTAYIAKQR{'A' * i}\n" for i in range(10)))
+    out = tmp_path / "job.h5"
+    shard = tmp_path / "job.shard-001-of-002.h5"
+    shard.write_bytes(b"a rank's shard")
+    for unfinished in (False, True):
+        if unfinished:
+            shutil.copy(single, out)
+            with h5py.File(out, "r+") as f:  # a stopped merge, or a torchrun output being written
+                f.attrs["complete"] = False
+        r = subprocess.run([*PROTEMBED, *embed_args(fasta, out)], env=ENV, capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"shard files of a torchrun job are beside {out} (*-of-002): run that torchrun" in r.stderr
+    r = subprocess.run(
+        [*PROTEMBED, *embed_args(fasta, out, "--overwrite")], env=ENV, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "this run does not use or remove them" in r.stderr, r.stderr
+    assert shard.read_bytes() == b"a rank's shard" and rows_written(out) == 10
+    again = subprocess.run([*PROTEMBED, *embed_args(fasta, out)], env=ENV, capture_output=True, text=True)
+    assert again.returncode == 1 and "shard files" not in again.stderr, again.stderr  # complete: usual check
 
 
 def test_shard_ranges_cover_every_row_at_window_boundaries() -> None:
