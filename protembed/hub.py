@@ -35,7 +35,15 @@ from rich.progress import (
 from protembed import __version__
 from protembed.cache import file_sha256, user_path
 from protembed.errors import CheckpointError, HubError, UnknownModelError
-from protembed.hub_cache import UNFINISHED, cache_root, cached_snapshot, disk_size, remove_files, write_ref
+from protembed.hub_cache import (
+    UNFINISHED,
+    cache_root,
+    cached_snapshot,
+    disk_size,
+    remove_files,
+    stopped_download,
+    write_ref,
+)
 from protembed.hub_errors import check_writable, hub_errors, hub_warnings
 from protembed.models.checkpoints import (
     CONFIG_FILE,
@@ -162,7 +170,10 @@ def _not_cached(
     cmd = f"protembed download {model}"
     cmd += f" --revision {revision}" if revision else ""
     cmd += f" --cache-dir {cache_dir}" if cache_dir is not None else ""
-    where = f"{repo_id} is not in the cache ({cache_root(cache_dir)})"
+    root = cache_root(cache_dir)
+    where = f"{repo_id} is not in the cache ({root})"
+    if stopped_download(repo_id, revision, cache_dir):
+        where = f"{repo_id} is only partly in the cache ({root}: a download stopped before it finished)"
     if not constants.is_offline_mode():
         return HubError(f"{where} and downloads are off: run `{cmd}`")
     if for_download:  # running `{cmd}` again would not help

@@ -92,6 +92,19 @@ def cached_snapshot(
     return (snapshot, commit) if is_complete(snapshot) else None
 
 
+def stopped_download(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> bool:
+    """Whether the cache holds a snapshot of the repo (of `revision`, when it is a commit hash) that
+    a download started and did not finish: files missing or not all checked yet."""
+    snapshots = repo_dir(repo_id, cache_dir) / "snapshots"
+    try:
+        found = [p for p in snapshots.iterdir() if p.is_dir()]
+    except OSError:
+        return False
+    if revision and REGEX_COMMIT_HASH.fullmatch(revision):
+        found = [p for p in found if p.name == revision]
+    return any(not is_complete(p) for p in found)
+
+
 def write_ref(repo_id: str, revision: str | None, commit: str, cache_dir: str | Path | None = None) -> None:
     """Record the commit a branch or tag resolved to (`refs/<revision>`), so later lookups need no network."""
     rev = revision or constants.DEFAULT_REVISION
