@@ -199,6 +199,7 @@ def finetune(
             ):
                 raise FlipError(f"{task.name}/{data.split}: no labelled residues in the {part} records")
     scale = (0.0, 1.0)
+    targets = y  # as read: the saved "measured" values, the floor and the reported metrics use them
     if task.kind == "regression":  # heads see standardized targets
         yt = np.asarray(y, dtype=np.float64)[fit_rows]  # float32 sums of squares overflow from ~1e19
         scale = (float(yt.mean()), float(yt.std()) or 1.0)
@@ -222,12 +223,11 @@ def finetune(
 
     def evaluate_rows(r: np.ndarray) -> tuple[list[np.ndarray], dict[str, float]]:
         preds = decode(task.kind, predict(module, x, r, dev), scale)
-        return preds, score(task.kind, preds, [y[int(i)] for i in r], scale)
+        return preds, score(task.kind, preds, [targets[int(i)] for i in r], (0.0, 1.0))
 
     test_pred, test_metrics = evaluate_rows(rows["test"])
     val_metrics = None if head_name == "ridge" else evaluate_rows(rows["validation"])[1]
-    truth = [np.atleast_1d(np.asarray(y[int(i)])) for i in range(len(data.ids))]  # real units
-    truth = [t * scale[1] + scale[0] for t in truth] if task.kind == "regression" else truth
+    truth = [np.atleast_1d(np.asarray(targets[int(i)])) for i in range(len(data.ids))]  # real units
     base = floor(task.kind, [truth[i] for i in rows["train"]], [truth[i] for i in rows["test"]],
                  per_residue=task.level == "residue")  # fmt: skip
     if task.level == "residue":  # saved predictions: every residue, '-' past the features' reach

@@ -87,7 +87,7 @@ ALIASES = {"flip-ss3": "flip-secondary-structure"}
 class Dataset:
     """A task's records in file order. `part` is 0 train, 1 validation, 2 test.
 
-    targets: sequence-level labels, float32 (regression) or int64 class indices.
+    targets: sequence-level labels, float64 (regression) or int64 class indices.
     labels: residue-level labels, int64 class index per residue, IGNORE where masked.
     """
 
@@ -174,7 +174,7 @@ def read_sequence_task(task: Task, split: str, path: Path) -> Dataset:
         ids.append(rec.id)
         seqs.append(rec.body)
         parts.append(part_of(rec, attrs))
-    dtype = np.float32 if task.kind == "regression" else np.int64
+    dtype = np.float64 if task.kind == "regression" else np.int64  # values as read; trained in float32
     return Dataset(
         task, split, ids, seqs, np.array(parts, dtype=np.int8), targets=np.array(targets, dtype=dtype)
     )

@@ -56,8 +56,9 @@ def accuracy(pred: np.ndarray, true: np.ndarray) -> float:
 
 
 def confusion(pred: np.ndarray, true: np.ndarray, n_classes: int) -> np.ndarray:
-    """Counts [true class, predicted class] over labels that are not IGNORE."""
-    keep = true != IGNORE
+    """Counts [true class, predicted class] where both are set (not IGNORE: an unlabelled residue,
+    or one past the features' reach, which has no prediction)."""
+    keep = (true != IGNORE) & (pred != IGNORE)
     flat = true[keep].astype(np.int64) * n_classes + pred[keep].astype(np.int64)
     return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 

@@ -32,7 +32,7 @@ from protembed.feature_cache import model_features, model_folder, seq_key
 from protembed.features import onehot_flat, onehot_residues
 from protembed.flip import IGNORE, FlipError
 from protembed.heads import CNNHead, fit_ridge, predict
-from protembed.metrics import floor, rankdata, sequence_accuracy, spearman
+from protembed.metrics import confusion, floor, rankdata, sequence_accuracy, spearman
 from protembed.reader import open_embeddings
 from tests.helpers import fixture_dir
 from tests.test_flip import TINY, TINY_SPLITS
@@ -431,6 +431,9 @@ def test_metrics() -> None:
     r = floor("regression", [np.array(1.0), np.array(3.0)], [np.array(2.0), np.array(4.0)])
     assert r["rmse"] == pytest.approx(np.sqrt(2.0)) and np.isnan(r["spearman"])
     assert np.isnan(sequence_accuracy([np.array([0])], [np.array([IGNORE])]))
+    # a residue past the features' reach has a label but no prediction (IGNORE): not counted
+    cm = confusion(np.array([0, 1, IGNORE, 2]), np.array([0, 2, 1, IGNORE]), 3)
+    assert cm.tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 0]]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs protembed[plot]")
@@ -514,6 +517,23 @@ def test_large_targets_are_scaled_without_overflow(tmp_path: Path) -> None:
     for row in ("test", "floor"):
         assert big["metrics"][row]["rmse"] == pytest.approx(plain["metrics"][row]["rmse"] * 1e37, rel=1e-4)
     assert big["metrics"]["test"]["spearman"] == pytest.approx(plain["metrics"]["test"]["spearman"], abs=1e-6)
+
+
+def test_saved_measured_values_are_the_files_targets(tmp_path: Path) -> None:
+    """Targets are standardized in float32 for training; what is saved and scored is what was read."""
+    data = copy_task(tmp_path, "gb1")
+    path = data / "gb1" / "two_vs_rest.fasta"
+    # small values with many digits, as in FLIP's gb1 file (TARGET=0.00189022989525)
+    path.write_text(re.sub(r"TARGET=(\S+)", lambda m: f"TARGET={float(m[1]) / 529.1:.12g}", path.read_text()))
+    written = {m[1]: float(m[2]) for m in re.finditer(r">(\S+).*TARGET=(\S+)", path.read_text())}
+    out = finetune_json("flip-gb1", tmp_path, "--data-dir", data, "--features", "onehot", "--head", "linear",
+                        "--output", tmp_path / "out")  # fmt: skip
+    with open(tmp_path / "out" / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["measured"] == f"{written[r['id']]:.6g}" for r in rows)
+    pred = np.array([float(r["predicted"]) for r in rows])
+    true = np.array([written[r["id"]] for r in rows])
+    assert out["metrics"]["test"]["rmse"] == pytest.approx(np.sqrt(np.mean((pred - true) ** 2)), rel=1e-5)
 
 
 def test_predict_reads_ordinary_fasta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
