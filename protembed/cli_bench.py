@@ -202,7 +202,8 @@ def bench(
     ours = protembed_runner(loaded)
     fasta = fasta_workload(input, loaded.alphabet, config.max_residues) if input is not None else None
     if fasta is not None and fasta.truncated:
-        say(f"{fasta.truncated} sequences cut to {config.max_residues} residues (the model's maximum)")
+        what = "sequence" if fasta.truncated == 1 else "sequences"
+        say(f"{fasta.truncated} {what} cut to {config.max_residues} residues (the model's maximum)")
 
     results: list[ConfigResult] = []
     for budget in budgets:
@@ -239,8 +240,8 @@ def bench(
         memory = (
             "CUDA max allocated in the timed passes (working memory + the runner's own weights)"
             if dev.type == "cuda"
-            else "peak RSS of the whole process (never decreases; includes "
-            "everything loaded before, both models when comparing)"
+            else "peak RSS of the whole process (never decreases; includes everything loaded before"
+            + (", both models)" if reference else ")")
         )
         out_console.print(
             f"config: tokens per batch · workload. ms/batch: median of {repeats} "

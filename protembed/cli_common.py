@@ -103,6 +103,7 @@ def handle_errors(fn: F) -> F:
             # texts quoted from HDF5 or the OS may hold line breaks; spaces inside a line are kept
             one_line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
             one_line = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", one_line)  # ids with NUL, ESC
+            one_line = _without_overwrite(fn.__name__, kwargs, one_line)
             err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except BrokenPipeError:  # `protembed ... | head`: the reader has all it wanted
@@ -117,7 +118,9 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             signals.clear()
-            hint = _INTERRUPT_HINTS.get(fn.__name__, lambda _: "")(kwargs)
+            hint = _without_overwrite(
+                fn.__name__, kwargs, _INTERRUPT_HINTS.get(fn.__name__, lambda _: "")(kwargs)
+            )
             text = f"; {hint}" if hint else ""
             word, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
             err_console.print(f"[yellow]{word}[/]{escape(text)}", highlight=False, soft_wrap=True)
@@ -137,9 +140,15 @@ def _discard_stdout() -> None:
     os.close(devnull)
 
 
+def _without_overwrite(command: str, options: dict[str, Any], text: str) -> str:
+    """ "Run the same command again" is wrong advice where that command has --overwrite: it would
+    start over (embed, merge)."""
+    if command in ("embed", "merge") and options.get("overwrite"):
+        return text.replace("run the same command again", "run the command again without --overwrite")
+    return text
+
+
 def _embed_hint(options: dict[str, Any]) -> str:
-    if options.get("overwrite"):  # the same command would start over
-        return "everything written so far is kept; run the command again without --overwrite to resume"
     return "everything written so far is kept; run the same command again to resume"
 
 

@@ -178,7 +178,9 @@ def _not_cached(
         return HubError(f"{where} and downloads are off: run `{cmd}`")
     if for_download:  # running `{cmd}` again would not help
         return HubError(f"{where} and HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download")
-    return HubError(f"{where} and HF_HUB_OFFLINE is set: set HF_HUB_OFFLINE=0, or run `{cmd}` first")
+    return HubError(
+        f"{where} and HF_HUB_OFFLINE is set: run `HF_HUB_OFFLINE=0 {cmd}` first (it needs the network)"
+    )
 
 
 def _download(

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # workers import this module: keep it light (no FASTA or HDF5
     from protembed.pipeline import Unit
 
 POLL_SECONDS = 0.5
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def parse_devices(spec: str | None) -> list[str]:
@@ -83,8 +85,9 @@ class WorkerPool:
             )  # fmt: skip
             for i, (dev, (_, send)) in enumerate(zip(self.devices, pipes))
         ]
-        for p in procs:
-            p.start()
+        with _children_ignore_stop_signals():
+            for p in procs:
+                p.start()
         # Each worker owns the only sending end of its result pipe, so a worker that dies, even
         # half-way through sending a result, ends its pipe: reading it then fails instead of hanging.
         for _, send in pipes:
@@ -128,6 +131,25 @@ class WorkerPool:
             _stop(procs, tasks, finished=done)
             for conn in workers:
                 conn.close()
+
+
+@contextmanager
+def _children_ignore_stop_signals() -> Iterator[None]:
+    """Start processes that ignore SIGINT and SIGTERM from their first instruction (an ignored
+    signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler), so a
+    Ctrl-C while a worker still imports torch prints no traceback from it. The two signals are
+    blocked here meanwhile: one that arrives now reaches this process once they are restored."""
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's
+        yield
+        return
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _stop(procs: list, tasks: Any, finished: bool) -> None:
@@ -175,6 +197,7 @@ def _worker(device: str, spec: JobSpec, cpu_threads: int, tasks: Any, results: C
     """Worker process: load the model on `device`, compute units until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and SIGTERM and
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stops its workers (or they end with it)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked while we were started
     exit_with_parent()
     from protembed.backends import prepare
     from protembed.compute import COMPUTE_DTYPES

@@ -254,6 +254,15 @@ def unfinished_output(path: Path) -> bool:
         return False
 
 
+def finished_output(path: Path) -> bool:
+    """Whether `path` is a complete protembed embeddings file (False if absent, not one, or damaged)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return h5.attrs.get("format") == FORMAT and bool(h5.attrs.get("complete"))
+    except H5_ERRORS:
+        return False
+
+
 def check_resumable(
     path: Path,
     attrs: dict[str, Any],

@@ -18,7 +18,7 @@ import torch
 
 from protembed.errors import OptionError, OutputExistsError, StoreError, first_line
 from protembed.merge import merge_shards, shard_path, shard_sets, shard_worlds, write_virtual
-from protembed.reader import unfinished_output
+from protembed.reader import finished_output, unfinished_output
 
 T = TypeVar("T")
 
@@ -75,19 +75,40 @@ def check_output(output: Path, world: int, merge: bool, overwrite: bool) -> None
 
 def check_single_process_output(output: Path, overwrite: bool) -> None:
     """Refuse a run without torchrun on an output that a torchrun job is writing or left unfinished
-    (its shard files are beside it): the run would neither use the shards nor remove them. With
-    `--overwrite` the run goes on and says that the shards stay. A complete output is left to the
-    usual checks (a virtual-dataset output keeps its shards beside it)."""
+    (its shard files are beside it, and there is no output yet or it is that job's stopped merge):
+    the run would neither use the shards nor remove them. A complete output is left to the usual
+    checks (a `--no-merge` output keeps its shards beside it); an unfinished output beside shards
+    that are not all done is a single-process run's own, which resumes. Wherever the run goes on,
+    a note says that the shards stay."""
     worlds = shard_worlds(output)
-    if not worlds or (output.exists() and not unfinished_output(output)):
+    if not worlds:
         return
     shards = f"shard files of a torchrun job are beside {output} ({shard_sets(worlds)})"
-    if not overwrite:
+    note = f"note: {shards}; this run does not use or remove them"
+    if output.exists() and not unfinished_output(output):
+        if overwrite:
+            print(note, file=sys.stderr)
+        return
+    stopped_merge = output.exists() and any(_shards_done(output, w) for w in worlds)
+    if overwrite or (output.exists() and not stopped_merge):
+        print(note, file=sys.stderr)
+        return
+    if stopped_merge:
         raise OutputExistsError(
-            f"{shards}: run that torchrun command again to finish the job (or `protembed merge "
-            f"{output}` if every shard is done), or pass --overwrite to embed without them"
+            f"{output}: the stopped merge of a torchrun job whose shards are all done "
+            f"({shard_sets(worlds)}): `protembed merge {output}` or that torchrun command finishes it; "
+            "or pass --overwrite to embed without them"
         )
-    print(f"note: {shards}; this run does not use or remove them", file=sys.stderr)
+    raise OutputExistsError(
+        f"{shards}: run that torchrun command again to finish the job (or `protembed merge {output}`, "
+        "with --virtual for a --no-merge job, once every shard is done), or pass --overwrite to embed "
+        "without them"
+    )
+
+
+def _shards_done(output: Path, world: int) -> bool:
+    """Whether every shard of a job of `world` ranks is beside `output` and complete."""
+    return all(finished_output(shard_path(output, r, world)) for r in range(world))
 
 
 def _stopped_merge(output: Path, world: int, merge: bool) -> bool:

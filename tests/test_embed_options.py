@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from protembed import embed as embed_module
 from protembed.cli import app
-from protembed.errors import OptionError, OutputExistsError
+from protembed.errors import BackendError, OptionError, OutputExistsError
 from protembed.models import checkpoints
 from protembed.output_lock import OutputLock
 from tests.helpers import fixture_dir
@@ -174,6 +174,14 @@ def test_ctrl_c_hint_fits_the_command(tmp_path: Path, fasta: Path, monkeypatch: 
     monkeypatch.setattr("protembed.export.export_per_protein", interrupted)
     export = run("export", out, "-o", tmp_path / "x.h5")
     assert export.exit_code == 130 and export.output.strip() == "interrupted"
+
+    def worker_lost(*args: object, **kwargs: object) -> None:  # as parallel.py words it
+        raise BackendError("the worker on cpu stopped (exit code -9); rows finished so far are kept, "
+                           "run the same command again to resume")  # fmt: skip
+
+    monkeypatch.setattr(embed_module, "embed_fasta", worker_lost)
+    lost = run("embed", fasta, "-o", out, "--model", ESM, "--overwrite")
+    assert lost.exit_code == 1 and "kept, run the command again without --overwrite to resume" in lost.output
 
 
 def test_embed_fasta_checks_what_the_cli_checks(tmp_path: Path, fasta: Path) -> None:

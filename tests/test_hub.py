@@ -102,7 +102,10 @@ def test_offline_and_not_cached_says_what_to_run(hub: FakeHub, tmp_path: Path) -
         "embed", str(tmp_path / "x.fa"), "-m", "esm2-8m", hub=hub, home=tmp_path / "hf", HF_HUB_OFFLINE="1"
     )
     line = one_error_line(out.stderr)
-    assert out.returncode == 1 and "set HF_HUB_OFFLINE=0, or run `protembed download esm2-8m` first" in line
+    assert (
+        out.returncode == 1
+        and "run `HF_HUB_OFFLINE=0 protembed download esm2-8m` first (it needs the network)" in line
+    )
     assert hub.requests == []
 
 

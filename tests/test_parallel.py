@@ -33,7 +33,7 @@ from protembed.compute import BatchResult
 from protembed.errors import BackendError, StoreError
 from protembed.fasta import duplicate_groups, scan_fasta
 from protembed.merge import find_shards, merge_shards, shard_ranges
-from protembed.parallel import _stop, parse_devices, worker_names
+from protembed.parallel import _children_ignore_stop_signals, _stop, parse_devices, worker_names
 from protembed.pipeline import (
     TAIL_BATCHES,
     Work,
@@ -194,32 +194,43 @@ def test_torchrun_refuses_an_unfinished_single_process_output_at_once(single: Pa
     # ChildFailedError traceback follows the ranks' one-line errors)
 
 
-def test_a_single_process_run_refuses_an_output_with_a_torchrun_jobs_shards(
-    single: Path, tmp_path: Path
-) -> None:
-    """Shards beside the output: a torchrun job is writing it or stopped; a run without torchrun
-    would neither use nor remove them. A complete output (a virtual-dataset one keeps its shards)
-    gets the usual message."""
+def test_a_single_process_run_and_a_torchrun_jobs_shards(single: Path, tmp_path: Path) -> None:
+    """Shards beside a missing output: a torchrun job is writing it or stopped, and a run without
+    torchrun would neither use nor remove them: refused. Beside an unfinished output while not all
+    done: that output is a single-process run's own, which resumes. All done beside an unfinished
+    output: the job's stopped merge, refused. A complete output gets the usual message."""
     fasta = tmp_path / "in.fa"
     fasta.write_text("".join(f">p{i}\nMKTAYIAKQR{'A' * i}\n" for i in range(10)))
     out = tmp_path / "job.h5"
     shard = tmp_path / "job.shard-001-of-002.h5"
-    shard.write_bytes(b"a rank's shard")
-    for unfinished in (False, True):
-        if unfinished:
-            shutil.copy(single, out)
-            with h5py.File(out, "r+") as f:  # a stopped merge, or a torchrun output being written
-                f.attrs["complete"] = False
-        r = subprocess.run([*PROTEMBED, *embed_args(fasta, out)], env=ENV, capture_output=True, text=True)
-        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-        assert f"shard files of a torchrun job are beside {out} (*-of-002): run that torchrun" in r.stderr
-    r = subprocess.run(
-        [*PROTEMBED, *embed_args(fasta, out, "--overwrite")], env=ENV, capture_output=True, text=True
-    )
+    shard.write_bytes(b"a rank's shard, not finished")
+
+    def embed(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*PROTEMBED, *embed_args(fasta, out, *extra)], env=ENV, capture_output=True, text=True
+        )
+
+    r = embed()
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"shard files of a torchrun job are beside {out} (*-of-002): run that torchrun" in r.stderr
+    r = embed("--overwrite")  # then interrupted, say: the same run without --overwrite resumes
     assert r.returncode == 0 and "this run does not use or remove them" in r.stderr, r.stderr
-    assert shard.read_bytes() == b"a rank's shard" and rows_written(out) == 10
-    again = subprocess.run([*PROTEMBED, *embed_args(fasta, out)], env=ENV, capture_output=True, text=True)
+    with h5py.File(out, "r+") as f:
+        f.attrs["complete"] = False
+    r = embed()
+    assert r.returncode == 0 and "this run does not use or remove them" in r.stderr, r.stderr
+    assert shard.read_bytes() == b"a rank's shard, not finished" and rows_written(out) == 10
+    again = embed()
     assert again.returncode == 1 and "shard files" not in again.stderr, again.stderr  # complete: usual check
+
+    for rank in (0, 1):  # every shard done, the output unfinished: the job's merge stopped
+        shutil.copy(single, tmp_path / f"job.shard-{rank:03d}-of-002.h5")
+    with h5py.File(out, "r+") as f:
+        f.attrs["complete"] = False
+    r = embed()
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{out}: the stopped merge of a torchrun job whose shards are all done" in r.stderr
+    assert f"`protembed merge {out}`" in r.stderr
 
 
 def test_shard_ranges_cover_every_row_at_window_boundaries() -> None:
@@ -364,6 +375,27 @@ def test_stopping_workers_kills_busy_ones_only_after_an_interrupt() -> None:
         tasks.put("a queued unit")
         _stop(procs, tasks, finished=finished)
         assert [p.exitcode for p in procs] == [code, code]
+
+
+def _exit_with_sigint_disposition() -> None:
+    sys.exit(0 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else 3)
+
+
+def test_workers_ignore_ctrl_c_from_their_start() -> None:
+    """A Ctrl-C while a worker still imports torch printed its KeyboardInterrupt traceback: workers
+    are started with SIGINT ignored (Python then installs no handler of its own)."""
+    ctx = multiprocessing.get_context("spawn")
+    before = signal.getsignal(signal.SIGINT)
+    plain = ctx.Process(target=_exit_with_sigint_disposition)
+    plain.start()
+    with _children_ignore_stop_signals():
+        ignoring = ctx.Process(target=_exit_with_sigint_disposition)
+        ignoring.start()
+    for p in (plain, ignoring):
+        p.join(timeout=120)
+    assert (plain.exitcode, ignoring.exitcode) == (3, 0)
+    assert signal.getsignal(signal.SIGINT) == before
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, set()) & {signal.SIGINT, signal.SIGTERM}
 
 
 def test_killed_worker_stops_cleanly_and_rerun_completes(many: Path, single: Path, tmp_path: Path) -> None:
