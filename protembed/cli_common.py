@@ -141,8 +141,8 @@ def _discard_stdout() -> None:
 
 
 def _without_overwrite(command: str, options: dict[str, Any], text: str) -> str:
-    """ "Run the same command again" is wrong advice where that command has --overwrite: it would
-    start over (embed, merge)."""
+    """Advice to run the same command again is wrong where that command has --overwrite (embed,
+    merge): it would start over. Say to drop the option instead."""
     if command in ("embed", "merge") and options.get("overwrite"):
         return text.replace("run the same command again", "run the command again without --overwrite")
     return text
