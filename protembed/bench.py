@@ -82,15 +82,15 @@ def fasta_workload(path: Path, alphabet: Alphabet, max_residues: int) -> Workloa
     lengths: list[int] = []
     cut = 0
     try:
-        for _, seq in iter_records(index):  # validated by the scan
+        for row, seq in iter_records(index):  # validated by the scan, which counted the tokens
             seq = seq.removesuffix("*")
-            ids = alphabet.residue_ids(seq)
-            if ids.size > max_residues:
+            if index.n_residues[row] > max_residues:
                 cut += 1
-                masks = int(np.count_nonzero(ids[:max_residues] == alphabet.mask))
+                ids = alphabet.residue_ids(seq)[:max_residues]
+                masks = int(np.count_nonzero(ids == alphabet.mask))
                 seq = seq[: max_residues + masks * (len(MASK_TEXT) - 1)]  # `<mask>` is 6 characters
             seqs.append(seq)
-            lengths.append(min(int(ids.size), max_residues))
+            lengths.append(min(int(index.n_residues[row]), max_residues))
     finally:
         index.cleanup()
     return Workload(Path(path).name, seqs, lengths, truncated=cut)

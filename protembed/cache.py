@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from protembed.errors import StoreError
+from protembed.errors import OutputExistsError, StoreError
 
 T = TypeVar("T")
 
@@ -118,8 +118,9 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_file_output(path: Path) -> None:
-    """StoreError unless a file can be created at `path` (its folder exists and is writable)."""
+def check_file_output(path: Path, overwrite: bool = True) -> None:
+    """StoreError unless a file can be created at `path` (its folder exists and is writable);
+    OutputExistsError if it exists and `overwrite` is off."""
     if path.is_dir():
         raise StoreError(f"{path}: cannot write output: is a folder")
     parent = path.parent
@@ -128,6 +129,8 @@ def check_file_output(path: Path) -> None:
         raise StoreError(f"{path}: cannot write output: {why}")
     if not writable(parent) or (path.exists() and not os.access(path, os.W_OK)):
         raise StoreError(f"{path}: cannot write output: permission denied")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists (pass --overwrite to replace it)")
 
 
 def check_replaceable(path: Path) -> None:

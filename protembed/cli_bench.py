@@ -21,7 +21,7 @@ from protembed.cli_common import (
     print_json,
     resolve_device,
 )
-from protembed.errors import OptionError, OutputExistsError, UnknownModelError, require_matplotlib
+from protembed.errors import OptionError, UnknownModelError, require_matplotlib
 from protembed.registry import DEFAULT_MODEL, MODELS, lookup
 
 if TYPE_CHECKING:  # torch and the bench machinery are imported when the command runs, not for --help
@@ -152,9 +152,7 @@ def bench(
         require_matplotlib()
         if plot.suffix.lower() != ".png":
             raise OptionError(f"--plot {plot}: the plot is a PNG; name the file *.png")
-        check_file_output(plot)
-        if plot.exists() and not overwrite:
-            raise OutputExistsError(f"{plot} exists (pass --overwrite to replace it)")
+        check_file_output(plot, overwrite)
     import torch
 
     from protembed import bench_hf

@@ -23,7 +23,7 @@ from protembed.cli_common import (
     print_json,
     resolve_device,
 )
-from protembed.errors import OutputExistsError, require_matplotlib
+from protembed.errors import require_matplotlib
 from protembed.flip_fetch import FLIP_URL
 from protembed.registry import DEFAULT_MODEL
 
@@ -187,9 +187,7 @@ def finetune(
         plot_path = None
         if plot_png:  # checked before training, written after it
             plot_path = (output / PLOT) if output else Path(f"{spec.name}_{data.split}_{head_name}.png")
-            check_file_output(plot_path)
-            if output is None and plot_path.exists() and not overwrite:  # (in --output: check_output)
-                raise OutputExistsError(f"{plot_path} exists (pass --overwrite to replace it)")
+            check_file_output(plot_path, overwrite or output is not None)  # (in --output: check_output)
         emb = bar.add_task("embedding", total=None, visible=False)
         ep = bar.add_task("training", total=epochs, visible=False)
 

@@ -21,7 +21,6 @@ from protembed.cli_common import (
     write_stdout,
 )
 from protembed.cli_finetune import CacheDir, Device, Quiet, progress_bar
-from protembed.errors import OutputExistsError
 
 
 @handle_errors
@@ -66,9 +65,7 @@ def predict(
 
     out = None if output in (None, "-") else Path(output)
     if out is not None:
-        check_file_output(out)  # a folder, no folder to write in, permission
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"{out} exists (pass --overwrite to replace it)")
+        check_file_output(out, overwrite)  # a folder, no folder to write in, permission, exists
     dev = str(resolve_device(device))
     cache = cache_dir or default_cache_dir()
     saved = load(head_dir)

@@ -245,22 +245,18 @@ def plain(value: Any) -> Any:
     return value
 
 
+def output_complete(path: Path) -> bool | None:
+    """Whether `path`, a protembed embeddings file, is complete; None if it is absent, not one, or damaged."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return bool(h5.attrs.get("complete")) if h5.attrs.get("format") == FORMAT else None
+    except H5_ERRORS:
+        return None
+
+
 def unfinished_output(path: Path) -> bool:
     """Whether `path` is a protembed embeddings file that is not complete yet."""
-    try:
-        with h5py.File(path, "r") as h5:
-            return h5.attrs.get("format") == FORMAT and not h5.attrs.get("complete")
-    except H5_ERRORS:  # not HDF5, or damaged
-        return False
-
-
-def finished_output(path: Path) -> bool:
-    """Whether `path` is a complete protembed embeddings file (False if absent, not one, or damaged)."""
-    try:
-        with h5py.File(path, "r") as h5:
-            return h5.attrs.get("format") == FORMAT and bool(h5.attrs.get("complete"))
-    except H5_ERRORS:
-        return False
+    return output_complete(path) is False
 
 
 def check_resumable(

@@ -18,7 +18,7 @@ import torch
 
 from protembed.errors import OptionError, OutputExistsError, StoreError, first_line
 from protembed.merge import merge_shards, shard_path, shard_sets, shard_worlds, write_virtual
-from protembed.reader import finished_output, unfinished_output
+from protembed.reader import output_complete, unfinished_output
 
 T = TypeVar("T")
 
@@ -85,12 +85,13 @@ def check_single_process_output(output: Path, overwrite: bool) -> None:
         return
     shards = f"shard files of a torchrun job are beside {output} ({shard_sets(worlds)})"
     note = f"note: {shards}; this run does not use or remove them"
-    if output.exists() and not unfinished_output(output):
+    state = output_complete(output)  # None: absent, or not an embeddings file
+    if output.exists() and state is not False:  # complete, or not ours: the usual checks
         if overwrite:
             print(note, file=sys.stderr)
         return
-    stopped_merge = output.exists() and any(_shards_done(output, w) for w in worlds)
-    if overwrite or (output.exists() and not stopped_merge):
+    stopped_merge = state is False and any(_shards_done(output, w) for w in worlds)
+    if overwrite or (state is False and not stopped_merge):
         print(note, file=sys.stderr)
         return
     if stopped_merge:
@@ -108,7 +109,7 @@ def check_single_process_output(output: Path, overwrite: bool) -> None:
 
 def _shards_done(output: Path, world: int) -> bool:
     """Whether every shard of a job of `world` ranks is beside `output` and complete."""
-    return all(finished_output(shard_path(output, r, world)) for r in range(world))
+    return all(output_complete(shard_path(output, r, world)) for r in range(world))
 
 
 def _stopped_merge(output: Path, world: int, merge: bool) -> bool:
