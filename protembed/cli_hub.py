@@ -65,7 +65,9 @@ def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
     cache_dir: CacheDir = None,
 ) -> None:
-    """List the registry models: shape, size, and whether each is cached (revision, disk size)."""
+    """List the registry models: shape, size, and whether each is cached (revision, disk size).
+
+    "partial": a download stopped before it finished; `protembed download NAME` finishes it."""
     from protembed.hub_cache import cache_root, cached_models
 
     root = cache_root(cache_dir)
@@ -85,6 +87,7 @@ def models(
                     "n_params": m.n_params,
                     "max_residues": m.max_residues,
                     "cached": cached[m.name].path is not None,
+                    "partial": cached[m.name].partial,
                     "revision": cached[m.name].revision,
                     "path": str(cached[m.name].path) if cached[m.name].path else None,
                     "size_bytes": cached[m.name].size,
@@ -111,7 +114,7 @@ def models(
             str(m.n_heads),
             _params(m.n_params),
             str(m.max_residues),
-            "yes" if c.path else "no",
+            "yes" if c.path else "partial" if c.partial else "no",
             (c.revision or "")[:10],
             decimal(c.size) if c.path else "",
         )

@@ -40,6 +40,7 @@ from protembed.hub_cache import (
     cache_root,
     cached_snapshot,
     disk_size,
+    mark_unfinished,
     remove_files,
     stopped_download,
     write_ref,
@@ -122,8 +123,11 @@ def resolve_model(
         raise _not_cached(model, repo_id, revision, cache_dir)
     at = f" at revision {revision}" if revision else ""
     if progress:
+        state = "is not cached: downloading"
+        if stopped_download(repo_id, revision, cache_dir):
+            state = "is only partly cached: finishing the download of"
         _console.print(
-            f"{name or repo_id}{at} is not cached: downloading {repo_id} into {cache_root(cache_dir)}",
+            f"{name or repo_id}{at} {state} {repo_id} into {cache_root(cache_dir)}",
             highlight=False,
             markup=False,
             soft_wrap=True,
@@ -231,8 +235,7 @@ def _download(
             on_config(config)
         weights = _weight_names(repo_id, set(remote), fetch)
         wanted = [f for f in TOKENIZER_FILES if f in remote] + weights
-        unfinished = snapshot / UNFINISHED
-        unfinished.touch()  # the snapshot is not cached until every file below passed its check
+        mark_unfinished(snapshot, revision)  # not cached until every file below passed its check
         todo = [f for f in wanted if force or not (snapshot / f).exists()]
         # Files already here come from an earlier run that may have stopped before checking them.
         todo += _failed_checks(snapshot, [f for f in wanted if f not in todo], remote, progress)
@@ -251,7 +254,7 @@ def _download(
         except CheckpointError as exc:
             remove_files(snapshot, weights)  # never leave weights that look complete but do not load
             raise CheckpointError(repo_id, f"{_detail(exc, snapshot)} (deleted from the cache)") from None
-        unfinished.unlink(missing_ok=True)
+        (snapshot / UNFINISHED).unlink(missing_ok=True)
         write_ref(repo_id, revision, commit, cache_dir)
         return ResolvedModel(name, repo_id, snapshot, commit), disk_size(snapshot)
 

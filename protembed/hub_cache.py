@@ -9,8 +9,10 @@ The cache is the standard huggingface_hub layout (`$HF_HUB_CACHE`, default `$HF_
 
 A snapshot counts as cached only when it is complete: `config.json` plus every weight file
 (and every shard its index names), and no `.protembed-unfinished` marker, which `download` leaves
-there until every new file has passed its sha256 check. huggingface_hub writes each file to a
-temporary name and renames it into place, so a partial download never looks complete.
+there until every new file has passed its sha256 check (it holds the revision the download was
+started for, so that a stopped download is reported for that revision only). huggingface_hub
+writes each file to a temporary name and renames it into place, so a partial download never looks
+complete.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class CachedModel:
     path: Path | None  # snapshot directory; None when not cached
     revision: str | None  # commit hash
     size: int  # bytes on disk
+    partial: bool = False  # not cached, but a download of it stopped before it finished
 
 
 UNFINISHED = ".protembed-unfinished"  # in a snapshot whose new files are not all checked yet
@@ -93,16 +96,32 @@ def cached_snapshot(
 
 
 def stopped_download(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> bool:
-    """Whether the cache holds a snapshot of the repo (of `revision`, when it is a commit hash) that
-    a download started and did not finish: files missing or not all checked yet."""
+    """Whether the cache holds a snapshot of the repo that a download of `revision` (a commit hash,
+    or a branch or tag; None means `main`) started and did not finish: files missing or not all
+    checked yet. A snapshot without a revision in its marker (a download stopped before the marker
+    was written, or one by another tool) counts for every branch and tag."""
     snapshots = repo_dir(repo_id, cache_dir) / "snapshots"
     try:
         found = [p for p in snapshots.iterdir() if p.is_dir()]
     except OSError:
         return False
-    if revision and REGEX_COMMIT_HASH.fullmatch(revision):
-        found = [p for p in found if p.name == revision]
-    return any(not is_complete(p) for p in found)
+    rev = revision or constants.DEFAULT_REVISION
+    if REGEX_COMMIT_HASH.fullmatch(rev):
+        return any(p.name == rev and not is_complete(p) for p in found)
+    return any(not is_complete(p) and _started_for(p) in ("", rev) for p in found)
+
+
+def _started_for(snapshot: Path) -> str:
+    """The revision a snapshot's unfinished download was started for; "" when not known."""
+    try:
+        return (snapshot / UNFINISHED).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def mark_unfinished(snapshot: Path, revision: str | None) -> None:
+    """Mark a snapshot as not cached until its files are checked, recording the revision asked for."""
+    (snapshot / UNFINISHED).write_text(revision or constants.DEFAULT_REVISION)
 
 
 def write_ref(repo_id: str, revision: str | None, commit: str, cache_dir: str | Path | None = None) -> None:
@@ -147,5 +166,6 @@ def cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
         hit = cached_snapshot(info.repo_id, cache_dir=cache_dir)
         path, revision = hit if hit else (None, None)
         size = disk_size(path) if path else 0
-        rows.append(CachedModel(info.name, info.repo_id, path, revision, size))
+        partial = hit is None and stopped_download(info.repo_id, cache_dir=cache_dir)
+        rows.append(CachedModel(info.name, info.repo_id, path, revision, size, partial))
     return rows

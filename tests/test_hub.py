@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from protembed.cli import app
 from protembed.errors import CheckpointError, HubError, UnknownModelError
 from protembed.hub import download_model, resolve_model
-from protembed.hub_cache import cached_snapshot
+from protembed.hub_cache import cached_models, cached_snapshot
 from protembed.models.checkpoints import load_checkpoint
 from tests.helpers import fixture_dir
 from tests.hub_server import FIXTURES, TOKEN, FakeHub, Fault
@@ -211,7 +211,7 @@ def test_dropped_connection_resumes_with_range(
 
 
 def test_failed_download_leaves_no_half_file_and_rerun_fetches_the_rest(
-    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
+    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)
     hub.faults[(ESM, "model.safetensors")] = Fault(drop_after=3 * CHUNK, drops=1, status=503)
@@ -224,11 +224,15 @@ def test_failed_download_leaves_no_half_file_and_rerun_fetches_the_rest(
     with pytest.raises(HubError, match=partly + ": run `protembed download esm2-8m`"):
         resolve_model("esm2-8m", download=False)
 
+    assert [m.partial for m in cached_models() if m.repo_id == ESM] == [True]  # `models` says "partial"
+
     hub.faults.clear()
     hub.requests.clear()
-    resolved, _ = download_model("esm2-8m", progress=False)
+    resolved = resolve_model("esm2-8m", progress=True)
+    assert "esm2-8m is only partly cached: finishing the download of " + ESM in capsys.readouterr().err
     assert hub.gets(ESM) == ["model.safetensors"]  # config and tokenizer files were kept
     assert cached_snapshot(ESM) == (resolved.path, commit_of(ESM))
+    assert [m.partial for m in cached_models() if m.repo_id == ESM] == [False]
 
 
 def test_gated_repo_needs_a_token(hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

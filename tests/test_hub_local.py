@@ -21,7 +21,7 @@ from protembed import hub as hub_module
 from protembed.cli import app
 from protembed.errors import CheckpointError, HubError, OptionError
 from protembed.hub import download_model, resolve_model
-from protembed.hub_cache import UNFINISHED, cache_root, cached_snapshot
+from protembed.hub_cache import UNFINISHED, cache_root, cached_snapshot, repo_dir, stopped_download
 from protembed.hub_errors import hub_warnings
 from tests.hub_server import FakeHub, Fault
 
@@ -117,7 +117,7 @@ def test_a_run_stopped_while_checking_a_file_checks_it_again(
     with pytest.raises(KeyboardInterrupt):
         download_model("esm2-8m", progress=False)
     snapshot = next(cache.rglob("snapshots/*"))
-    assert (snapshot / "model.safetensors").exists() and (snapshot / UNFINISHED).exists()
+    assert (snapshot / "model.safetensors").exists() and (snapshot / UNFINISHED).read_text() == "main"
     commit = snapshot.name
     assert cached_snapshot(ESM) is None and cached_snapshot(ESM, commit) is None  # not by any name
 
@@ -187,3 +187,18 @@ def test_a_damaged_cached_model_names_the_command_that_fetches_it_again(
     r = CliRunner().invoke(app, ["embed", str(fasta), "-m", "esm2-8m", "-q"])
     assert r.exit_code == 1 and "corrupt or truncated" in r.output, r.output
     assert f"`protembed download {ESM} --force` fetches it again" in " ".join(r.output.split())
+
+
+def test_a_stopped_download_counts_for_the_revision_it_was_started_for(tmp_path: Path) -> None:
+    commit = "a" * 40
+    snapshot = repo_dir(ESM, tmp_path) / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / UNFINISHED).write_text("v1")  # what `download --revision v1` leaves when stopped
+    assert stopped_download(ESM, "v1", tmp_path) and stopped_download(ESM, commit, tmp_path)
+    assert not stopped_download(ESM, None, tmp_path) and not stopped_download(ESM, "main", tmp_path)
+    assert not stopped_download(ESM, "b" * 40, tmp_path)
+    (snapshot / UNFINISHED).write_text("")  # marker of an older protembed: any branch or tag
+    assert stopped_download(ESM, None, tmp_path) and stopped_download(ESM, "v1", tmp_path)
+    (snapshot / UNFINISHED).unlink()  # stopped before the marker: config only, no weights
+    assert stopped_download(ESM, "main", tmp_path)
