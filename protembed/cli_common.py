@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from protembed import signals
 from protembed.cache import user_path
-from protembed.errors import ProtembedError
+from protembed.errors import RERUN, ProtembedError
 from protembed.signals import Terminated
 
 if TYPE_CHECKING:
@@ -144,18 +144,18 @@ def _without_overwrite(command: str, options: dict[str, Any], text: str) -> str:
     """Advice to run the same command again is wrong where that command has --overwrite (embed,
     merge): it would start over. Say to drop the option instead."""
     if command in ("embed", "merge") and options.get("overwrite"):
-        return text.replace("run the same command again", "run the command again without --overwrite")
+        return text.replace(RERUN, "run the command again without --overwrite")
     return text
 
 
 def _embed_hint(options: dict[str, Any]) -> str:
-    return "everything written so far is kept; run the same command again to resume"
+    return f"everything written so far is kept; {RERUN} to resume"
 
 
 def _cache_hint(options: dict[str, Any]) -> str:
     if options.get("no_cache") or getattr(options.get("features"), "value", None) == "onehot":
         return ""  # nothing kept
-    return "features computed so far are cached; run the same command again to go on from there"
+    return f"features computed so far are cached; {RERUN} to go on from there"
 
 
 # What Ctrl-C leaves behind, by command function; commands not listed keep nothing to resume.
@@ -163,8 +163,8 @@ _INTERRUPT_HINTS: dict[str, Callable[[dict[str, Any]], str]] = {
     "embed": _embed_hint,
     "finetune": _cache_hint,
     "predict": _cache_hint,
-    "download": lambda _: "run the same command again to go on with the download",
-    "merge": lambda _: "rows joined so far are kept; run the same command again to go on",
+    "download": lambda _: f"{RERUN} to go on with the download",
+    "merge": lambda _: f"rows joined so far are kept; {RERUN} to go on",
 }
 
 

@@ -18,6 +18,11 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# Advice that ends messages about work that a rerun resumes; the CLI rewrites it where the command
+# ran with --overwrite (which would start over instead).
+RERUN = "run the same command again"
+
+
 class ProtembedError(Exception):
     """Base of every error caused by user input or environment, mapped to exit code 1."""
 

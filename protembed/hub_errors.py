@@ -23,7 +23,7 @@ from huggingface_hub.errors import (
 from rich.console import Console
 
 from protembed.cache import ensure_dir
-from protembed.errors import HubError, StoreError
+from protembed.errors import RERUN, HubError, StoreError
 
 _console = Console(stderr=True, emoji=False)
 
@@ -88,22 +88,18 @@ def hub_errors(repo_id: str, revision: str | None, cache: Path | None = None) ->
     except httpx2.TimeoutException:
         raise HubError(
             f"no answer from {constants.ENDPOINT} for {repo_id} (timed out); check the network "
-            "(and HF_ENDPOINT), then run the same command again"
+            f"(and HF_ENDPOINT), then {RERUN}"
         ) from None
     except OSError as exc:
         if cache is not None and exc.errno in _DISK_FULL + _DISK_DENIED:
             where = f"cannot write {repo_id} into {cache}: {exc.strerror}"
             if exc.errno in _DISK_FULL:
                 advice = "free some space (or choose another cache with --cache-dir or HF_HUB_CACHE)"
-                raise HubError(f"{where}; {advice}, then run the same command again to resume") from None
+                raise HubError(f"{where}; {advice}, then {RERUN} to resume") from None
             raise HubError(f"{where}; choose another cache with --cache-dir or HF_HUB_CACHE") from None
-        raise HubError(
-            f"download of {repo_id} failed: {_first_line(exc)}; run the same command again to resume"
-        ) from None
+        raise HubError(f"download of {repo_id} failed: {_first_line(exc)}; {RERUN} to resume") from None
     except httpx2.HTTPError as exc:
-        raise HubError(
-            f"download of {repo_id} failed: {_first_line(exc)}; run the same command again to resume"
-        ) from None
+        raise HubError(f"download of {repo_id} failed: {_first_line(exc)}; {RERUN} to resume") from None
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:

@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from protembed.compute import JobSpec, SequenceTooLargeError, compute_unit
-from protembed.errors import BackendError, ProtembedError
+from protembed.errors import RERUN, BackendError, ProtembedError
 
 if TYPE_CHECKING:  # workers import this module: keep it light (no FASTA or HDF5 modules)
     from protembed.pipeline import Unit
@@ -183,7 +183,7 @@ def worker_names(devices: list[str]) -> list[str]:
 def _stopped(device: str, exitcode: int | None) -> str:
     return (
         f"the worker on {device} stopped (exit code {exitcode}); rows finished so far are kept, "
-        "run the same command again to resume"
+        f"{RERUN} to resume"
     )
 
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from protembed.errors import OptionError, OutputExistsError, StoreError, first_line
+from protembed.errors import RERUN, OptionError, OutputExistsError, StoreError, first_line
 from protembed.merge import merge_shards, shard_path, shard_sets, shard_worlds, write_virtual
 from protembed.reader import output_complete, unfinished_output
 
@@ -145,8 +145,7 @@ def sum_over_ranks(values: list[float], elapsed: float) -> tuple[list[float], fl
 def _peer_lost(exc: RuntimeError) -> StoreError:
     """A collective that failed because another rank stopped (killed, or its node lost)."""
     return StoreError(
-        f"another rank of the job stopped ({first_line(exc)}); this rank's shard is kept: "
-        f"run the same command again to resume"
+        f"another rank of the job stopped ({first_line(exc)}); this rank's shard is kept: {RERUN} to resume"
     )
 
 
@@ -180,7 +179,7 @@ def run_rank(
                 raise
             raise StoreError(
                 f"{output}: rank 0 could not join the shards (see its message, if it printed one); "
-                f"run the same command again to resume"
+                f"{RERUN} to resume"
             ) from None
     finally:
         tdist.destroy_process_group()
