@@ -129,7 +129,7 @@ def check_file_output(path: Path, overwrite: bool = True) -> None:
         raise StoreError(f"{path}: cannot write output: {why}")
     if not writable(parent) or (path.exists() and not os.access(path, os.W_OK)):
         raise StoreError(f"{path}: cannot write output: permission denied")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # a dangling link too: writing would create its target
         raise OutputExistsError(f"{path} exists (pass --overwrite to replace it)")
 
 

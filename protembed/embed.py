@@ -36,6 +36,7 @@ from protembed.embed_setup import (
 )
 from protembed.errors import OptionError, OutputCompleteError
 from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
+from protembed.fasta_io import check_exists
 from protembed.merge import shard_ranges
 from protembed.models import checkpoints
 from protembed.models.encoder import EncoderConfig
@@ -146,6 +147,7 @@ def embed_fasta(
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
     resolved = resolve_backend(backend, devices[0], dtype, compile)
     check_output_folder(Path(output))  # before a download or weight hashing, not after
+    check_exists(input_path)  # a missing input is named before any complaint about the output
     if torchrun.distributed_env() is None:
         torchrun.check_single_process_output(Path(output), overwrite)
     elif str(input_path) == "-":

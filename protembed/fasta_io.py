@@ -113,6 +113,17 @@ def resolve_input(path: str | Path) -> tuple[str, Path, bool]:
     return ("<stdin>" if stdin else str(path)), Path(name), True
 
 
+def check_exists(path: str | Path) -> None:
+    """FastaError if an input path (not "-") cannot be found; a stat only, as opening a pipe would
+    take data from it."""
+    if str(path) == "-":
+        return
+    try:
+        os.stat(path)
+    except OSError as exc:
+        raise FastaError(str(path), None, None, f"cannot read input: {exc.strerror or exc}") from None
+
+
 def decompressed(raw: io.BufferedReader, source: str) -> BinaryIO:
     """`raw`, or a gzip reader over it when its first bytes say gzip (whatever the file is called).
 

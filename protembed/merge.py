@@ -54,10 +54,10 @@ def shard_worlds(output: Path) -> list[int]:
     suffix = output.suffix or ".h5"
     pattern = re.compile(re.escape(output.stem) + r"\.shard-\d{3,}-of-(\d{3,})" + re.escape(suffix))
     try:
-        names = [p.name for p in output.parent.iterdir()]
+        found = [(p, m) for p in output.parent.iterdir() if (m := pattern.fullmatch(p.name))]
     except OSError:
         return []
-    return sorted({int(m.group(1)) for name in names if (m := pattern.fullmatch(name))})
+    return sorted({int(m.group(1)) for p, m in found if not p.is_dir()})  # a folder is not a shard
 
 
 def shard_sets(worlds: list[int]) -> str:

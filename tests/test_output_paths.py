@@ -13,10 +13,11 @@ import h5py
 import pytest
 from typer.testing import CliRunner
 
+from protembed.cache import check_file_output
 from protembed.cli import app
-from protembed.errors import HubError, StoreError
+from protembed.errors import HubError, OutputExistsError, StoreError
 from protembed.hub_cache import cached_snapshot, repo_dir
-from protembed.merge import find_shards, write_virtual
+from protembed.merge import find_shards, shard_worlds, write_virtual
 from protembed.reader import open_embeddings
 from tests.helpers import fixture_dir, one_line_error
 
@@ -173,3 +174,23 @@ def test_damaged_file_is_a_one_line_error(embedded: Path, tmp_path: Path) -> Non
     assert bad.read_bytes() == data  # left as it was
     r = run("embed", tmp_path / "s.fa", "-o", bad, "--model", ESM, "-q", "--overwrite")
     assert r.exit_code == 0, r.output
+
+
+def test_a_missing_input_is_named_before_shards_beside_the_output(tmp_path: Path) -> None:
+    (tmp_path / "job.shard-000-of-002.h5").write_bytes(b"a rank's shard")
+    r = run("embed", tmp_path / "missing.fa", "-o", tmp_path / "job.h5", "--model", ESM, "-q")
+    one_line_error(r, "missing.fa: cannot read input: No such file")
+
+
+def test_a_folder_named_like_a_shard_is_not_one(tmp_path: Path) -> None:
+    (tmp_path / "job.shard-000-of-002.h5").mkdir()
+    (tmp_path / "job.shard-001-of-003.h5").write_bytes(b"")
+    assert shard_worlds(tmp_path / "job.h5") == [3]
+
+
+def test_a_dangling_link_in_a_files_place_counts_as_existing(tmp_path: Path) -> None:
+    link = tmp_path / "plot.png"
+    link.symlink_to(tmp_path / "elsewhere.png")
+    with pytest.raises(OutputExistsError, match="plot.png exists"):
+        check_file_output(link, overwrite=False)
+    check_file_output(link, overwrite=True)
