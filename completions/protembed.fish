@@ -20,7 +20,7 @@ complete -c protembed -n __fish_use_subcommand -l help -d 'Show this message and
 
 # protembed embed
 complete -c protembed -n '__fish_seen_subcommand_from embed' -s o -l output -r -F -d 'HDF5 output (default: INPUT with .h5 beside it).'
-complete -c protembed -n '__fish_seen_subcommand_from embed' -s m -l model -x -d 'Registry name, Hub repo id or local checkpoint directory.'
+complete -c protembed -n '__fish_seen_subcommand_from embed' -s m -l model -x -a 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m (__fish_complete_directories)' -d 'Registry name, Hub repo id or local checkpoint directory.'
 complete -c protembed -n '__fish_seen_subcommand_from embed' -l revision -x -d 'Hub revision (branch, tag or commit).'
 complete -c protembed -n '__fish_seen_subcommand_from embed' -s l -l layer -x -d 'Layers: -1 (last), 0,6,12, all, or final (AMPLIFY normed).'
 complete -c protembed -n '__fish_seen_subcommand_from embed' -l pool -x -d 'Pooling: mean, cls or mean,cls.'
@@ -48,7 +48,7 @@ complete -c protembed -n '__fish_seen_subcommand_from embed' -F -d 'FASTA file (
 complete -c protembed -n '__fish_seen_subcommand_from merge' -l virtual -d 'Write an HDF5 virtual-dataset file over the shards instead.'
 complete -c protembed -n '__fish_seen_subcommand_from merge' -l overwrite -d 'Replace an existing OUTPUT.'
 complete -c protembed -n '__fish_seen_subcommand_from merge' -l help -d 'Show this message and exit.'
-complete -c protembed -n '__fish_seen_subcommand_from merge' -F -d 'The output whose shards (OUTPUT.shard-*-of-*.h5) to join.'
+complete -c protembed -n '__fish_seen_subcommand_from merge' -F -d 'The output (OUT.h5) whose shards (OUT.shard-*-of-*.h5) to join.'
 
 # protembed download
 complete -c protembed -n '__fish_seen_subcommand_from download' -l revision -x -d 'Branch, tag or commit hash (default: main).'
@@ -56,7 +56,7 @@ complete -c protembed -n '__fish_seen_subcommand_from download' -l cache-dir -r 
 complete -c protembed -n '__fish_seen_subcommand_from download' -l force -d 'Download all files again, even if cached.'
 complete -c protembed -n '__fish_seen_subcommand_from download' -s q -l quiet -d 'No progress bar.'
 complete -c protembed -n '__fish_seen_subcommand_from download' -l help -d 'Show this message and exit.'
-complete -c protembed -n '__fish_seen_subcommand_from download' -F -d 'Registry name (esm2-650m), Hub repo id or local directory.'
+complete -c protembed -n '__fish_seen_subcommand_from download' -a 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m (__fish_complete_directories)' -d 'Registry name (esm2-650m), Hub repo id or local directory.'
 
 # protembed models
 complete -c protembed -n '__fish_seen_subcommand_from models' -l json -d 'Print JSON on stdout instead of a table.'
@@ -64,7 +64,7 @@ complete -c protembed -n '__fish_seen_subcommand_from models' -l cache-dir -r -F
 complete -c protembed -n '__fish_seen_subcommand_from models' -l help -d 'Show this message and exit.'
 
 # protembed finetune
-complete -c protembed -n '__fish_seen_subcommand_from finetune' -s m -l model -x -d 'Registry name, Hub repo id or checkpoint folder. Default: esm2-650m.'
+complete -c protembed -n '__fish_seen_subcommand_from finetune' -s m -l model -x -a 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m (__fish_complete_directories)' -d 'Registry name, Hub repo id or checkpoint folder. Default: esm2-650m.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l features -x -a 'model onehot' -d 'Language-model embeddings or the one-hot baseline.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l split -x -d 'Split file. Default: the task\'s card split.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l head -x -a 'linear mlp ridge cnn' -d 'Head on the features. Default: mlp per sequence, cnn per residue.'
@@ -75,7 +75,7 @@ complete -c protembed -n '__fish_seen_subcommand_from finetune' -l batch-size -x
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l seed -x -d 'Seed for initialisation and shuffling.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l patience -x -d 'Epochs without improvement to stop.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l data-dir -r -F -d 'Folder of FLIP FASTA files, one subfolder per dataset (e.g. DIR/gb1/two_vs_rest.fasta, or .fasta.gz); default: download once from the FLIP server into the cache.'
-complete -c protembed -n '__fish_seen_subcommand_from finetune' -l cache-dir -r -F -d 'Cache for downloads and features (default: $PROTEMBED_CACHE or ~/.cache/protembed).'
+complete -c protembed -n '__fish_seen_subcommand_from finetune' -l cache-dir -r -F -d 'Cache for downloads and features (default: $PROTEMBED_CACHE, $XDG_CACHE_HOME/protembed or ~/.cache/protembed).'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -s o -l output -r -F -d 'Save head, config, predictions.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l overwrite -d 'Replace a non-empty --output folder or an existing --plot file.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l device -x -d 'cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU.'
@@ -89,7 +89,7 @@ complete -c protembed -n '__fish_seen_subcommand_from finetune; and not __fish_s
 # protembed predict
 complete -c protembed -n '__fish_seen_subcommand_from predict' -s o -l output -r -F -d 'CSV file (- for stdout). Default: stdout.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l overwrite -d 'Replace an existing output file.'
-complete -c protembed -n '__fish_seen_subcommand_from predict' -l cache-dir -r -F -d 'Cache for downloads and features (default: $PROTEMBED_CACHE or ~/.cache/protembed).'
+complete -c protembed -n '__fish_seen_subcommand_from predict' -l cache-dir -r -F -d 'Cache for downloads and features (default: $PROTEMBED_CACHE, $XDG_CACHE_HOME/protembed or ~/.cache/protembed).'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l no-cache -d 'Do not keep the input\'s features in the cache (they are computed in a temporary folder there and deleted at the end; an interrupted run starts over).'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l device -x -d 'cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -s q -l quiet -d 'No progress output.'
@@ -98,7 +98,7 @@ complete -c protembed -n '__fish_seen_subcommand_from predict' -F -d 'Folder wri
 complete -c protembed -n '__fish_seen_subcommand_from predict' -F -d 'Sequences to predict (FASTA, .gz, or - for stdin).'
 
 # protembed bench
-complete -c protembed -n '__fish_seen_subcommand_from bench' -s m -l model -x -d 'Registry name, Hub repo id or checkpoint dir.'
+complete -c protembed -n '__fish_seen_subcommand_from bench' -s m -l model -x -a 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m (__fish_complete_directories)' -d 'Registry name, Hub repo id or checkpoint dir.'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l device -x -d 'cpu, cuda or cuda:N (default: the GPU if any).'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l dtype -x -a 'float32 bfloat16 float16' -d 'Weights and compute dtype.'
 complete -c protembed -n '__fish_seen_subcommand_from bench' -l backend -x -a 'auto torch te' -d 'auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).'

@@ -44,6 +44,7 @@ class Param:
     bounds: str  # "At least 1." for a number range, else ""
     required: bool
     repeatable: bool
+    model: bool = False  # a model: completed as a registry name or a checkpoint folder
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ def _param(param: Any, rich: bool) -> Param:
         bounds=_bounds(param),
         required=bool(param.required),
         repeatable=bool(getattr(param, "multiple", False) or param.nargs == -1),
+        model="--model" in param.opts or (not is_option and param.name == "model"),
     )
 
 
@@ -216,19 +218,34 @@ def _words(words: tuple[str, ...] | list[str]) -> str:
     return "_protembed_words " + shlex.quote(" ".join(map(_word, words)))
 
 
+def _model_names() -> list[str]:
+    from protembed.registry import MODELS
+
+    return list(MODELS)
+
+
+def _bash_action(p: Param, paths: str) -> str:
+    """The completion call for a value: its choices, model names and folders, or path names."""
+    if p.choices:
+        return _words(p.choices)
+    if p.model:
+        return "_protembed_models " + shlex.quote(" ".join(map(_word, _model_names())))
+    return f"_protembed_paths -{(p.paths or paths)[0]}"
+
+
 def bash(root: Command) -> str:
     """A static bash completion: commands, options, choices, and file names for path values."""
     takes, values, opts, args = [], [], [], []
     for c in [root, *root.commands]:
         valued = "|".join(_word(n) for p in c.options if p.takes_value for n in p.names)
         takes += [f"        {shlex.quote(c.name)}) case $2 in {valued}) return 0 ;; esac ;;"] * bool(valued)
-        for p in (p for p in c.options if p.takes_value and (p.choices or p.paths)):
-            action = _words(p.choices) if p.choices else f"_protembed_paths -{p.paths[0]}"
+        for p in (p for p in c.options if p.takes_value and (p.choices or p.paths or p.model)):
+            action = _bash_action(p, "")
             values.append(f"            {'|'.join(f'{c.name}:{n}' for n in p.names)}) {action} ;;")
         names = [n for p in c.options for n in (*p.names, *p.secondary)]
         opts.append(f"            {shlex.quote(c.name)}) {_words(names)} ;;")
         for i, a in enumerate(c.arguments):  # an argument that is not a choice is most likely a file
-            action = _words(a.choices) if a.choices else f"_protembed_paths -{(a.paths or 'file')[0]}"
+            action = _bash_action(a, "file")
             args.append(f"        {c.name}:{i}{'*' if a.repeatable else ''}) {action} ;;")
     nl = "\n"
     return f"""# bash completion for {PROG}                                    -*- shell-script -*-
@@ -243,6 +260,14 @@ _protembed_paths() {{  # complete $cur as a file (-f) or directory (-d) name
     local IFS=$'\\n'
     compopt -o filenames 2>/dev/null
     COMPREPLY=($(compgen "$1" -- "$cur"))
+}}
+
+_protembed_models() {{  # complete $cur as a registry model name or a checkpoint folder
+    local IFS=$' \t\n'
+    COMPREPLY=($(compgen -W "$1" -- "$cur"))
+    IFS=$'\n'
+    COMPREPLY+=($(compgen -d -- "$cur"))
+    compopt -o filenames 2>/dev/null
 }}
 
 _protembed_takes_value() {{  # $1: command ("" at the top level), $2: option
@@ -310,6 +335,8 @@ def _zdesc(text: str) -> str:
 def _zaction(p: Param) -> str:
     if p.choices:
         return "(" + " ".join(map(_word, p.choices)) + ")"
+    if p.model:
+        return "_protembed_models"
     return {"file": "_files", "dir": "_files -/"}.get(p.paths, " ")
 
 
@@ -325,7 +352,7 @@ def _zsh_specs(cmd: Command) -> list[str]:
                 spec += f":{p.metavar.replace(':', chr(92) + ':')}:{_zaction(p)}"
             specs.append(_zq(spec))
     for a in cmd.arguments:
-        action = _zaction(a) if a.choices or a.paths else "_files"
+        action = _zaction(a) if a.choices or a.paths or a.model else "_files"
         prefix = "*" if a.repeatable else "" if a.required else ":"
         specs.append(_zq(f"{prefix}:{a.metavar}:{action}"))
     return specs
@@ -340,8 +367,13 @@ def zsh(root: Command) -> str:
     ]
     described = "\n        ".join(_zq(f"{_word(c.name)}:{c.summary}") for c in root.commands)
     cases = "\n        ".join(f"{c.name}) {fn[c.name]} && ret=0 ;;" for c in root.commands)
+    models = " ".join(map(_word, _model_names()))
     return f"""#compdef {PROG}
 # {NOTICE}
+
+_protembed_models() {{
+  _alternative 'models:model name:({models})' 'folders:checkpoint folder:_files -/'
+}}
 
 {chr(10).join(funcs)}
 _protembed() {{
@@ -381,6 +413,11 @@ def _fq(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _fish_models() -> str:
+    """Registry names, then the folders under the word being completed."""
+    return " ".join(map(_word, _model_names())) + " (__fish_complete_directories)"
+
+
 def fish(root: Command) -> str:
     """A static fish completion: one `complete` line per command, option and argument."""
     lines = [f"# fish completion for {PROG}", f"# {NOTICE}", "", f"complete -c {PROG} -f"]
@@ -394,6 +431,8 @@ def fish(root: Command) -> str:
             flags = " ".join(f"-s {n[1:]}" if len(n) == 2 else f"-l {n[2:]}" for n in map(_word, p.names))
             if p.choices:
                 flags += f" -x -a {_fq(' '.join(map(_word, p.choices)))}"
+            elif p.model:
+                flags += f" -x -a {_fq(_fish_models())}"
             elif p.paths == "dir" and p.takes_value:
                 flags += " -x -a '(__fish_complete_directories)'"
             elif p.takes_value:
@@ -402,6 +441,9 @@ def fish(root: Command) -> str:
             lines += [f"{head} -l {_word(n)[2:]} -d {_fq(p.help)}" for n in p.secondary]
         for a in c.arguments:
             choices = " ".join(map(_word, a.choices))
+            if a.model:
+                lines.append(f"{head} -a {_fq(_fish_models())} -d {_fq(a.help or a.metavar)}")
+                continue
             if not choices:
                 lines.append(f"{head} -F -d {_fq(a.help or a.metavar)}")
                 continue  # fish cannot count positionals: offer the choices until one is given
@@ -414,15 +456,17 @@ def fish(root: Command) -> str:
 
 ENVIRONMENT = [
     ("HF_HOME", "Root of the Hugging Face cache (default ~/.cache/huggingface). Models are kept in "
-     "$HF_HOME/hub unless HF_HUB_CACHE names another directory; --cache-dir overrides both."),
+     "$HF_HOME/hub unless HF_HUB_CACHE names another directory. The --cache-dir of protembed download "
+     "and protembed models overrides both; the other commands find models through HF_HUB_CACHE."),
     ("HF_HUB_OFFLINE", "Set to 1 to never use the network: models must already be in the cache "
      "(fetch them beforehand with protembed download); a model that is not cached is an error."),
     ("HF_ENDPOINT", "Address of the Hugging Face Hub (default https://huggingface.co), for a mirror."),
     ("HF_TOKEN", "Access token for gated or private model repositories."),
     ("CUDA_VISIBLE_DEVICES", "The GPUs protembed can see; --device cuda:N and --device all count "
      "within them."),
-    ("PROTEMBED_CACHE", "Cache of protembed finetune: FLIP data sets and their features "
-     "(default $XDG_CACHE_HOME/protembed, or ~/.cache/protembed)."),
+    ("PROTEMBED_CACHE", "Cache of protembed finetune and predict (FLIP data sets and their features) and "
+     "of the weights digests of local checkpoints (default $XDG_CACHE_HOME/protembed, or "
+     "~/.cache/protembed)."),
     ("RANK, WORLD_SIZE, LOCAL_RANK", "Set by torchrun(1). When WORLD_SIZE is more than 1, protembed embed "
      "runs as rank RANK of a multi-process (multi-node) job: each rank embeds its share of the records, "
      "balanced by tokens, into its own shard file, and rank 0 joins the shards into OUTPUT once every "
@@ -434,7 +478,8 @@ ENVIRONMENT = [
 FILES = [
     ("$HF_HOME/hub/models--ORG--NAME/", "A downloaded checkpoint in the huggingface_hub cache "
      "layout: refs/main holds the commit, snapshots/COMMIT/ the files (links into blobs/)."),
-    ("~/.cache/protembed/", "FLIP data sets and cached features of protembed finetune."),
+    ("~/.cache/protembed/", "FLIP data sets and cached features of protembed finetune and predict; "
+     "weights-sha256.json, the weights digests of local checkpoints."),
     ("OUTPUT.h5", "The embeddings of protembed embed: one HDF5 file, layout version 1, one row per "
      "FASTA record in input order. Per-record datasets ids, descriptions, lengths, truncated, skipped, "
      "skip_reasons and written; one dataset per pooling (mean, cls) of shape (N, D), or (N, K, D) for "
@@ -455,7 +500,9 @@ EXIT_STATUS = [
      "or broken checkpoint, an existing output without --overwrite, an unavailable device or backend. "
      "One line starting with error: is printed on standard error (--debug adds the traceback)."),
     ("2", "A command line that does not parse: an unknown option or command, a missing argument, a "
-     "value of the wrong type or not among an option's fixed choices. Other bad values exit with 1."),
+     "value of the wrong type, outside an option's range or not among its fixed choices, options that "
+     "cannot go together. Values that protembed reads itself (a layer list, a pooling or device name, "
+     "a layer the model does not have) exit with 1."),
     ("130", "Interrupted (Ctrl-C). What was written is kept; the message says how to go on (for embed: "
      "run the same command again, without --overwrite, to resume)."),
     ("141", "Standard output was closed early (a pipe into head, say); the rest of the output is dropped."),

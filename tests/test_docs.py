@@ -17,6 +17,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from protembed.cli import app
+from protembed.registry import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 MAN, COMPLETIONS = REPO / "man", REPO / "completions"
@@ -214,6 +215,13 @@ def test_bash_completion_completes_commands_options_choices_and_files(tmp_path: 
     assert _bash_complete(["protembed", "embed", "prot"], tmp_path) == ["proteins.fasta"]
     assert _bash_complete(["protembed", "embed", "-m", "x", "-o", "prot"], tmp_path) == ["proteins.fasta"]
 
+    (tmp_path / "esm_ckpt").mkdir()  # a model is a registry name or a checkpoint folder, never a file
+    assert _bash_complete(["protembed", "embed", "x.fa", "-m", "es"], tmp_path) == sorted(
+        [n for n in MODELS if n.startswith("es")] + ["esm_ckpt"]
+    )
+    assert _bash_complete(["protembed", "download", "amp"], tmp_path) == ["amplify-120m", "amplify-350m"]
+    assert _bash_complete(["protembed", "bench", "--model", "=", "p"], tmp_path) == []
+
 
 def test_zsh_completion_syntax() -> None:
     if not shutil.which("zsh"):
@@ -232,6 +240,9 @@ def test_fish_completion_syntax_and_behaviour() -> None:
     run = subprocess.run(["fish", "--no-config", "-c", script], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert [line.split("\t")[0] for line in run.stdout.splitlines()] == ["export", "--what"]
+    script = f"source {shlex.quote(str(FISH))}; complete -C 'protembed finetune flip-gb1 -m amplify'"
+    run = subprocess.run(["fish", "--no-config", "-c", script], capture_output=True, text=True)
+    assert [line.split("\t")[0] for line in run.stdout.splitlines()] == ["amplify-120m", "amplify-350m"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["embed", "--help"], ["bench", "--help"]])
