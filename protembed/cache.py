@@ -130,7 +130,7 @@ def check_file_output(path: Path, overwrite: bool = True) -> None:
     if not writable(parent) or (path.exists() and not os.access(path, os.W_OK)):
         raise StoreError(f"{path}: cannot write output: permission denied")
     if os.path.lexists(path) and not overwrite:  # a dangling link too: writing would create its target
-        raise OutputExistsError(f"{path} exists (pass --overwrite to replace it)")
+        raise OutputExistsError(f"{path}: exists; pass --overwrite to replace it")
 
 
 def check_replaceable(path: Path) -> None:

@@ -35,7 +35,7 @@ Examples:
 
   protembed embed proteins.fasta                         # esm2-650m, mean of the last layer -> proteins.h5
   protembed embed proteins.fa.gz -o out.h5 --model esm2-35m --layer 0,6,12 --pool mean,cls
-  protembed embed proteins.fa --per-residue --store-dtype float16 --long window
+  protembed embed proteins.fasta -o residues.h5 --per-residue --store-dtype float16 --long window
   zcat big.fa.gz | protembed embed - -o big.h5 --json    # stdin; JSON summary on stdout
 """
 
@@ -246,7 +246,7 @@ def merge(
     output: Annotated[
         Path,
         typer.Argument(
-            help="The output whose shards (OUTPUT.shard-*-of-*.h5) to join.",
+            help="The output (OUT.h5) whose shards (OUT.shard-*-of-*.h5) to join.",
             metavar="OUTPUT",
             parser=path_value,
         ),

@@ -61,8 +61,8 @@ DataDir = Annotated[
 ]
 CacheDir = Annotated[
     Path | None,
-    typer.Option("--cache-dir", help="Cache for downloads and features (default: $PROTEMBED_CACHE or "
-                 "~/.cache/protembed).", parser=path_value),
+    typer.Option("--cache-dir", help="Cache for downloads and features (default: $PROTEMBED_CACHE, "
+                 "$XDG_CACHE_HOME/protembed or ~/.cache/protembed).", parser=path_value),
 ]  # fmt: skip
 Device = Annotated[
     str | None,

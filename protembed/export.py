@@ -85,7 +85,7 @@ def export_per_protein(
     check_file_output(output)
     check_replaceable(output)
     if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output}: already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{output}: exists; pass --overwrite to replace it")
     with open_embeddings(source) as emb:
         if len(emb.layers) > 1 and layer is None:
             raise StoreError(f"{source}: holds layers {emb.layers}; pick one with --layer")

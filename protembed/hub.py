@@ -83,6 +83,9 @@ def parse_model(model: str) -> tuple[str | None, str]:
         path = user_path(model)  # None for ~name of an unknown user
         exists = path is not None and path.exists()
         raise UnknownModelError(model, list(MODELS), "not a directory" if exists else "no such directory")
+    path = user_path(model)
+    if path is not None and path.exists():  # `-m proteins.fasta`: a file where a model goes
+        raise UnknownModelError(model, list(MODELS), "a file, not a model name or checkpoint folder")
     if model.count("/") == 1:
         try:
             validate_repo_id(model)

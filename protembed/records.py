@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import re
 import sys
 import zlib
 from collections.abc import Iterator
@@ -85,6 +86,9 @@ def read_records(path: str | Path) -> Iterator[Record]:
             raw.close()
 
 
+_TOKEN = re.compile(r"<[A-Za-z]+>")  # a special token such as <mask> in a sequence
+
+
 def _stdin() -> io.BufferedReader:
     """Standard input as a buffered binary stream that can peek (to recognise gzip)."""
     stdin = sys.stdin.buffer
@@ -111,6 +115,9 @@ def _records(source: str, text: io.TextIOWrapper) -> Iterator[Record]:
         if ">" in chunk:  # ' >id' or a BOM before it: a header that does not start its line
             shown = storable(header.split(None, 1)[0]) if header.split() else None
             reason = f"'>' at column {raw.index('>') + 1}: a header must start at the beginning of its line"
+            if token := _TOKEN.search(raw):  # `embed` takes <mask>; these files hold residue letters only
+                where = f"{token.group()!r} at column {token.start() + 1}"
+                reason = f"{where}: only residue letters are read here"
             raise FastaError(source, n, shown, reason)
         parts.append(chunk)
         starts.append(size)

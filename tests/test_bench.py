@@ -291,7 +291,7 @@ def test_plot(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = invoke("--model", ESM2_CKPT, "--plot", str(png), *FAST)  # refused before anything runs
-    assert again.exit_code == 1 and f"{png} exists (pass --overwrite to replace it)" in again.output
+    assert again.exit_code == 1 and f"{png}: exists; pass --overwrite to replace it" in again.output
     png.write_bytes(b"old")
     replaced = invoke("--model", ESM2_CKPT, "--lengths", "8", "--plot", str(png), "--overwrite", *FAST)
     assert replaced.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG"

@@ -77,7 +77,7 @@ def test_export_residues_of_one_layer(tmp_path: Path) -> None:
         expected = 1 + 0.1 + np.arange(4)[:, None] / 100 + np.zeros((1, D))
         assert np.allclose(h5["tr%2FQ2"][...], expected)
         assert h5["%2E"].shape == (1, D)
-    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
+    with pytest.raises(OutputExistsError, match=": exists; pass --overwrite"):
         export_per_protein(tmp_path / "in.h5", tmp_path / "out.h5", what="cls", layer=2)
     export_per_protein(tmp_path / "in.h5", tmp_path / "out.h5", what="cls", layer=2, overwrite=True)
     with h5py.File(tmp_path / "out.h5", "r") as h5:
@@ -111,7 +111,7 @@ def test_export_cli(tmp_path: Path) -> None:
     assert str(tmp_path / "out.h5") in result.stdout
     result = runner.invoke(app, args)
     assert result.exit_code == 1
-    assert "out.h5: already exists; pass --overwrite to replace it" in result.stderr
+    assert "out.h5: exists; pass --overwrite to replace it" in result.stderr
     result = runner.invoke(app, [*args, "--what", "residues", "--layer", "6", "--overwrite"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, [*args, "--layer", "3", "--overwrite"])

@@ -136,7 +136,7 @@ def test_plot_never_replaces_a_file_unasked(tmp_path: Path, monkeypatch: pytest.
         "--plot",
         "-q",
     ]
-    one_line_error(run_cli(*args), f"{png.name} exists (pass --overwrite to replace it)")
+    one_line_error(run_cli(*args), f"{png.name}: exists; pass --overwrite to replace it")
     assert png.read_text() == "precious"
     r = run_cli(*args, "--overwrite")
     assert r.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG", r.output
@@ -190,3 +190,10 @@ def test_header_that_does_not_start_its_line(onehot_head: Path, tmp_path: Path) 
     one_line_error(
         r, "in.fasta:3: record 'a': '>' at column 2: a header must start at the beginning of its line"
     )
+
+
+def test_a_mask_token_is_named_as_such(onehot_head: Path, tmp_path: Path) -> None:
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">m\nMKV<mask>AL\n")  # `embed` takes it; a head predicts from residue letters
+    r = run_cli("predict", onehot_head, fasta)
+    one_line_error(r, "in.fasta:2: record 'm': '<mask>' at column 4: only residue letters are read here")

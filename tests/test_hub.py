@@ -295,6 +295,17 @@ def test_unknown_name_suggests_close_names() -> None:
     assert "unknown model 'amplfy-120m'; did you mean amplify-120m" in " ".join(result.output.split())
 
 
+def test_a_file_given_as_the_model_is_named_as_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("proteins.fasta", "data/proteins.fasta"):  # the second also reads as a Hub repo id
+        Path(name).parent.mkdir(exist_ok=True)
+        Path(name).write_text(">a\nMKV\n")
+        with pytest.raises(UnknownModelError, match="a file, not a model name or checkpoint folder"):
+            resolve_model(name, download=False)
+
+
 def test_paths_and_revisions_of_local_models(tmp_path: Path) -> None:
     runner = CliRunner()
     r = runner.invoke(app, ["download", str(tmp_path / "no" / "such")])
@@ -302,11 +313,11 @@ def test_paths_and_revisions_of_local_models(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     r = runner.invoke(app, ["download", str(tmp_path / "file")])
     assert r.exit_code == 1 and "not a directory" in r.output
+    (tmp_path / "x.fa").write_text(">a\nMKV\n")
     for args in (["download", ""], ["embed", str(tmp_path / "x.fa"), "-m", ""]):  # not the current folder
         r = runner.invoke(app, args)
         assert r.exit_code == 1 and "unknown model ''; the model name is empty" in r.output, r.output
     local = str(fixture_dir("esm2_t3_h64") / "checkpoint")
-    (tmp_path / "x.fa").write_text(">a\nMKV\n")
     for args in (["download", local], ["embed", str(tmp_path / "x.fa"), "-m", local]):
         r = runner.invoke(app, [*args, "--revision", "v2"])
         assert r.exit_code == 1 and "--revision names a Hub revision" in r.output, r.output

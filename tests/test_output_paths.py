@@ -191,6 +191,6 @@ def test_a_folder_named_like_a_shard_is_not_one(tmp_path: Path) -> None:
 def test_a_dangling_link_in_a_files_place_counts_as_existing(tmp_path: Path) -> None:
     link = tmp_path / "plot.png"
     link.symlink_to(tmp_path / "elsewhere.png")
-    with pytest.raises(OutputExistsError, match="plot.png exists"):
+    with pytest.raises(OutputExistsError, match="plot.png: exists"):
         check_file_output(link, overwrite=False)
     check_file_output(link, overwrite=True)
