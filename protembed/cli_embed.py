@@ -25,6 +25,7 @@ from protembed.cli_common import (
     print_json,
 )
 from protembed.errors import OptionError
+from protembed.progress_log import ProgressLog
 from protembed.registry import DEFAULT_MODEL
 
 if TYPE_CHECKING:  # the embed machinery (torch) is imported when a command runs, not for --help
@@ -180,6 +181,7 @@ def embed(
 
     poolings = list(dict.fromkeys(p.strip() for p in pool.split(",") if p.strip()))  # mean,mean = mean
     show = not quiet and sys.stderr.isatty()
+    log = ProgressLog(_rank_prefix()) if not quiet and not show else None  # a log file, a batch job
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -194,10 +196,14 @@ def embed(
         def started(rows: int, residues: int) -> None:
             state["t0"] = time.perf_counter()
             bar.update(task, total=rows)
+            if log is not None:
+                log.start(rows, residues)
 
         def progress(rows_done: int, res_done: int, total: int) -> None:
             dt = max(time.perf_counter() - state["t0"], 1e-9)
             bar.update(task, completed=rows_done, rate=f"{res_done / dt:,.0f} res/s")
+            if log is not None:
+                log.update(rows_done, res_done)
 
         summary = embed_fasta(
             input_path, out, model=model, revision=revision, layers=parse_layers(layer),
@@ -216,6 +222,13 @@ def embed(
         print_json(summary.as_dict())
     elif not quiet:
         _print_summary(summary)
+
+
+def _rank_prefix() -> str:
+    from protembed.torchrun import distributed_env
+
+    ranks = distributed_env()
+    return f"rank {ranks[0]}/{ranks[1]}: " if ranks else ""
 
 
 def _print_summary(s: EmbedSummary) -> None:

@@ -62,6 +62,13 @@ def parse_devices(spec: str | None) -> list[str]:
     return [f"cuda:{i}" for i in wanted]
 
 
+def device_label(devices: list[str]) -> str:
+    """Devices as `--device` writes them: `cpu:2` for two CPU workers, else `cuda:0,cuda:1`."""
+    if len(devices) > 1 and set(devices) == {"cpu"}:
+        return f"cpu:{len(devices)}"
+    return ",".join(devices)
+
+
 class WorkerPool:
     """An executor (see `pipeline.Executor`) running one process per device."""
 

@@ -3,6 +3,7 @@ budget kept across a resume, odd headers, locks through symlinks."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from protembed import embed as embed_module
+from protembed import progress_log
 from protembed.cli import app
 from protembed.errors import BackendError, OptionError, OutputExistsError
 from protembed.models import checkpoints
@@ -244,3 +246,19 @@ def test_another_users_stale_lock_is_taken_over(tmp_path: Path, monkeypatch: pyt
     assert refused and lock.read_text() == f"{os.getpid()}\n"  # replaced by one of ours
     held.release()
     assert not lock.exists()
+
+
+def test_progress_lines_when_stderr_is_a_log_file(
+    tmp_path: Path, fasta: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No bar outside a terminal (CliRunner's stderr is not one), so plain lines say how far it got."""
+    monkeypatch.setattr(progress_log, "LOG_SECONDS", 0.0)
+    r = runner.invoke(app, ["embed", str(fasta), "-o", str(tmp_path / "a.h5"), "-m", ESM, "--json"])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert lines[0] == f"embedding 12 rows ({sum(5 + i for i in range(12))} residues)"
+    last = [line for line in lines if line.startswith("12/12 rows (100.0%), ")]
+    assert last and last[-1].endswith(" residues/s, 0 s left"), lines
+    assert json.loads(r.stdout)["records"] == 12  # stdout stays the JSON alone
+    r = runner.invoke(app, ["embed", str(fasta), "-o", str(tmp_path / "b.h5"), "-m", ESM, "-q"])
+    assert r.exit_code == 0 and r.stderr == "", r.stderr

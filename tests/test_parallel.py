@@ -87,7 +87,9 @@ def assert_same_file(a: Path, b: Path) -> None:
 def test_cpu_workers_equal_one_process(many: Path, single: Path, workers: int) -> None:
     """`cpu:N` runs N worker processes (N = 1 too); the file equals the in-process run's."""
     out = many.with_name(f"cpu{workers}.h5")
-    subprocess.run([*PROTEMBED, *embed_args(many, out), "--device", f"cpu:{workers}"], check=True, env=ENV)
+    cmd = [*PROTEMBED, *embed_args(many, out), "--device", f"cpu:{workers}", "--json"]
+    summary = json.loads(subprocess.run(cmd, check=True, env=ENV, capture_output=True, text=True).stdout)
+    assert summary["device"] == ("cpu:2" if workers == 2 else "cpu")  # as --device writes it
     assert_same_file(single, out)
 
 

@@ -1,0 +1,45 @@
+"""Progress for a log file: when stderr is not a terminal (a batch job, `2> run.log`) there is no
+progress bar, so a long run writes a plain line now and then instead."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+LOG_SECONDS = 60.0  # how often a progress line is written
+
+
+class ProgressLog:
+    """Progress as plain lines for a log file (stderr is not a terminal, so no bar): one when the
+    work is known, then one every LOG_SECONDS."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix, self.rows, self.residues, self.t0, self.last = prefix, 0, 0, 0.0, 0.0
+
+    def start(self, rows: int, residues: int) -> None:
+        self.rows, self.residues = rows, residues
+        self.t0 = self.last = time.perf_counter()
+        if rows:
+            self._say(f"embedding {rows:,} rows ({residues:,} residues)")
+
+    def update(self, rows_done: int, res_done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < LOG_SECONDS or not self.rows:
+            return
+        self.last = now
+        rate = res_done / max(now - self.t0, 1e-9)
+        left = (self.residues - res_done) / rate if rate > 0 else float("inf")
+        share = 100 * rows_done / self.rows
+        done = f"{rows_done:,}/{self.rows:,} rows ({share:.1f}%)"
+        self._say(f"{done}, {rate:,.0f} residues/s, {_eta(left)} left")
+
+    def _say(self, text: str) -> None:
+        print(f"{self.prefix}{text}", file=sys.stderr, flush=True)
+
+
+def _eta(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown time"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
