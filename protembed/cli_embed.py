@@ -181,7 +181,7 @@ def embed(
 
     poolings = list(dict.fromkeys(p.strip() for p in pool.split(",") if p.strip()))  # mean,mean = mean
     show = not quiet and sys.stderr.isatty()
-    log = ProgressLog(_rank_prefix()) if not quiet and not show else None  # a log file, a batch job
+    log = ProgressLog("embedding", _rank_prefix()) if not quiet and not show else None  # a log file
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),

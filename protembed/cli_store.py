@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from protembed.cli_common import err_console, handle_errors, path_value
+from protembed.progress_log import ProgressLog
 
 
 class Layout(str, Enum):
@@ -61,7 +63,21 @@ def export(
     """
     from protembed.export import export_per_protein  # h5py and numpy: not for --help
 
-    summary = export_per_protein(source, output, what=what.value, layer=layer, overwrite=overwrite)
+    log = None if err_console.is_terminal else ProgressLog("exporting")  # a log file: plain lines
+    columns = (TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, disable=log is not None, transient=True) as bar:
+        task = bar.add_task("exporting", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            if log is not None and done == 0:
+                log.start(total)
+            elif log is not None:
+                log.update(done)
+
+        summary = export_per_protein(
+            source, output, what=what.value, layer=layer, overwrite=overwrite, progress=progress
+        )
     skipped = f" ({summary.n_skipped} skipped records left out)" if summary.n_skipped else ""
     err_console.print(f"exported {summary.n_written} records{skipped}", highlight=False)
     typer.echo(str(summary.path))

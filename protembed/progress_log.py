@@ -11,27 +11,31 @@ LOG_SECONDS = 60.0  # how often a progress line is written
 
 class ProgressLog:
     """Progress as plain lines for a log file (stderr is not a terminal, so no bar): one when the
-    work is known, then one every LOG_SECONDS."""
+    work is known, then one every LOG_SECONDS. The rate and time left go by residues when the
+    total is known, else by rows."""
 
-    def __init__(self, prefix: str = "") -> None:
-        self.prefix, self.rows, self.residues, self.t0, self.last = prefix, 0, 0, 0.0, 0.0
+    def __init__(self, verb: str, prefix: str = "") -> None:
+        self.verb, self.prefix, self.rows, self.residues, self.t0, self.last = verb, prefix, 0, 0, 0.0, 0.0
 
-    def start(self, rows: int, residues: int) -> None:
+    def start(self, rows: int, residues: int = 0) -> None:
         self.rows, self.residues = rows, residues
         self.t0 = self.last = time.perf_counter()
         if rows:
-            self._say(f"embedding {rows:,} rows ({residues:,} residues)")
+            self._say(f"{self.verb} {rows:,} rows" + (f" ({residues:,} residues)" if residues else ""))
 
-    def update(self, rows_done: int, res_done: int) -> None:
+    def update(self, rows_done: int, res_done: int = 0) -> None:
         now = time.perf_counter()
         if now - self.last < LOG_SECONDS or not self.rows:
             return
         self.last = now
-        rate = res_done / max(now - self.t0, 1e-9)
-        left = (self.residues - res_done) / rate if rate > 0 else float("inf")
+        done, total, unit = (
+            (res_done, self.residues, "residues") if self.residues else (rows_done, self.rows, "rows")
+        )
+        rate = done / max(now - self.t0, 1e-9)
+        left = (total - done) / rate if rate > 0 else float("inf")
         share = 100 * rows_done / self.rows
-        done = f"{rows_done:,}/{self.rows:,} rows ({share:.1f}%)"
-        self._say(f"{done}, {rate:,.0f} residues/s, {_eta(left)} left")
+        rows = f"{rows_done:,}/{self.rows:,} rows ({share:.1f}%)"
+        self._say(f"{rows}, {rate:,.0f} {unit}/s, {_eta(left)} left")
 
     def _say(self, text: str) -> None:
         print(f"{self.prefix}{text}", file=sys.stderr, flush=True)
