@@ -12,7 +12,7 @@ _protembed_paths() {  # complete $cur as a file (-f) or directory (-d) name
     COMPREPLY=($(compgen "$1" -- "$cur"))
 }
 
-_protembed_models() {  # complete $cur as a registry model name or a checkpoint folder
+_protembed_model_names() {  # complete $cur as a registry model name or a checkpoint folder
     local IFS=$' 	
 '
     COMPREPLY=($(compgen -W "$1" -- "$cur"))
@@ -61,7 +61,7 @@ _protembed() {
     if _protembed_takes_value "$cmd" "$prev"; then
         case $cmd:$prev in
             embed:-o|embed:--output) _protembed_paths -f ;;
-            embed:-m|embed:--model) _protembed_models 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m' ;;
+            embed:-m|embed:--model) _protembed_model_names 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m' ;;
             embed:--dtype) _protembed_words 'float32 bfloat16 float16 fp8' ;;
             embed:--store-dtype) _protembed_words 'float32 float16' ;;
             embed:--long) _protembed_words 'truncate window' ;;
@@ -70,7 +70,7 @@ _protembed() {
             embed:--compression) _protembed_words 'gzip lzf' ;;
             download:--cache-dir) _protembed_paths -f ;;
             models:--cache-dir) _protembed_paths -f ;;
-            finetune:-m|finetune:--model) _protembed_models 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m' ;;
+            finetune:-m|finetune:--model) _protembed_model_names 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m' ;;
             finetune:--features) _protembed_words 'model onehot' ;;
             finetune:--head) _protembed_words 'linear mlp ridge cnn' ;;
             finetune:--data-dir) _protembed_paths -f ;;
@@ -79,7 +79,7 @@ _protembed() {
             finetune:--backend) _protembed_words 'auto torch te' ;;
             predict:-o|predict:--output) _protembed_paths -f ;;
             predict:--cache-dir) _protembed_paths -f ;;
-            bench:-m|bench:--model) _protembed_models 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m' ;;
+            bench:-m|bench:--model) _protembed_model_names 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m' ;;
             bench:--dtype) _protembed_words 'float32 bfloat16 float16' ;;
             bench:--backend) _protembed_words 'auto torch te' ;;
             bench:-i|bench:--input) _protembed_paths -f ;;
@@ -109,7 +109,7 @@ _protembed() {
         :*) _protembed_words 'embed merge download models finetune predict bench export' ;;
         embed:0) _protembed_paths -f ;;
         merge:0) _protembed_paths -f ;;
-        download:0) _protembed_models 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m' ;;
+        download:0) _protembed_model_names 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m' ;;
         finetune:0) _protembed_words 'flip-meltome flip-gb1 flip-secondary-structure flip-ss3 flip-conservation flip-scl flip-bind' ;;
         predict:0) _protembed_paths -f ;;
         predict:1) _protembed_paths -f ;;

@@ -229,7 +229,7 @@ def _bash_action(p: Param, paths: str) -> str:
     if p.choices:
         return _words(p.choices)
     if p.model:
-        return "_protembed_models " + shlex.quote(" ".join(map(_word, _model_names())))
+        return "_protembed_model_names " + shlex.quote(" ".join(map(_word, _model_names())))
     return f"_protembed_paths -{(p.paths or paths)[0]}"
 
 
@@ -262,7 +262,7 @@ _protembed_paths() {{  # complete $cur as a file (-f) or directory (-d) name
     COMPREPLY=($(compgen "$1" -- "$cur"))
 }}
 
-_protembed_models() {{  # complete $cur as a registry model name or a checkpoint folder
+_protembed_model_names() {{  # complete $cur as a registry model name or a checkpoint folder
     local IFS=$' \t\n'
     COMPREPLY=($(compgen -W "$1" -- "$cur"))
     IFS=$'\n'
@@ -336,7 +336,7 @@ def _zaction(p: Param) -> str:
     if p.choices:
         return "(" + " ".join(map(_word, p.choices)) + ")"
     if p.model:
-        return "_protembed_models"
+        return "_protembed_model_names"
     return {"file": "_files", "dir": "_files -/"}.get(p.paths, " ")
 
 
@@ -371,7 +371,7 @@ def zsh(root: Command) -> str:
     return f"""#compdef {PROG}
 # {NOTICE}
 
-_protembed_models() {{
+_protembed_model_names() {{
   _alternative 'models:model name:({models})' 'folders:checkpoint folder:_files -/'
 }}
 

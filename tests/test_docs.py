@@ -223,6 +223,13 @@ def test_bash_completion_completes_commands_options_choices_and_files(tmp_path: 
     assert _bash_complete(["protembed", "bench", "--model", "=", "p"], tmp_path) == []
 
 
+@pytest.mark.parametrize("path", [BASH, ZSH])
+def test_completion_functions_are_defined_once(path: Path) -> None:
+    """A helper named like a command's function (`_protembed_models` for `models`) would replace it."""
+    names = re.findall(r"^(\w+)\(\) \{", path.read_text(), flags=re.M)
+    assert names and len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
 def test_zsh_completion_syntax() -> None:
     if not shutil.which("zsh"):
         pytest.skip("zsh is not installed, so completions/_protembed cannot be syntax-checked here")
