@@ -141,11 +141,25 @@ def _discard_stdout() -> None:
 
 
 def _without_overwrite(command: str, options: dict[str, Any], text: str) -> str:
-    """Advice to run the same command again is wrong where that command has --overwrite (embed,
-    merge): it would start over. Say to drop the option instead."""
-    if command in ("embed", "merge") and options.get("overwrite"):
-        return text.replace(RERUN, "run the command again without --overwrite")
+    """Advice to run the same command again is wrong where that command ran with --overwrite (embed,
+    merge) and had begun its new output: it would start over. Say to drop the option instead. Before
+    that (a download, the model load) the old output is untouched, and the same command is right."""
+    if command in ("embed", "merge") and options.get("overwrite") and RERUN in text:
+        if _output_begun(command, options):
+            return text.replace(RERUN, "run the command again without --overwrite")
     return text
+
+
+def _output_begun(command: str, options: dict[str, Any]) -> bool:
+    """Whether the output of an embed or merge command is an unfinished embeddings file now."""
+    from protembed.reader import unfinished_output
+
+    output = options.get("output")
+    if output is None and command == "embed":
+        from protembed.cli_embed import default_output
+
+        output = default_output(str(options.get("input_path")))
+    return output is not None and unfinished_output(Path(output))
 
 
 def _embed_hint(options: dict[str, Any]) -> str:

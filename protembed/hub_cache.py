@@ -98,8 +98,9 @@ def cached_snapshot(
 def stopped_download(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> bool:
     """Whether the cache holds a snapshot of the repo that a download of `revision` (a commit hash,
     or a branch or tag; None means `main`) started and did not finish: files missing or not all
-    checked yet. A snapshot without a revision in its marker (a download stopped before the marker
-    was written, or one by another tool) counts for every branch and tag."""
+    checked yet. For a branch or tag, that is the snapshot its ref names, or one whose marker names
+    it; a snapshot without a revision in its marker (a download stopped before the marker was
+    written, or one by another tool) counts for every branch and tag."""
     snapshots = repo_dir(repo_id, cache_dir) / "snapshots"
     try:
         found = [p for p in snapshots.iterdir() if p.is_dir()]
@@ -108,7 +109,11 @@ def stopped_download(repo_id: str, revision: str | None = None, cache_dir: str |
     rev = revision or constants.DEFAULT_REVISION
     if REGEX_COMMIT_HASH.fullmatch(rev):
         return any(p.name == rev and not is_complete(p) for p in found)
-    return any(not is_complete(p) and _started_for(p) in ("", rev) for p in found)
+    try:  # the commit the branch or tag named when it was last downloaded, whatever the marker says
+        known = (repo_dir(repo_id, cache_dir) / "refs" / rev).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        known = ""
+    return any(not is_complete(p) and (p.name == known or _started_for(p) in ("", rev)) for p in found)
 
 
 def _started_for(snapshot: Path) -> str:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from protembed import embed as embed_module
 from protembed import progress_log
 from protembed.cli import app
-from protembed.errors import BackendError, OptionError, OutputExistsError
+from protembed.errors import RERUN, BackendError, HubError, OptionError, OutputExistsError
 from protembed.models import checkpoints
 from protembed.output_lock import OutputLock
 from tests.helpers import fixture_dir
@@ -163,14 +163,33 @@ def test_lock_is_shared_by_every_path_to_one_output(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_hint_fits_the_command(tmp_path: Path, fasta: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def interrupted(*args: object, **kwargs: object) -> None:
+    out = tmp_path / "o.h5"
+    assert run("embed", fasta, "-o", out, "--model", ESM, "-q").exit_code == 0  # a complete output
+
+    def interrupted(*args: object, **kwargs: object) -> None:  # before the output is touched
+        raise KeyboardInterrupt
+
+    def interrupted_writing(*args: object, **kwargs: object) -> None:  # the new output begun
+        with h5py.File(out, "r+") as f:
+            f.attrs["complete"] = False
         raise KeyboardInterrupt
 
     monkeypatch.setattr(embed_module, "embed_fasta", interrupted)
-    out = tmp_path / "o.h5"
     plain = run("embed", fasta, "-o", out, "--model", ESM)
     assert plain.exit_code == 130 and "run the same command again to resume" in plain.output
-    # With --overwrite the same command would start over: the hint says to drop it.
+    # Stopped before writing (a download, the model load): the old output is whole, and only the
+    # same command replaces it.
+    early = run("embed", fasta, "-o", out, "--model", ESM, "--overwrite")
+    assert early.exit_code == 130 and "run the same command again to resume" in early.output
+
+    def hub_failed(*args: object, **kwargs: object) -> None:
+        raise HubError(f"download of x failed: 503; {RERUN} to resume")
+
+    monkeypatch.setattr(embed_module, "embed_fasta", hub_failed)
+    failed = run("embed", fasta, "-o", out, "--model", ESM, "--overwrite")
+    assert failed.exit_code == 1 and "503; run the same command again to resume" in failed.output
+    # With --overwrite and the new output begun, the same command would start over: drop it.
+    monkeypatch.setattr(embed_module, "embed_fasta", interrupted_writing)
     again = run("embed", fasta, "-o", out, "--model", ESM, "--overwrite")
     assert again.exit_code == 130 and "run the command again without --overwrite to resume" in again.output
     monkeypatch.setattr("protembed.export.export_per_protein", interrupted)

@@ -202,3 +202,8 @@ def test_a_stopped_download_counts_for_the_revision_it_was_started_for(tmp_path:
     assert stopped_download(ESM, None, tmp_path) and stopped_download(ESM, "v1", tmp_path)
     (snapshot / UNFINISHED).unlink()  # stopped before the marker: config only, no weights
     assert stopped_download(ESM, "main", tmp_path)
+    (snapshot / UNFINISHED).write_text(commit)  # `--revision <commit> --force` stopped over main's snapshot
+    assert not stopped_download(ESM, "main", tmp_path)
+    (repo_dir(ESM, tmp_path) / "refs").mkdir()
+    (repo_dir(ESM, tmp_path) / "refs" / "main").write_text(commit)
+    assert stopped_download(ESM, "main", tmp_path) and not stopped_download(ESM, "v1", tmp_path)
