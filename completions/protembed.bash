@@ -101,7 +101,7 @@ _protembed() {
             finetune) _protembed_words '-m --model --features --split --head --layer --epochs --lr --batch-size --seed --patience --data-dir --cache-dir -o --output --overwrite --device --backend --json --plot -q --quiet --help' ;;
             predict) _protembed_words '-o --output --overwrite --cache-dir --no-cache --device -q --quiet --help' ;;
             bench) _protembed_words '-m --model --device --dtype --backend --compile --lengths --tokens-per-batch -i --input --random-weights --compare --repeats --batches --threads --seed --json --plot --overwrite -q --quiet --help' ;;
-            export) _protembed_words '-o --output --layout --what --layer --overwrite --help' ;;
+            export) _protembed_words '-o --output --layout --what --layer --overwrite -q --quiet --help' ;;
         esac
         return
     fi

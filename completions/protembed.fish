@@ -124,5 +124,6 @@ complete -c protembed -n '__fish_seen_subcommand_from export' -l layout -x -a 'p
 complete -c protembed -n '__fish_seen_subcommand_from export' -l what -x -a 'mean cls residues' -d 'Pooled vector per record, or its per-residue matrix.'
 complete -c protembed -n '__fish_seen_subcommand_from export' -l layer -x -d 'Model layer to export (-1 = last); needed when the file holds several.'
 complete -c protembed -n '__fish_seen_subcommand_from export' -l overwrite -d 'Replace OUTPUT if it exists.'
+complete -c protembed -n '__fish_seen_subcommand_from export' -s q -l quiet -d 'No progress and no closing line.'
 complete -c protembed -n '__fish_seen_subcommand_from export' -l help -d 'Show this message and exit.'
 complete -c protembed -n '__fish_seen_subcommand_from export' -F -d 'Embeddings file written by `protembed embed`.'

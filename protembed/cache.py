@@ -123,7 +123,8 @@ def check_file_output(path: Path, overwrite: bool = True) -> None:
     OutputExistsError if it exists and `overwrite` is off."""
     if path.is_dir():
         raise StoreError(f"{path}: cannot write output: is a folder")
-    parent = path.parent
+    # A link is written through (see write_whole): the folder that matters is its target's.
+    parent = Path(os.path.realpath(path)).parent if path.is_symlink() else path.parent
     if not parent.is_dir():
         why = f"{parent} is not a folder" if parent.exists() else f"folder {parent} does not exist"
         raise StoreError(f"{path}: cannot write output: {why}")

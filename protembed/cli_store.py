@@ -56,6 +56,7 @@ def export(
         typer.Option(help="Model layer to export (-1 = last); needed when the file holds several."),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no closing line.")] = False,
 ) -> None:
     """Export embeddings to the per-protein layout (bio_embeddings / ProtTrans convention).
 
@@ -63,9 +64,11 @@ def export(
     """
     from protembed.export import export_per_protein  # h5py and numpy: not for --help
 
-    log = None if err_console.is_terminal else ProgressLog("exporting")  # a log file: plain lines
+    plain = not quiet and not err_console.is_terminal  # a log file: lines instead of a bar
+    log = ProgressLog("exporting", unit="records") if plain else None
     columns = (TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, disable=log is not None, transient=True) as bar:
+    show = not quiet and log is None
+    with Progress(*columns, console=err_console, disable=not show, transient=True) as bar:
         task = bar.add_task("exporting", total=None)
 
         def progress(done: int, total: int) -> None:
@@ -78,6 +81,7 @@ def export(
         summary = export_per_protein(
             source, output, what=what.value, layer=layer, overwrite=overwrite, progress=progress
         )
-    skipped = f" ({summary.n_skipped} skipped records left out)" if summary.n_skipped else ""
-    err_console.print(f"exported {summary.n_written} records{skipped}", highlight=False)
+    skipped = f" ({summary.n_skipped:,} skipped records left out)" if summary.n_skipped else ""
+    if not quiet:
+        err_console.print(f"exported {summary.n_written:,} records{skipped}", highlight=False)
     typer.echo(str(summary.path))

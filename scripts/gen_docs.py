@@ -500,9 +500,10 @@ EXIT_STATUS = [
      "or broken checkpoint, an existing output without --overwrite, an unavailable device or backend. "
      "One line starting with error: is printed on standard error (--debug adds the traceback)."),
     ("2", "A command line that does not parse: an unknown option or command, a missing argument, a "
-     "value of the wrong type, outside an option's range or not among its fixed choices, options that "
-     "cannot go together. Values that protembed reads itself (a layer list, a pooling or device name, "
-     "a layer the model does not have) exit with 1."),
+     "value of the wrong type, outside an option's range or not among its fixed choices, or two options "
+     "that never go together (--resume with --overwrite). Values that protembed checks itself, against "
+     "the model, the machine or each other (a layer list, a pooling or device name, a backend with a "
+     "dtype), exit with 1."),
     ("130", "Interrupted (Ctrl-C). What was written is kept; the message says how to go on (for embed: "
      "run the same command again, without --overwrite, to resume)."),
     ("141", "Standard output was closed early (a pipe into head, say); the rest of the output is dropped."),

@@ -115,9 +115,11 @@ def test_export_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 0, result.output
     assert str(tmp_path / "out.h5") in result.stdout
     lines = result.stderr.splitlines()  # not a terminal: progress as plain lines
-    assert lines[0] == "exporting 6 rows" and lines[-2].startswith("6/6 rows (100.0%), "), lines
-    assert lines[-2].endswith(" rows/s, 0 s left")
+    assert lines[0] == "exporting 6 records" and lines[-2].startswith("6/6 records (100.0%), "), lines
+    assert lines[-2].endswith(" records/s, 0 s left")
     assert lines[-1] == "exported 6 records (1 skipped records left out)"
+    quiet = runner.invoke(app, [*args, "--overwrite", "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr
     result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert "out.h5: exists; pass --overwrite to replace it" in result.stderr

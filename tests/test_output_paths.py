@@ -194,3 +194,7 @@ def test_a_dangling_link_in_a_files_place_counts_as_existing(tmp_path: Path) -> 
     with pytest.raises(OutputExistsError, match="plot.png: exists"):
         check_file_output(link, overwrite=False)
     check_file_output(link, overwrite=True)
+    link.unlink()
+    link.symlink_to(tmp_path / "nowhere" / "plot.png")  # written through, it could not be
+    with pytest.raises(StoreError, match=r"plot.png: cannot write output: folder .*nowhere does not exist"):
+        check_file_output(link, overwrite=True)
