@@ -81,6 +81,8 @@ def parse_model(model: str) -> tuple[str | None, str]:
         return info.name, info.repo_id
     if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:  # meant as a folder
         path = user_path(model)  # None for ~name of an unknown user
+        if path is not None and path.is_file():
+            raise UnknownModelError(model, list(MODELS), "a file, not a model name or checkpoint folder")
         exists = path is not None and path.exists()
         raise UnknownModelError(model, list(MODELS), "not a directory" if exists else "no such directory")
     path = user_path(model)

@@ -299,7 +299,7 @@ def test_a_file_given_as_the_model_is_named_as_a_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    for name in ("proteins.fasta", "data/proteins.fasta"):  # the second also reads as a Hub repo id
+    for name in ("proteins.fasta", "data/proteins.fasta", "./proteins.fasta"):  # 2nd: also a repo id
         Path(name).parent.mkdir(exist_ok=True)
         Path(name).write_text(">a\nMKV\n")
         with pytest.raises(UnknownModelError, match="a file, not a model name or checkpoint folder"):
@@ -312,6 +312,9 @@ def test_paths_and_revisions_of_local_models(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "no such directory" in r.output
     (tmp_path / "file").write_text("")
     r = runner.invoke(app, ["download", str(tmp_path / "file")])
+    assert r.exit_code == 1 and "a file, not a model name or checkpoint folder" in r.output
+    os.mkfifo(tmp_path / "fifo")
+    r = runner.invoke(app, ["download", str(tmp_path / "fifo")])
     assert r.exit_code == 1 and "not a directory" in r.output
     (tmp_path / "x.fa").write_text(">a\nMKV\n")
     for args in (["download", ""], ["embed", str(tmp_path / "x.fa"), "-m", ""]):  # not the current folder
