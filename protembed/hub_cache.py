@@ -78,21 +78,24 @@ def cached_snapshot(
 
     `revision` is a branch or tag (looked up in `refs/`) or a commit hash; None means `main`.
     """
-    storage = repo_dir(repo_id, cache_dir)
     rev = revision or constants.DEFAULT_REVISION
-    if REGEX_COMMIT_HASH.fullmatch(rev):
-        commit = rev
-    else:
-        ref = storage / "refs" / rev
-        try:
-            if not ref.is_file():
-                return None
-            commit = ref.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:  # another user's cache, or damage
-            why = exc.strerror if isinstance(exc, OSError) else "not a commit hash"
-            raise HubError(f"{ref}: cannot read the cached revision: {why or exc}") from None
-    snapshot = storage / "snapshots" / commit
+    commit = rev if REGEX_COMMIT_HASH.fullmatch(rev) else _ref_commit(repo_id, rev, cache_dir)
+    if commit is None:
+        return None
+    snapshot = repo_dir(repo_id, cache_dir) / "snapshots" / commit
     return (snapshot, commit) if is_complete(snapshot) else None
+
+
+def _ref_commit(repo_id: str, rev: str, cache_dir: str | Path | None) -> str | None:
+    """The commit that branch or tag `rev` named when it was last downloaded; None if never."""
+    ref = repo_dir(repo_id, cache_dir) / "refs" / rev
+    try:
+        if not ref.is_file():
+            return None
+        return ref.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:  # another user's cache, or damage
+        why = exc.strerror if isinstance(exc, OSError) else "not a commit hash"
+        raise HubError(f"{ref}: cannot read the cached revision: {why or exc}") from None
 
 
 def stopped_download(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> bool:
@@ -109,10 +112,7 @@ def stopped_download(repo_id: str, revision: str | None = None, cache_dir: str |
     rev = revision or constants.DEFAULT_REVISION
     if REGEX_COMMIT_HASH.fullmatch(rev):
         return any(p.name == rev and not is_complete(p) for p in found)
-    try:  # the commit the branch or tag named when it was last downloaded, whatever the marker says
-        known = (repo_dir(repo_id, cache_dir) / "refs" / rev).read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        known = ""
+    known = _ref_commit(repo_id, rev, cache_dir)  # whatever the snapshot's marker says
     return any(not is_complete(p) and (p.name == known or _started_for(p) in ("", rev)) for p in found)
 
 
