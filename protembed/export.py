@@ -163,7 +163,7 @@ def _write_records(
     ds = emb.h5["residues"]
     budget = max(1, _BLOCK_BYTES // (int(np.prod(ds.shape[1:])) * ds.dtype.itemsize))  # residues per read
     ends = np.cumsum(emb.lengths, dtype=np.int64)
-    start = 0
+    start = written = 0
     while start < n:
         # Rows start..stop-1: about _BLOCK_BYTES of residues (at least one row), read in one slice.
         done = int(ends[start - 1]) if start else 0
@@ -173,8 +173,9 @@ def _write_records(
             if keep[row]:
                 part = block[offsets[row - start] : offsets[row - start + 1]]
                 out.create_dataset(names[row], data=part).attrs["original_id"] = ids[row]
+        written += int(keep[start:stop].sum())
         start = stop
-        progress(int(keep[:stop].sum()), total)
+        progress(written, total)
     return total
 
 
