@@ -218,10 +218,11 @@ def _words(words: tuple[str, ...] | list[str]) -> str:
     return "_protembed_words " + shlex.quote(" ".join(map(_word, words)))
 
 
-def _model_names() -> list[str]:
+def _model_words() -> str:
+    """The registry's model names, space-separated, checked to need no quoting."""
     from protembed.registry import MODELS
 
-    return list(MODELS)
+    return " ".join(map(_word, MODELS))
 
 
 def _bash_action(p: Param, paths: str) -> str:
@@ -229,7 +230,7 @@ def _bash_action(p: Param, paths: str) -> str:
     if p.choices:
         return _words(p.choices)
     if p.model:
-        return "_protembed_model_names " + shlex.quote(" ".join(map(_word, _model_names())))
+        return "_protembed_model_names " + shlex.quote(_model_words())
     return f"_protembed_paths -{(p.paths or paths)[0]}"
 
 
@@ -367,7 +368,7 @@ def zsh(root: Command) -> str:
     ]
     described = "\n        ".join(_zq(f"{_word(c.name)}:{c.summary}") for c in root.commands)
     cases = "\n        ".join(f"{c.name}) {fn[c.name]} && ret=0 ;;" for c in root.commands)
-    models = " ".join(map(_word, _model_names()))
+    models = _model_words()
     return f"""#compdef {PROG}
 # {NOTICE}
 
@@ -415,7 +416,7 @@ def _fq(text: str) -> str:
 
 def _fish_models() -> str:
     """Registry names, then the folders under the word being completed."""
-    return " ".join(map(_word, _model_names())) + " (__fish_complete_directories)"
+    return _model_words() + " (__fish_complete_directories)"
 
 
 def fish(root: Command) -> str:
