@@ -40,7 +40,7 @@ from protembed.fasta_io import check_exists
 from protembed.merge import shard_ranges
 from protembed.models import checkpoints
 from protembed.models.encoder import EncoderConfig
-from protembed.parallel import WorkerPool, device_label, parse_devices
+from protembed.parallel import WorkerPool, device_label, parse_devices, uses_workers
 from protembed.pipeline import (
     Executor,
     LocalExecutor,
@@ -325,7 +325,7 @@ def _embed_rows(
     computed = sum(1 for g in members.values() if pending[g].any())
     done_res = int(lengths[pending].sum())
     return EmbedSummary(
-        output=str(output), model=plan.ref.name, device=device_label(devices),
+        output=str(output), model=plan.ref.name, device=device_label(devices, plan.device),
         backend=describe(plan.backend, plan.dtype, plan.compile), layers=plan.layers,
         records=stop - start, residues=int(lengths[scope].sum()), computed=computed, resumed=resumed,
         duplicates=int(pending.sum()) - computed, truncated=int(truncated[in_range].sum()),
@@ -362,8 +362,7 @@ def _compute(
                        plan.backend, plan.compile)  # fmt: skip
         executor: Executor
         # `cpu:N` always means N worker processes (the multi-device machinery, even for N = 1)
-        in_process = len(devices) == 1 and not (plan.device or "").strip().lower().startswith("cpu:")
-        if in_process:
+        if not uses_workers(devices, plan.device):
             encoder = checkpoints.load_checkpoint(plan.ref.path, dtype=torch_dtype, device=first)
             executor = LocalExecutor(prepare(encoder, plan.backend, plan.dtype, plan.compile), spec)
         else:

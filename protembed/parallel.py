@@ -62,9 +62,14 @@ def parse_devices(spec: str | None) -> list[str]:
     return [f"cuda:{i}" for i in wanted]
 
 
-def device_label(devices: list[str]) -> str:
+def uses_workers(devices: list[str], spec: str | None) -> bool:
+    """Whether the devices run in worker processes: several of them, or `cpu:N` (even `cpu:1`)."""
+    return len(devices) > 1 or (spec or "").strip().lower().startswith("cpu:")
+
+
+def device_label(devices: list[str], spec: str | None = None) -> str:
     """Devices as `--device` writes them: `cpu:2` for two CPU workers, else `cuda:0,cuda:1`."""
-    if len(devices) > 1 and set(devices) == {"cpu"}:
+    if set(devices) == {"cpu"} and uses_workers(devices, spec):
         return f"cpu:{len(devices)}"
     return ",".join(devices)
 

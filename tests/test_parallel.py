@@ -33,7 +33,7 @@ from protembed.compute import BatchResult
 from protembed.errors import BackendError, StoreError
 from protembed.fasta import duplicate_groups, scan_fasta
 from protembed.merge import find_shards, merge_shards, shard_ranges
-from protembed.parallel import _children_ignore_stop_signals, _stop, parse_devices, worker_names
+from protembed.parallel import _children_ignore_stop_signals, _stop, device_label, parse_devices, worker_names
 from protembed.pipeline import (
     TAIL_BATCHES,
     Work,
@@ -89,7 +89,7 @@ def test_cpu_workers_equal_one_process(many: Path, single: Path, workers: int) -
     out = many.with_name(f"cpu{workers}.h5")
     cmd = [*PROTEMBED, *embed_args(many, out), "--device", f"cpu:{workers}", "--json"]
     summary = json.loads(subprocess.run(cmd, check=True, env=ENV, capture_output=True, text=True).stdout)
-    assert summary["device"] == ("cpu:2" if workers == 2 else "cpu")  # as --device writes it
+    assert summary["device"] == f"cpu:{workers}"  # as --device writes it
     assert_same_file(single, out)
 
 
@@ -285,6 +285,8 @@ def test_only_the_inputs_last_window_ends_on_small_units(many: Path) -> None:
 def test_parse_devices() -> None:
     assert parse_devices("cpu") == ["cpu"]
     assert parse_devices("cpu:3") == ["cpu", "cpu", "cpu"]
+    assert device_label(["cpu"]) == "cpu" and device_label(["cpu"], "cpu:1") == "cpu:1"
+    assert device_label(["cuda:0", "cuda:1"]) == "cuda:0,cuda:1"
     for bad in ("cpu:0", "cpu:x", "gpu", "cuda:a"):
         with pytest.raises(BackendError):
             parse_devices(bad)
