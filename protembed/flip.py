@@ -202,6 +202,7 @@ def read_residue_task(
     ids, parts, labels, seen = [], [], [], set()
     for rec in read_records(label_path):
         attrs, rid, body = parse_header(rec), rec.id, rec.body
+        part = part_of(rec, attrs)  # first: a file that is not a split fails on its missing SET=
         if rid in seen:
             raise rec.error("duplicate id")
         seen.add(rid)
@@ -221,7 +222,7 @@ def read_residue_task(
                 raise FastaError(str(mask_path), None, rid, "no mask record for this id")
             lab[_unresolved(masks[rid], len(body))] = IGNORE
         ids.append(rid)
-        parts.append(part_of(rec, attrs))
+        parts.append(part)
         labels.append(lab)
     return Dataset(task, split, ids, [seqs[i] for i in ids], np.array(parts, dtype=np.int8), labels=labels)
 
@@ -240,8 +241,9 @@ def _unresolved(mask: Record, n: int) -> np.ndarray:
 # --- locating and downloading -------------------------------------------------------------------
 
 
-def find_file(root: Path, folder: str, name: str) -> Path:
-    """`<root>/<folder>/<name>.fasta` or `.fasta.gz`; FlipError listing what is there otherwise."""
+def find_file(root: Path, folder: str, name: str, task: Task | None = None) -> Path:
+    """`<root>/<folder>/<name>.fasta` or `.fasta.gz`; FlipError listing what is there otherwise
+    (with `task`, `name` is a split: only split files are listed, and the task's own splits)."""
     paths = [root / folder / f"{name}{suffix}" for suffix in (".fasta", ".fasta.gz")]
     for path in paths:
         try:
@@ -257,8 +259,19 @@ def find_file(root: Path, folder: str, name: str) -> Path:
     if why := _not_usable(root / folder, folder=True):
         raise FlipError(f"{root / folder}: {why}")
     there = sorted(p.name for p in (root / folder).glob("*.fasta*") if p.is_file())
+    if task is not None:  # a split: the sequences and mask files are not candidates
+        there = [f for f in there if f.split(".", 1)[0] not in _not_splits(task)]
+        found = f"split files there: {', '.join(there) or 'none'}; FLIP's splits: {', '.join(task.splits)}"
+        raise FlipError(f"no {name}.fasta[.gz] in {root / folder} ({found})")
     listing = f" (found: {', '.join(there)})" if there else ""
     raise FlipError(f"no {name}.fasta[.gz] in {root / folder}{listing}")
+
+
+def _not_splits(task: Task) -> dict[str, str]:
+    """The files beside a per-residue task's splits, by name, and what they hold."""
+    if task.level != "residue":
+        return {}
+    return {"sequences": "sequences", **({task.mask: "resolved-residue mask"} if task.mask else {})}
 
 
 def _not_usable(path: Path, folder: bool) -> str | None:
@@ -291,15 +304,20 @@ def load_task(
         if not split or "/" in split or "\\" in split or split.startswith("."):
             raise FlipError(f"--split {split!r} is not a split name (e.g. {task.default_split})")
     split = split or task.default_split
+    if split in _not_splits(task):
+        raise FlipError(
+            f"--split {split}: {split}.fasta holds {task.name}'s {_not_splits(task)[split]}, not a split"
+            f" (choose from {', '.join(task.splits)})"
+        )
     if data_dir is None and split not in task.splits:
         raise FlipError(f"unknown split '{split}' for {task.name} (choose from {', '.join(task.splits)})")
 
-    def get(name: str) -> Path:
+    def get(name: str, is_split: bool = False) -> Path:
         if data_dir is not None:
-            return find_file(data_dir, task.folder, name)
+            return find_file(data_dir, task.folder, name, task if is_split else None)
         return fetch(task.folder, name, cache_dir or default_cache_dir(), base_url, progress)
 
     if task.level == "sequence":
-        return read_sequence_task(task, split, get(split))
+        return read_sequence_task(task, split, get(split, is_split=True))
     mask = get(task.mask) if task.mask else None
-    return read_residue_task(task, split, get("sequences"), get(split), mask)
+    return read_residue_task(task, split, get("sequences"), get(split, is_split=True), mask)

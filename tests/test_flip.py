@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -115,6 +116,35 @@ def test_unknown_split_and_missing_file() -> None:
         find_file(TINY, "gb1", "nope")
     with pytest.raises(FlipError, match=r"--data-dir /nonexistent: no such folder"):
         find_file(Path("/nonexistent"), "gb1", "two_vs_rest")
+
+
+def test_split_names_the_files_that_are_splits(tmp_path: Path) -> None:
+    """A per-residue task's sequences and mask files are refused as --split by name, and a missing
+    split lists only split files (and FLIP's split names), in both modes."""
+    ss3 = get_task("flip-ss3")
+    for data_dir in (None, TINY):
+        with pytest.raises(
+            FlipError, match=r"--split resolved: resolved.fasta holds .*resolved-residue mask"
+        ):
+            load_task(ss3, "resolved", data_dir=data_dir)
+        with pytest.raises(
+            FlipError, match=r"--split sequences: sequences.fasta holds .*sequences, not a split"
+        ):
+            load_task(ss3, "sequences.fasta", data_dir=data_dir)
+    found = r"split files there: mask.fasta, sampled.fasta; FLIP's splits: sampled"
+    with pytest.raises(FlipError, match=rf"no nope.fasta\[.gz\] in .*secondary_structure \({found}\)"):
+        load_task(ss3, "nope", data_dir=TINY)
+    with pytest.raises(
+        FlipError, match=r"\(split files there: sampled.fasta, two_vs_rest.fasta; FLIP's splits: one_vs"
+    ):
+        load_task(get_task("flip-gb1"), "nope", data_dir=TINY)
+    # a file that is not a split fails on its first record's missing SET=, not on its labels
+    (tmp_path / "secondary_structure").mkdir()
+    for name in ("sequences", "resolved"):
+        shutil.copy(TINY / "secondary_structure" / f"{name}.fasta", tmp_path / "secondary_structure")
+    shutil.copy(TINY / "secondary_structure" / "mask.fasta", tmp_path / "secondary_structure" / "mine.fasta")
+    with pytest.raises(FastaError, match=r"mine.fasta:1: .*missing SET= annotation"):
+        load_task(ss3, "mine", data_dir=tmp_path)
 
 
 def test_data_files_that_are_there_but_cannot_be_read(tmp_path: Path) -> None:
@@ -243,7 +273,7 @@ def test_unknown_class(tmp_path: Path) -> None:
             r"record 'zz': no sequence with this id in sequences.fasta",
         ),
         (
-            ">a SET=train VALIDATION=False\nCCHH\n>a SET=test\nCCHH\n",
+            ">a SET=train VALIDATION=False\nCCHH\n>a SET=test VALIDATION=False\nCCHH\n",
             None,
             r"labels.fasta:3: record 'a': duplicate id",
         ),
