@@ -28,7 +28,7 @@ _protembed_takes_value() {  # $1: command ("" at the top level), $2: option
         download) case $2 in --revision|--cache-dir) return 0 ;; esac ;;
         models) case $2 in --cache-dir) return 0 ;; esac ;;
         finetune) case $2 in -m|--model|--features|--split|--head|--layer|--epochs|--lr|--batch-size|--seed|--patience|--data-dir|--cache-dir|-o|--output|--device|--backend) return 0 ;; esac ;;
-        predict) case $2 in -o|--output|--cache-dir|--device) return 0 ;; esac ;;
+        predict) case $2 in -o|--output|-m|--model|--cache-dir|--device) return 0 ;; esac ;;
         bench) case $2 in -m|--model|--device|--dtype|--backend|--lengths|--tokens-per-batch|-i|--input|--compare|--repeats|--batches|--threads|--seed|--plot) return 0 ;; esac ;;
         export) case $2 in -o|--output|--layout|--what|--layer) return 0 ;; esac ;;
     esac
@@ -78,6 +78,7 @@ _protembed() {
             finetune:-o|finetune:--output) _protembed_paths -f ;;
             finetune:--backend) _protembed_words 'auto torch te' ;;
             predict:-o|predict:--output) _protembed_paths -f ;;
+            predict:-m|predict:--model) _protembed_paths -d ;;
             predict:--cache-dir) _protembed_paths -f ;;
             bench:-m|bench:--model) _protembed_model_names 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m' ;;
             bench:--dtype) _protembed_words 'float32 bfloat16 float16' ;;
@@ -99,7 +100,7 @@ _protembed() {
             download) _protembed_words '--revision --cache-dir --force -q --quiet --help' ;;
             models) _protembed_words '--json --cache-dir --help' ;;
             finetune) _protembed_words '-m --model --features --split --head --layer --epochs --lr --batch-size --seed --patience --data-dir --cache-dir -o --output --overwrite --device --backend --json --plot -q --quiet --help' ;;
-            predict) _protembed_words '-o --output --overwrite --cache-dir --no-cache --device -q --quiet --help' ;;
+            predict) _protembed_words '-o --output --overwrite -m --model --cache-dir --no-cache --device -q --quiet --help' ;;
             bench) _protembed_words '-m --model --device --dtype --backend --compile --lengths --tokens-per-batch -i --input --random-weights --compare --repeats --batches --threads --seed --json --plot --overwrite -q --quiet --help' ;;
             export) _protembed_words '-o --output --layout --what --layer --overwrite -q --quiet --help' ;;
         esac

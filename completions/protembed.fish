@@ -89,6 +89,7 @@ complete -c protembed -n '__fish_seen_subcommand_from finetune; and not __fish_s
 # protembed predict
 complete -c protembed -n '__fish_seen_subcommand_from predict' -s o -l output -r -F -d 'CSV file (- for stdout). Default: stdout.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l overwrite -d 'Replace an existing output file.'
+complete -c protembed -n '__fish_seen_subcommand_from predict' -s m -l model -x -a '(__fish_complete_directories)' -d 'Where the head\'s local checkpoint folder is now, if it moved since `finetune` (its weights must be the same ones).'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l cache-dir -r -F -d 'Cache for downloads and features (default: $PROTEMBED_CACHE, $XDG_CACHE_HOME/protembed or ~/.cache/protembed).'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l no-cache -d 'Do not keep the input\'s features in the cache (they are computed in a temporary folder there and deleted at the end; an interrupted run starts over).'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l device -x -d 'cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU.'

@@ -14,6 +14,7 @@ from protembed.cli_common import (
     Backend,
     BackendOption,
     CompileOption,
+    counted,
     err_console,
     handle_errors,
     out_console,
@@ -48,7 +49,7 @@ def parse_ints(values: list[str], option: str) -> list[int]:
     out: list[int] = []
     for part in (p.strip() for v in values for p in v.split(",")):
         if not part.isdigit() or int(part) < 1:
-            raise typer.BadParameter(f"expected positive integers, got {part!r}", param_hint=option)
+            raise typer.BadParameter(f"expected positive integers, got {part!r}", param_hint=f"'{option}'")
         if int(part) not in out:
             out.append(int(part))
     return out
@@ -144,7 +145,7 @@ def bench(
         raise OptionError(f"--input {input}: {'is a folder' if input.is_dir() else why}")
     if input is not None and lengths:
         raise typer.BadParameter(
-            "give either --lengths (synthetic) or --input (FASTA), not both", param_hint="--lengths"
+            "give either --lengths (synthetic) or --input (FASTA), not both", param_hint="'--lengths'"
         )
     length_list = parse_ints(lengths or [DEFAULT_LENGTHS], "--lengths")
     budgets = parse_ints(tokens_per_batch, "--tokens-per-batch") if tokens_per_batch else []
@@ -200,8 +201,8 @@ def bench(
     ours = protembed_runner(loaded)
     fasta = fasta_workload(input, loaded.alphabet, config.max_residues) if input is not None else None
     if fasta is not None and fasta.truncated:
-        what = "sequence" if fasta.truncated == 1 else "sequences"
-        say(f"{fasta.truncated} {what} cut to {config.max_residues} residues (the model's maximum)")
+        cut = counted(fasta.truncated, "sequence")
+        say(f"{cut} cut to {config.max_residues} residues (the model's maximum)")
 
     results: list[ConfigResult] = []
     for budget in budgets:

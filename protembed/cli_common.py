@@ -182,6 +182,11 @@ _INTERRUPT_HINTS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 sequence`, `2 sequences`, `1,024 sequences`."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def resolve_device(device: str | None) -> torch.device:
     """The requested torch device, checked to exist; default: first GPU, else CPU."""
     from protembed.api import check_device

@@ -172,7 +172,7 @@ def embed(
     """Embed a FASTA file into one HDF5 file; the same command resumes an interrupted run."""
     out = output or default_output(input_path)
     if resume and overwrite:
-        raise typer.BadParameter("contradicts --overwrite; choose one", param_hint="--resume")
+        raise typer.BadParameter("contradicts --overwrite; choose one", param_hint="'--resume'")
     if input_path != "-" and same_file(Path(input_path), out):
         raise OptionError(f"{out}: the output is the input file; choose another -o")
     if resume and not out.exists():

@@ -16,6 +16,7 @@ from protembed.cache import cache_root, check_file_output, default_cache_dir
 from protembed.cli_common import (
     Backend,
     BackendOption,
+    counted,
     err_console,
     handle_errors,
     out_console,
@@ -150,11 +151,11 @@ def finetune(
     from protembed.saved_head import PLOT, check_output, plot, save
 
     if features is FeatureKind.onehot and model is not None:
-        raise typer.BadParameter("--model and --features onehot exclude each other", param_hint="--model")
+        raise typer.BadParameter("excludes --features onehot", param_hint="'--model'")
     if features is FeatureKind.onehot and layer is not None:
-        raise typer.BadParameter("one-hot features have no layers", param_hint="--layer")
+        raise typer.BadParameter("one-hot features have no layers", param_hint="'--layer'")
     if not (math.isfinite(lr) and lr > 0):
-        raise typer.BadParameter(f"must be a positive number, got {lr}", param_hint="--lr")
+        raise typer.BadParameter(f"must be a positive number, got {lr}", param_hint="'--lr'")
     spec = get_task(task.value)
     head_name = check_head(spec, head.value if head else None)
     if head_name == "ridge" and not quiet:
@@ -162,7 +163,7 @@ def finetune(
         _note_unused(ctx, training, "--head ridge is fit in closed form")
     dev = str(resolve_device(device))
     if features is FeatureKind.onehot and backend is not Backend.auto:
-        raise typer.BadParameter("one-hot features are not computed by a model", param_hint="--backend")
+        raise typer.BadParameter("one-hot features are not computed by a model", param_hint="'--backend'")
     if features is not FeatureKind.onehot:  # checked even when every feature is cached already
         resolve_backend(backend.value, dev, "bfloat16" if backend is Backend.te else "float32", compile=False)
     if output is not None:
@@ -211,8 +212,8 @@ def finetune(
         plot(run, plot_path)
     if cfg["truncated_sequences"] and not quiet:
         n, dropped = cfg["truncated_sequences"], cfg["dropped_residue_labels"]
-        err_console.print(f"note: {n} sequences were longer than the features cover and were truncated "
-                          f"({dropped} labelled residues not scored)")  # fmt: skip
+        err_console.print(f"note: truncated {counted(n, 'sequence')} longer than the features cover "
+                          f"({counted(dropped, 'labelled residue')} not scored)")  # fmt: skip
     if json_out:
         print_json({**{k: v for k, v in cfg.items() if k != "history"}, "output": output, "plot": plot_path})
         return
@@ -264,11 +265,12 @@ def results_table(cfg: dict[str, Any]) -> Table:
     ]
     for name, metrics in rows:
         if metrics is not None:
-            table.add_row(name, *[_num(metrics.get(k)) for k, _ in cols], str(metrics.get("n", "")))
+            table.add_row(name, *[_num(metrics.get(k), k) for k, _ in cols], str(metrics.get("n", "")))
     return table
 
 
-def _num(v: float | None) -> str:
+def _num(v: float | None, metric: str) -> str:
+    """A table cell: accuracies (percent) with 2 decimals, RMSE and Spearman with 3."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
-    return f"{v:.2f}" if abs(v) >= 10 else f"{v:.3f}"
+    return f"{v:.2f}" if metric.startswith("accuracy") else f"{v:.3f}"

@@ -12,6 +12,7 @@ import typer
 
 from protembed.cache import cache_root, check_file_output, default_cache_dir, ensure_dir, write_whole
 from protembed.cli_common import (
+    counted,
     err_console,
     handle_errors,
     input_value,
@@ -48,6 +49,19 @@ def predict(
         typer.Option("--output", "-o", help="CSV file (- for stdout). Default: stdout.", parser=input_value),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Where the head's local checkpoint folder is now, if it moved since `finetune` "
+            "(its weights must be the same ones).",
+            show_default=False,
+            metavar="DIR",
+            file_okay=False,  # for the completions (folders); predict checks the folder itself
+            parser=path_value,
+        ),
+    ] = None,
     cache_dir: CacheDir = None,
     no_cache: Annotated[
         bool,
@@ -69,6 +83,7 @@ def predict(
     dev = str(resolve_device(device))
     cache = cache_dir or default_cache_dir()
     saved = load(head_dir)
+    moved = None if model is None else str(model)
     onehot = saved[0]["model"] is None
     if onehot:  # one-hot features need no cache
         pass
@@ -85,11 +100,11 @@ def predict(
         args = (head_dir, fasta, dev, cache, on_embed, quiet)
         if no_cache and not onehot:
             with tempfile.TemporaryDirectory(prefix="predict-", dir=cache) as scratch:
-                rows, truncated = predict_fasta(*args, scratch=Path(scratch), saved=saved)
+                rows, truncated = predict_fasta(*args, scratch=Path(scratch), saved=saved, model=moved)
         else:
-            rows, truncated = predict_fasta(*args, saved=saved)
+            rows, truncated = predict_fasta(*args, saved=saved, model=moved)
     if truncated and not quiet:
-        err_console.print(f"note: {truncated} sequences were truncated to the features' maximum length")
+        err_console.print(f"note: truncated {counted(truncated, 'sequence')} to the features' maximum length")
     text = io.StringIO(newline="")
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["id", "prediction"])

@@ -255,7 +255,7 @@ def train(
             best_state = copy.deepcopy(head.state_dict())
         else:
             since_best += 1
-        history.append({"epoch": epoch, "loss": total / max(seen, 1), **val, "best": float(improved)})
+        history.append({"epoch": epoch, "loss": total / max(seen, 1), **val, "best": improved})
         if on_epoch is not None:
             on_epoch(epoch, total / max(seen, 1), val)
         if since_best >= patience:

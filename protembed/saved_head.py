@@ -24,7 +24,14 @@ from torch import nn
 
 from protembed.api import default_device
 from protembed.cache import TEMP_PREFIX, default_cache_dir, ensure_dir, write_whole
-from protembed.errors import OutputExistsError, StoreError, first_line, is_whole, require_matplotlib
+from protembed.errors import (
+    OptionError,
+    OutputExistsError,
+    StoreError,
+    first_line,
+    is_whole,
+    require_matplotlib,
+)
 from protembed.finetune import FORMAT, Run, featurize
 from protembed.flip import IGNORE, FlipError, get_task
 from protembed.heads import build_head, decode, predict
@@ -96,6 +103,8 @@ def format_value(kind: str, level: str, classes: list[str], value: np.ndarray) -
 def load(out_dir: Path) -> tuple[dict[str, Any], nn.Module]:
     """The config and head module of a saved head directory."""
     cfg_path, w_path = out_dir / CONFIG, out_dir / WEIGHTS
+    if out_dir.is_file() and out_dir.name in (CONFIG, WEIGHTS, PREDICTIONS, PLOT):
+        raise FlipError(f"{out_dir} is a file of a saved head: pass its folder, {out_dir.parent}")
     if not cfg_path.is_file() or not w_path.is_file():
         raise FlipError(f"{out_dir} is not a saved head (needs {CONFIG} and {WEIGHTS})")
     try:
@@ -114,10 +123,26 @@ def load(out_dir: Path) -> tuple[dict[str, Any], nn.Module]:
     _check_saved(config, cfg_path)
     try:
         head = build_head(config["head_config"])
-        head.load_state_dict(load_file(str(w_path)))
+        weights = load_file(str(w_path))
+        if why := _state_mismatch(head, weights):
+            raise FlipError(f"{w_path}: not the weights of the head in {CONFIG} ({why})")
+        head.load_state_dict(weights)
     except (KeyError, ValueError, TypeError, RuntimeError, OSError, SafetensorError) as exc:
         raise FlipError(f"{w_path}: not the weights of the head in {CONFIG} ({first_line(exc)})") from None
     return config, head.eval()
+
+
+def _state_mismatch(head: nn.Module, weights: dict[str, Any]) -> str | None:
+    """The first difference between a head's tensors and the saved ones, in words; None if none."""
+    wanted = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    if missing := [k for k in wanted if k not in weights]:
+        return f"no tensor {missing[0]}"
+    if extra := [k for k in weights if k not in wanted]:
+        return f"an unexpected tensor {extra[0]}"
+    for key, shape in wanted.items():
+        if tuple(weights[key].shape) != shape:
+            return f"{key} has shape {list(weights[key].shape)}, the head needs {list(shape)}"
+    return None
 
 
 def _check_saved(config: dict[str, Any], cfg_path: Path) -> None:
@@ -163,11 +188,14 @@ def predict_fasta(
     quiet: bool = False,
     scratch: Path | None = None,
     saved: tuple[dict[str, Any], nn.Module] | None = None,
+    model: str | None = None,
 ) -> tuple[list[list[str]], int]:
     """Apply a saved head (`saved`: as `load(out_dir)` returned it) to a FASTA file: rows (id,
     prediction) and the number of truncated inputs. Features are cached in `cache_dir`, or only in
-    `scratch` (a folder the caller deletes)."""
+    `scratch` (a folder the caller deletes). `model`: where the head's local checkpoint is now, if
+    its folder moved (its weights must still be the ones the head was trained on)."""
     config, head = saved or load(out_dir)
+    model_cfg = _features_model(config, out_dir / CONFIG, model)
     ids, seqs = [], []
     for rec in read_records(fasta):  # the header after the id is a free-text description
         body = rec.body.removesuffix("*")  # a translated stop codon, as `embed` drops it
@@ -177,11 +205,6 @@ def predict_fasta(
         ids.append(rec.id)
         seqs.append(body)
     task, dev = get_task(config["task"]), device or default_device()
-    model_cfg = config["model"]
-    if model_cfg is not None:
-        revision = model_cfg.get("revision")
-        revision = None if revision == "local" else revision  # heads saved before weight digests
-        model_cfg = {"ref": model_cfg["ref"], "layer": model_cfg["layer"], "revision": revision}
     cache = cache_dir or default_cache_dir()
     length = config.get("onehot_length")
     feats = featurize(seqs, task, model_cfg, length, cache, dev, progress, quiet=quiet, features_dir=scratch)
@@ -200,6 +223,32 @@ def predict_fasta(
             text += "-" * (len(seq) - len(text))  # residues past the model's maximum length
         rows.append([rid, text])
     return rows, int(feats.truncated.sum())
+
+
+def _features_model(config: dict[str, Any], cfg_path: Path, moved_to: str | None) -> dict[str, Any] | None:
+    """The model that computes the head's features (None: one-hot), at `moved_to` if given."""
+    saved = config["model"]
+    if saved is None:
+        if moved_to is not None:
+            raise OptionError("--model: this head takes one-hot features, not a model's")
+        return None
+    ref, revision = saved["ref"], saved.get("revision")
+    revision = None if revision == "local" else revision  # heads saved before weight digests
+    local = revision is None or revision.startswith("sha256:")  # a checkpoint folder, not the Hub
+    if moved_to is not None:
+        if not local:
+            raise OptionError(
+                f"--model: the head was trained on the Hub model {ref} (revision {revision}); --model"
+                " only gives the new place of a local checkpoint folder (for a moved Hub cache, set"
+                " HF_HUB_CACHE)"
+            )
+        ref = moved_to
+    elif local and not os.path.lexists(ref):
+        raise FlipError(
+            f"{cfg_path}: the head was trained on the checkpoint folder {ref}, which is no longer there;"
+            " if it moved, pass its new place with --model"
+        )
+    return {"ref": ref, "layer": saved["layer"], "revision": revision}
 
 
 # --- plotting -----------------------------------------------------------------------------------
@@ -233,7 +282,7 @@ def plot(run: Run, path: Path) -> None:
         ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="measured")
         ax.set_xticklabels(cfg["classes"], rotation=90 if k > 5 else 0)
         ax.set_yticklabels(cfg["classes"])
-        title = f"accuracy {_fmt(metrics['accuracy'])}%"
+        title = f"accuracy {_fmt(metrics['accuracy'], 2)}%"
     ax.set_title(f"{cfg['task']} / {cfg['split']} (test): {title}", fontsize=9)
     fig.tight_layout()
     try:
@@ -242,5 +291,5 @@ def plot(run: Run, path: Path) -> None:
         plt.close(fig)
 
 
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+def _fmt(v: float | None, decimals: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{decimals}f}"

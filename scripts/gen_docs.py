@@ -150,7 +150,8 @@ def _param(param: Any, rich: bool) -> Param:
         bounds=_bounds(param),
         required=bool(param.required),
         repeatable=bool(getattr(param, "multiple", False) or param.nargs == -1),
-        model="--model" in param.opts or (not is_option and param.name == "model"),
+        # a model name or folder; a folder only (predict's moved checkpoint) completes as one
+        model=("--model" in param.opts and paths != "dir") or (not is_option and param.name == "model"),
     )
 
 

@@ -41,7 +41,7 @@ def test_option_values_are_checked(tmp_path: Path, fasta: Path) -> None:
     for extra, message in [
         (["--tokens-per-batch", "0"], "--tokens-per-batch"),
         (["--max-length", "0"], "--max-length"),
-        (["--resume", "--overwrite"], "contradicts --overwrite"),
+        (["--resume", "--overwrite"], "Invalid value for '--resume': contradicts --overwrite"),
     ]:
         r = run("embed", fasta, "-o", out, "--model", ESM, "-q", *extra)
         assert r.exit_code == 2 and message in r.output, (extra, r.output)

@@ -361,7 +361,7 @@ def get_name(task: str) -> str:
 def test_cli_errors(tmp_path: Path) -> None:
     base = ["finetune", "flip-gb1", "--data-dir", TINY, "--cache-dir", tmp_path, "--device", "cpu", "-q"]
     r = run_cli(*base, "--features", "onehot", "--model", ESM2)
-    assert r.exit_code == 2 and "exclude each other" in r.output
+    assert r.exit_code == 2 and "Invalid value for '--model': excludes --features onehot" in r.output
     r = run_cli(*base, "--features", "onehot", "--head", "cnn")
     assert r.exit_code == 1 and "error: head 'cnn' does not fit sequence-level task flip-gb1" in r.output
     (tmp_path / "out").mkdir()
@@ -458,7 +458,7 @@ def test_cli_option_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     onehot = [*base, "--features", "onehot"]
     for extra, code, message in [
         (["--lr", "inf"], 2, "must be a positive number"),
-        (["--lr", "0"], 2, "must be a positive number"),
+        (["--lr", "0"], 2, "Invalid value for '--lr': must be a positive number"),
         (["--seed", "-1"], 2, "--seed"),
         (["--layer", "1"], 2, "one-hot features have no layers"),
         (["--device", "foo"], 1, "error: unknown device 'foo'"),
@@ -594,9 +594,21 @@ def test_predict_input_defects_and_gzip_stdin(tmp_path: Path) -> None:
 def test_predict_rejects_weights_of_another_head(tmp_path: Path) -> None:
     out_dir = tmp_path / "head"
     finetune_json("flip-gb1", tmp_path, "--features", "onehot", "--head", "ridge", "--output", out_dir)
-    (out_dir / "head.safetensors").write_bytes(b"junk")
-    r = run_cli("predict", out_dir, TINY / "gb1" / "two_vs_rest.fasta", "--device", "cpu", "-q")
-    assert r.exit_code == 1 and "not the weights of the head in config.json" in r.output
+    weights = out_dir / "head.safetensors"
+    (tmp_path / "mlp").mkdir()
+    finetune_json(
+        "flip-gb1", tmp_path / "mlp", "--features", "onehot", "--epochs", "1", "-o", tmp_path / "mlp/h"
+    )
+    for blob, why in [
+        (b"junk", ""),
+        ((tmp_path / "mlp/h/head.safetensors").read_bytes(), "(no tensor "),  # an MLP's in a linear's place
+    ]:
+        weights.write_bytes(blob)
+        r = run_cli("predict", out_dir, TINY / "gb1" / "two_vs_rest.fasta", "--device", "cpu", "-q")
+        assert r.exit_code == 1 and f"not the weights of the head in config.json {why}" in r.output, r.output
+    for name in ("config.json", "head.safetensors"):  # a file of the head, not its folder
+        r = run_cli("predict", out_dir / name, TINY / "gb1" / "two_vs_rest.fasta", "-q")
+        assert r.exit_code == 1 and f"is a file of a saved head: pass its folder, {out_dir}" in r.output
 
 
 def test_predict_rejects_an_edited_config(tmp_path: Path) -> None:

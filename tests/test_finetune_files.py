@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,44 @@ def test_a_mask_token_is_named_as_such(onehot_head: Path, tmp_path: Path) -> Non
     fasta.write_text(">m\nMKV<mask>AL\n")  # `embed` takes it; a head predicts from residue letters
     r = run_cli("predict", onehot_head, fasta)
     one_line_error(r, "in.fasta:2: record 'm': '<mask>' at column 4: only residue letters are read here")
+
+
+def test_predict_finds_a_moved_checkpoint_with_model(onehot_head: Path, tmp_path: Path) -> None:
+    """A head trained on a local checkpoint names its folder when it is gone; `--model` gives its
+    new place, whose weights must still be the ones the head was trained on."""
+    ckpt, moved, head = tmp_path / "ckpt", tmp_path / "moved", tmp_path / "model-head"
+    shutil.copytree(ESM2, ckpt)
+    finetune_json("flip-gb1", tmp_path, "--model", ckpt, "--head", "linear", "--epochs", "1", "-o", head)
+    common = ["--cache-dir", tmp_path / "cache", "--device", "cpu", "-q"]
+    before = run_cli("predict", head, GB1, *common)
+    assert before.exit_code == 0, before.output
+    ckpt.rename(moved)
+    gone = f"the head was trained on the checkpoint folder {ckpt}, which is no longer there"
+    one_line_error(run_cli("predict", head, GB1, *common), gone)
+    after = run_cli("predict", head, GB1, "--model", moved, *common)
+    assert after.exit_code == 0 and after.stdout == before.stdout, after.output
+
+    weights = next(moved.glob("*.safetensors"))
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # other weights in the same place
+    weights.write_bytes(bytes(blob))
+    changed = run_cli("predict", head, GB1, "--model", moved, *common)
+    one_line_error(changed, f"the weights in {moved} changed since the head was trained")
+
+    one_line_error(run_cli("predict", onehot_head, GB1, "--model", moved, *common), "one-hot features")
+    config = head / "config.json"
+    saved = json.loads(config.read_text())
+    saved["model"].update(ref="facebook/esm2_t6_8M_UR50D", revision="0" * 40)  # as a Hub model records it
+    config.write_text(json.dumps(saved))
+    hub = run_cli("predict", head, GB1, "--model", moved, *common)
+    one_line_error(hub, "--model: the head was trained on the Hub model facebook/esm2_t6_8M_UR50D")
+
+
+def test_notes_count_in_words(onehot_head: Path, tmp_path: Path) -> None:
+    """One truncated sequence is "1 sequence", not "1 sequences"."""
+    long = tmp_path / "long.fasta"
+    long.write_text(">a\n" + "M" * 1100 + "\n>b\nMKV\n")
+    ckpt_head = tmp_path / "ckpt-head"
+    finetune_json("flip-gb1", tmp_path, "--model", ESM2, "--head", "linear", "--epochs", "1", "-o", ckpt_head)
+    r = run_cli("predict", ckpt_head, long, "--cache-dir", tmp_path / "cache", "--device", "cpu")
+    assert r.exit_code == 0 and "note: truncated 1 sequence to the features' maximum length" in r.output
