@@ -32,9 +32,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit.", metavar=""
+        ),
     ] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for known errors too.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for known errors too.", metavar="")
+    ] = False,
 ) -> None:
     """Protein language model embeddings (ESM-2, AMPLIFY): FASTA in, HDF5 out."""
     DEBUG["on"] = debug

@@ -117,6 +117,7 @@ def bench(
         typer.Option(
             "--random-weights",
             help="Random weights at the model's shape: no download (speed does not depend on the values).",
+            metavar="",
         ),
     ] = False,
     compare: Annotated[
@@ -130,14 +131,16 @@ def bench(
         int, typer.Option(min=0, max=2**32 - 1, help="Seed of synthetic sequences and random weights.")
     ] = 0,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print machine-readable results on stdout.")
+        bool, typer.Option("--json", help="Print machine-readable results on stdout.", metavar="")
     ] = False,
     plot: Annotated[
         Path | None,
         typer.Option(help="Write a PNG of residues/s against length.", parser=path_value),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --plot file.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --plot file.", metavar="")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.", metavar="")] = False,
 ) -> None:
     """Measure embedding throughput (residues/s, TFLOP/s, % of peak, memory) on synthetic or FASTA input."""
     if input is not None and not input.is_file():  # an input mistake: exit 1, as embed's

@@ -59,7 +59,9 @@ class Backend(str, Enum):
 BackendOption = Annotated[
     Backend, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
 ]
-CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile the model (torch backend).")]
+CompileOption = Annotated[
+    bool, typer.Option("--compile", help="torch.compile the model (torch backend).", metavar="")
+]
 
 
 def path_value(text: str) -> Path:

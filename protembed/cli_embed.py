@@ -126,7 +126,7 @@ def embed(
     ] = "-1",
     pool: Annotated[str, typer.Option("--pool", help="Pooling: mean, cls or mean,cls.")] = "mean",
     per_residue: Annotated[
-        bool, typer.Option("--per-residue", help="Also store every residue's vector.")
+        bool, typer.Option("--per-residue", help="Also store every residue's vector.", metavar="")
     ] = False,
     dtype: Annotated[
         DType, typer.Option(help="Compute dtype (fp8: --backend te on an Ada, Hopper or newer GPU).")
@@ -151,9 +151,11 @@ def embed(
     backend: BackendOption = Backend.auto,
     compile: CompileOption = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Require an unfinished output to continue.")
+        bool, typer.Option("--resume", help="Require an unfinished output to continue.", metavar="")
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output.", metavar="")
+    ] = False,
     on_invalid: Annotated[
         OnInvalid, typer.Option(help="Invalid or empty records: error (stop) or skip (recorded as skipped).")
     ] = OnInvalid.error,
@@ -164,10 +166,15 @@ def embed(
             "--merge/--no-merge",
             help="Under torchrun: join the rank shards into OUTPUT (default), or write OUTPUT as an HDF5 "
             "virtual dataset over the shards.",
+            metavar="",
         ),
     ] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or summary.", metavar="")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as JSON on stdout.", metavar="")
+    ] = False,
 ) -> None:
     """Embed a FASTA file into one HDF5 file; the same command resumes an interrupted run."""
     out = output or default_output(input_path)
@@ -265,9 +272,14 @@ def merge(
         ),
     ],
     virtual: Annotated[
-        bool, typer.Option("--virtual", help="Write an HDF5 virtual-dataset file over the shards instead.")
+        bool,
+        typer.Option(
+            "--virtual", help="Write an HDF5 virtual-dataset file over the shards instead.", metavar=""
+        ),
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing OUTPUT.", metavar="")
+    ] = False,
 ) -> None:
     """Join the shard files of a torchrun job (e.g. after an interrupted job was finished by hand)."""
     from protembed.merge import find_shards, merge_shards, write_virtual

@@ -71,7 +71,7 @@ Device = Annotated[
         "--device", help="cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU."
     ),
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", metavar="")]
 
 
 def progress_bar(quiet: bool) -> Progress:
@@ -133,13 +133,17 @@ def finetune(
     ] = None,
     overwrite: Annotated[
         bool,
-        typer.Option("--overwrite", help="Replace a non-empty --output folder or an existing --plot file."),
+        typer.Option(
+            "--overwrite", help="Replace a non-empty --output folder or an existing --plot file.", metavar=""
+        ),
     ] = False,
     device: Device = None,
     backend: BackendOption = Backend.auto,
-    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print results as JSON on stdout.", metavar="")
+    ] = False,
     plot_png: Annotated[
-        bool, typer.Option("--plot", help="Also write a PNG of the test predictions.")
+        bool, typer.Option("--plot", help="Also write a PNG of the test predictions.", metavar="")
     ] = False,
     quiet: Quiet = False,
 ) -> None:

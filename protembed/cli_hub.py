@@ -38,8 +38,10 @@ def download(
         str | None, typer.Option("--revision", help="Branch, tag or commit hash (default: main).")
     ] = None,
     cache_dir: CacheDir = None,
-    force: Annotated[bool, typer.Option("--force", help="Download all files again, even if cached.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Download all files again, even if cached.", metavar="")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", metavar="")] = False,
 ) -> None:
     """Download a model into the Hugging Face cache and check that it loads; prints the snapshot path."""
     from protembed.hub import download_model  # imported here: --help must not wait for torch
@@ -62,7 +64,9 @@ def download(
 
 @handle_errors
 def models(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON on stdout instead of a table.", metavar="")
+    ] = False,
     cache_dir: CacheDir = None,
 ) -> None:
     """List the registry models: shape, size, and whether each is cached (revision, disk size).

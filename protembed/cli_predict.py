@@ -48,7 +48,9 @@ def predict(
         str | None,
         typer.Option("--output", "-o", help="CSV file (- for stdout). Default: stdout.", parser=input_value),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output file.", metavar="")
+    ] = False,
     model: Annotated[
         Path | None,
         typer.Option(
@@ -69,6 +71,7 @@ def predict(
             "--no-cache",
             help="Do not keep the input's features in the cache (they are computed in a temporary "
             "folder there and deleted at the end; an interrupted run starts over).",
+            metavar="",
         ),
     ] = False,
     device: Device = None,

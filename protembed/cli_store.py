@@ -55,8 +55,12 @@ def export(
         int | None,
         typer.Option(help="Model layer to export (-1 = last); needed when the file holds several."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no closing line.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.", metavar="")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress and no closing line.", metavar="")
+    ] = False,
 ) -> None:
     """Export embeddings to the per-protein layout (bio_embeddings / ProtTrans convention).
 

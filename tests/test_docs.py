@@ -176,6 +176,17 @@ def test_examples_use_existing_commands_and_options() -> None:
             assert word in known[command] | known[""], f"unknown option {word} in example: {example.line}"
 
 
+def test_flags_show_no_value_in_help() -> None:
+    """An on/off flag (--json, --overwrite, -q) is shown without a `<bool>` value it does not take;
+    only Typer's own options (--help, --install-completion, --show-completion) keep the label."""
+    for command in ["", *(c.name for c in typer.main.get_command(app).commands.values())]:  # type: ignore[attr-defined]
+        result = CliRunner().invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        flagged = [line for line in result.output.splitlines() if "<bool>" in line]
+        typers = ("--help", "--install-completion", "--show-completion")
+        assert all(any(name in line for name in typers) for line in flagged), (command, flagged)
+
+
 # --- completions ---------------------------------------------------------------------------------
 
 
