@@ -104,7 +104,7 @@ class Model:
         limit = top if max_residues is None else max_residues
         if not is_whole(limit) or not 1 <= limit <= top:
             raise OptionError(
-                f"max_residues: {max_residues!r} is not a whole number in 1..{top} for this model"
+                f"max_residues: {max_residues!r} must be a whole number in 1..{top} for this model"
             )
         if not is_whole(tokens_per_batch) or tokens_per_batch < 1:
             raise OptionError(f"tokens_per_batch: {tokens_per_batch!r} is not a whole number >= 1")

@@ -232,7 +232,7 @@ def _job_summary(shard: EmbedSummary, index: FastaIndex, world: int) -> EmbedSum
     done = shard.residues_per_s * shard.elapsed_s  # residues this rank computed
     sums, slowest = torchrun.sum_over_ranks([*(getattr(shard, f) for f in fields), done], shard.elapsed_s)
     totals: dict[str, Any] = {f: int(v) for f, v in zip(fields, sums, strict=False)}
-    device = f"{shard.device} and {world - 1} more rank(s)"
+    device = f"{world} ranks (rank 0: {shard.device})"
     return replace(shard, **totals, device=device, ranks=world, skip_reasons=dict(index.skip_reasons),
                    residues_per_s=round(sums[-1] / max(slowest, 1e-9), 1))  # fmt: skip
 

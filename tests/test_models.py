@@ -150,7 +150,7 @@ def test_python_api_refuses_wrong_arguments() -> None:
     limit = model.encoder.config.max_residues
     for bad_limit in (-1, 0, limit + 1, 5.0):
         with pytest.raises(
-            ValueError, match=rf"max_residues: {bad_limit} is not a whole number in 1\.\.{limit}"
+            ValueError, match=rf"max_residues: {bad_limit} must be a whole number in 1\.\.{limit}"
         ):
             model.embed(["MKV"], max_residues=bad_limit)  # type: ignore[arg-type]
     cut = model.embed(["MKTAYIAK"], max_residues=3, per_residue=True)

@@ -114,6 +114,7 @@ def test_torchrun_two_ranks_equal_one_process(many: Path, single: Path, merge: b
     with h5py.File(single, "r") as f:
         assert (job["records"], job["residues"]) == (len(f["lengths"]), int(f["lengths"][:].sum()))
     assert (job["ranks"], job["computed"], job["output"]) == (2, 1200, str(out))
+    assert job["device"] == "2 ranks (rank 0: cpu)"
     shards = sorted(tmp_path.glob("tr.shard-*"))
     assert len(shards) == (0 if merge else 2)
     with h5py.File(out, "r") as f:
