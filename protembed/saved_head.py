@@ -242,6 +242,8 @@ def _features_model(config: dict[str, Any], cfg_path: Path, moved_to: str | None
                 " only gives the new place of a local checkpoint folder (for a moved Hub cache, set"
                 " HF_HUB_CACHE)"
             )
+        if not Path(moved_to).is_dir():
+            raise OptionError(f"--model {moved_to}: not a folder (give the checkpoint folder's new place)")
         ref = moved_to
     elif local and not os.path.lexists(ref):
         raise FlipError(

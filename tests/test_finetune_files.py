@@ -212,6 +212,7 @@ def test_predict_finds_a_moved_checkpoint_with_model(onehot_head: Path, tmp_path
     ckpt.rename(moved)
     gone = f"the head was trained on the checkpoint folder {ckpt}, which is no longer there"
     one_line_error(run_cli("predict", head, GB1, *common), gone)
+    one_line_error(run_cli("predict", head, GB1, "--model", "esm2-8m", *common), "esm2-8m: not a folder")
     after = run_cli("predict", head, GB1, "--model", moved, *common)
     assert after.exit_code == 0 and after.stdout == before.stdout, after.output
 
