@@ -95,7 +95,10 @@ def featurize(
     revision = None if digest else expected
     ref = locate_model(model_cfg["ref"], revision, progress=not quiet, cache_dir=cache_dir)
     if digest and digest != ref.revision:
-        raise FlipError(f"the weights in {ref.source} changed since the head was trained ({digest})")
+        raise FlipError(
+            f"the weights in {ref.source} ({ref.revision[:19]}…) are not the ones the head was trained on"
+            f" ({digest[:19]}…)"
+        )
     model_cfg.update(name=ref.name, source=ref.source, revision=ref.revision)
     try:
         layer = model_cfg["layer_index"] = resolve_layers([model_cfg["layer"]], ref.config)[0]  # -1 resolved

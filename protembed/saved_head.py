@@ -103,7 +103,8 @@ def format_value(kind: str, level: str, classes: list[str], value: np.ndarray) -
 def load(out_dir: Path) -> tuple[dict[str, Any], nn.Module]:
     """The config and head module of a saved head directory."""
     cfg_path, w_path = out_dir / CONFIG, out_dir / WEIGHTS
-    if out_dir.is_file() and out_dir.name in (CONFIG, WEIGHTS, PREDICTIONS, PLOT):
+    head_files = (out_dir.parent / CONFIG).is_file() and (out_dir.parent / WEIGHTS).is_file()
+    if out_dir.is_file() and out_dir.name in (CONFIG, WEIGHTS, PREDICTIONS, PLOT) and head_files:
         raise FlipError(f"{out_dir} is a file of a saved head: pass its folder, {out_dir.parent}")
     if not cfg_path.is_file() or not w_path.is_file():
         raise FlipError(f"{out_dir} is not a saved head (needs {CONFIG} and {WEIGHTS})")
@@ -243,9 +244,10 @@ def _features_model(config: dict[str, Any], cfg_path: Path, moved_to: str | None
                 " HF_HUB_CACHE)"
             )
         if not Path(moved_to).is_dir():
-            raise OptionError(f"--model {moved_to}: not a folder (give the checkpoint folder's new place)")
+            why = "not a folder" if os.path.exists(moved_to) else "no such folder"
+            raise OptionError(f"--model {moved_to}: {why} (give the checkpoint folder's new place)")
         ref = moved_to
-    elif local and not os.path.lexists(ref):
+    elif local and not os.path.exists(ref):  # a link to nowhere too
         raise FlipError(
             f"{cfg_path}: the head was trained on the checkpoint folder {ref}, which is no longer there;"
             " if it moved, pass its new place with --model"

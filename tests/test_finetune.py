@@ -609,6 +609,8 @@ def test_predict_rejects_weights_of_another_head(tmp_path: Path) -> None:
     for name in ("config.json", "head.safetensors"):  # a file of the head, not its folder
         r = run_cli("predict", out_dir / name, TINY / "gb1" / "two_vs_rest.fasta", "-q")
         assert r.exit_code == 1 and f"is a file of a saved head: pass its folder, {out_dir}" in r.output
+    r = run_cli("predict", ESM2 / "config.json", TINY / "gb1" / "two_vs_rest.fasta", "-q")  # a model's
+    assert r.exit_code == 1 and "config.json is not a saved head" in r.output, r.output
 
 
 def test_predict_rejects_an_edited_config(tmp_path: Path) -> None:

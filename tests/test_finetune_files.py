@@ -212,7 +212,11 @@ def test_predict_finds_a_moved_checkpoint_with_model(onehot_head: Path, tmp_path
     ckpt.rename(moved)
     gone = f"the head was trained on the checkpoint folder {ckpt}, which is no longer there"
     one_line_error(run_cli("predict", head, GB1, *common), gone)
-    one_line_error(run_cli("predict", head, GB1, "--model", "esm2-8m", *common), "esm2-8m: not a folder")
+    one_line_error(run_cli("predict", head, GB1, "--model", "esm2-8m", *common), "esm2-8m: no such folder")
+    one_line_error(run_cli("predict", head, GB1, "--model", GB1, *common), f"{GB1}: not a folder")
+    ckpt.symlink_to(tmp_path / "nowhere")  # a link to nowhere where the folder was
+    one_line_error(run_cli("predict", head, GB1, *common), gone)
+    ckpt.unlink()
     after = run_cli("predict", head, GB1, "--model", moved, *common)
     assert after.exit_code == 0 and after.stdout == before.stdout, after.output
 
@@ -221,7 +225,8 @@ def test_predict_finds_a_moved_checkpoint_with_model(onehot_head: Path, tmp_path
     blob[-1] ^= 1  # other weights in the same place
     weights.write_bytes(bytes(blob))
     changed = run_cli("predict", head, GB1, "--model", moved, *common)
-    one_line_error(changed, f"the weights in {moved} changed since the head was trained")
+    one_line_error(changed, f"the weights in {moved} (sha256:")
+    assert "are not the ones the head was trained on (sha256:" in changed.output
 
     one_line_error(run_cli("predict", onehot_head, GB1, "--model", moved, *common), "one-hot features")
     config = head / "config.json"
