@@ -22,7 +22,7 @@ import numpy as np
 
 from protembed import signals
 from protembed.cache import check_file_output, check_replaceable, same_file, write_partial
-from protembed.errors import OutputExistsError, StoreError
+from protembed.errors import StoreError
 from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings
 
 LAYOUTS = ("per-protein",)
@@ -93,10 +93,8 @@ def export_per_protein(
     source, output = Path(source), Path(output)
     if same_file(source, output):
         raise StoreError(f"{output}: the output is the source file; choose another -o")
-    check_file_output(output)
-    check_replaceable(output)
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output}: exists; pass --overwrite to replace it")
+    check_replaceable(output)  # first: a link is refused as one (check_file_output writes through it)
+    check_file_output(output, overwrite)
     with open_embeddings(source) as emb:
         if len(emb.layers) > 1 and layer is None:
             raise StoreError(f"{source}: holds layers {emb.layers}; pick one with --layer")
