@@ -35,8 +35,8 @@ from protembed.embed_setup import (
     locate_model,
 )
 from protembed.errors import OptionError, OutputCompleteError
-from protembed.fasta import FastaIndex, duplicate_groups, scan_fasta
-from protembed.fasta_io import check_exists
+from protembed.fasta import FastaIndex, duplicate_groups, index_part, scan_fasta
+from protembed.fasta_io import check_exists, is_stream
 from protembed.merge import shard_ranges
 from protembed.models import checkpoints
 from protembed.models.encoder import EncoderConfig
@@ -148,10 +148,14 @@ def embed_fasta(
     resolved = resolve_backend(backend, devices[0], dtype, compile)
     check_output_folder(Path(output))  # before a download or weight hashing, not after
     check_exists(input_path)  # a missing input is named before any complaint about the output
-    if torchrun.distributed_env() is None:
+    dist = torchrun.distributed_env()
+    if dist is None:
         torchrun.check_single_process_output(Path(output), overwrite)
-    elif str(input_path) == "-":
-        raise OptionError("standard input cannot be shared by the ranks of a torchrun job; give a file")
+    elif is_stream(input_path):
+        raise OptionError(
+            f"{'standard input' if str(input_path) == '-' else f'{input_path} (a pipe)'} cannot be shared "
+            "by the ranks of a torchrun job; give a file"
+        )
     # Validate the options and the whole input as soon as the model's shape is known, so that a
     # bad record fails in seconds, not after a download or weight hashing: now for a registry
     # model or a local checkpoint (whose weights are hashed later), else once a Hub model's
@@ -165,7 +169,8 @@ def embed_fasta(
 
     def validate(cfg: EncoderConfig) -> None:
         check_model_options(cfg, model, layers, max_length)
-        scanned.append(scan_fasta(input_path, ALPHABETS[cfg.family], on_invalid))
+        # a torchrun rank reads the headers of its own rows only, once it knows them
+        scanned.append(scan_fasta(input_path, ALPHABETS[cfg.family], on_invalid, headers=dist is None))
 
     if early is not None:
         validate(early)
@@ -180,15 +185,14 @@ def embed_fasta(
         for index in scanned:
             index.cleanup()
         raise
-    index = scanned[0]
     alphabet = ALPHABETS[ref.config.family]
     plan = _Plan(ref, alphabet, layer_idx, list(poolings), per_residue, dtype, store_dtype, tokens_per_batch,
                  limit, long_policy, device, overwrite, compression, resolved, compile)  # fmt: skip
+    if dist is not None:  # passed on, not kept here: the rank drops it once it has its own part
+        return _embed_shard(scanned.pop(), Path(output), plan, dist, merge, progress, started, t0)
+    index = scanned.pop()
     try:
-        dist = torchrun.distributed_env()
-        if dist is None:
-            return _embed_rows(index, Path(output), plan, (0, len(index)), {}, progress, started, t0)
-        return _embed_shard(index, Path(output), plan, dist, merge, progress, started, t0)
+        return _embed_rows(index, Path(output), plan, {}, progress, started, t0)
     finally:
         index.cleanup()
 
@@ -203,7 +207,10 @@ def _embed_shard(
     started: Callable[[int, int], None] | None,
     t0: float,
 ) -> EmbedSummary:
-    """This rank's rows into its shard file; rank 0 joins the shards once every rank is done."""
+    """This rank's rows into its shard file; rank 0 joins the shards once every rank is done.
+
+    `index` covers the whole input without headers; the rank keeps only its own part of it.
+    """
     rank, world, local_rank = dist
     torchrun.check_output(output, world, merge, plan.overwrite)
     if plan.device is None:
@@ -211,14 +218,19 @@ def _embed_shard(
     if rank == 0:
         torchrun.note_stale_shards(output, world)
     n_tokens = _token_counts(index, plan)
-    start, stop = shard_ranges(n_tokens, read_windows(n_tokens), world)[rank]
+    window_of = read_windows(n_tokens)
+    start, stop = shard_ranges(n_tokens, window_of, world)[rank]
+    windows = (window_of[start:stop].copy(), int(window_of[-1]))
+    job_reasons = index.skip_reasons
+    del n_tokens, window_of
+    index = index_part(index, start, stop)
     shard_attrs = {"shard_start": start, "shard_stop": stop, "shard_rank": rank, "shard_world_size": world}
 
     def embed_shard(shard: Path) -> EmbedSummary:
         summary = _embed_rows(
-            index, shard, plan, (start, stop), shard_attrs, progress, started, t0, complete_ok=True
+            index, shard, plan, shard_attrs, progress, started, t0, windows=windows, complete_ok=True
         )
-        return _job_summary(summary, index, world)
+        return _job_summary(summary, job_reasons, world)
 
     summary = torchrun.run_rank(output, rank, world, merge, plan.overwrite, embed_shard)
     summary.output, summary.output_bytes = str(output), output.stat().st_size if rank == 0 else 0
@@ -226,15 +238,22 @@ def _embed_shard(
     return summary
 
 
-def _job_summary(shard: EmbedSummary, index: FastaIndex, world: int) -> EmbedSummary:
-    """The whole job's counts from one rank's (a collective: every rank calls it once)."""
+def _job_summary(shard: EmbedSummary, skip_reasons: dict[int, str], world: int) -> EmbedSummary:
+    """The whole job's counts from one rank's (a collective: every rank calls it once);
+    `skip_reasons` are the whole input's, by input row."""
     fields = ("records", "residues", "computed", "resumed", "duplicates", "truncated", "skipped")
     done = shard.residues_per_s * shard.elapsed_s  # residues this rank computed
     sums, slowest = torchrun.sum_over_ranks([*(getattr(shard, f) for f in fields), done], shard.elapsed_s)
     totals: dict[str, Any] = {f: int(v) for f, v in zip(fields, sums, strict=False)}
     device = f"{world} ranks (rank 0: {shard.device})"
-    return replace(shard, **totals, device=device, ranks=world, skip_reasons=dict(index.skip_reasons),
+    return replace(shard, **totals, device=device, ranks=world, skip_reasons=dict(skip_reasons),
                    residues_per_s=round(sums[-1] / max(slowest, 1e-9), 1))  # fmt: skip
+
+
+def _windows(index: FastaIndex, plan: _Plan) -> tuple[np.ndarray, int]:
+    """Read-ahead window of each row, and the input's last window (see `pipeline.read_windows`)."""
+    window_of = read_windows(_token_counts(index, plan))
+    return window_of, int(window_of[-1])
 
 
 def _token_counts(index: FastaIndex, plan: _Plan) -> np.ndarray:
@@ -261,21 +280,21 @@ def _embed_rows(
     index: FastaIndex,
     output: Path,
     plan: _Plan,
-    rows: tuple[int, int],
     extra_attrs: dict[str, Any],
     progress: Progress | None,
     started: Callable[[int, int], None] | None,
     t0: float,
+    windows: tuple[np.ndarray, int] | None = None,
     complete_ok: bool = False,
 ) -> EmbedSummary:
-    """Embed rows [start, stop) of the input into `output` (the whole input, or one shard).
+    """Embed the rows of `index` into `output` (the whole input, or a torchrun rank's part).
 
-    `complete_ok`: an output already complete with these settings is done (nothing computed);
-    for shards, which a job's earlier run may have finished while others did not.
+    `windows`: a part's read-ahead windows and the input's last one, as the whole input has them
+    (`_windows`), so that it computes the batches a single process would. `complete_ok`: an output
+    already complete with these settings is done (nothing computed); for shards, which a job's
+    earlier run may have finished while others did not.
     """
     devices = parse_devices(plan.device)
-    start, stop = rows
-    in_range = slice(start, stop)
     window = plan.long_policy == "window"
     lengths = _stored_lengths(index, plan)
     truncated = np.zeros(len(index), dtype=bool) if window else index.n_residues > plan.limit
@@ -297,9 +316,8 @@ def _embed_rows(
     }  # fmt: skip
     try:
         writer: EmbeddingWriter | None = EmbeddingWriter.open(
-            output, attrs=attrs, ids=index.ids[in_range], descriptions=index.descriptions[in_range],
-            lengths=lengths[in_range], truncated=truncated[in_range], skipped=skipped[in_range],
-            skip_reasons={r - start: why for r, why in index.skip_reasons.items() if start <= r < stop},
+            output, attrs=attrs, ids=index.ids, descriptions=index.descriptions, lengths=lengths,
+            truncated=truncated, skipped=skipped, skip_reasons=index.skip_reasons,
             n_layers=len(plan.layers), d_model=plan.ref.config.d_model, poolings=plan.poolings,
             per_residue=plan.per_residue, store_dtype=plan.store_dtype, compression=plan.compression,
             overwrite=plan.overwrite, flush_seconds=FLUSH_SECONDS, complete_ok=complete_ok,
@@ -308,17 +326,16 @@ def _embed_rows(
         if not complete_ok:
             raise
         writer = None  # finished by an earlier run of this job
-    scope = np.arange(start, stop)[~skipped[in_range]]
+    scope = np.flatnonzero(~skipped)
     pending = np.zeros(len(index), dtype=bool)
     if writer is not None:
-        pending[writer.pending + start] = True
+        pending[writer.pending] = True
     resumed = scope.size - int(pending.sum())
     # identical sequences are computed once per output (per shard under torchrun)
-    out_of_scope = np.ones(len(index), dtype=bool)
-    out_of_scope[scope] = False
-    members = plan_members(scope, duplicate_groups(index.seq_hash, out_of_scope))
+    members = plan_members(scope, duplicate_groups(index.seq_hash, skipped))
     if writer is not None:
-        _compute(index, plan, writer, members, pending, lengths, budget, devices, start, progress, started)
+        windows = windows or _windows(index, plan)
+        _compute(index, plan, writer, members, pending, lengths, budget, devices, windows, progress, started)
     elif started is not None:
         started(0, 0)
     elapsed = time.perf_counter() - t0
@@ -327,12 +344,11 @@ def _embed_rows(
     return EmbedSummary(
         output=str(output), model=plan.ref.name, device=device_label(devices, plan.device),
         backend=describe(plan.backend, plan.dtype, plan.compile), layers=plan.layers,
-        records=stop - start, residues=int(lengths[scope].sum()), computed=computed, resumed=resumed,
-        duplicates=int(pending.sum()) - computed, truncated=int(truncated[in_range].sum()),
-        skipped=int(skipped[in_range].sum()), elapsed_s=round(elapsed, 3),
+        records=len(index), residues=int(lengths[scope].sum()), computed=computed, resumed=resumed,
+        duplicates=int(pending.sum()) - computed, truncated=int(truncated.sum()),
+        skipped=int(skipped.sum()), elapsed_s=round(elapsed, 3),
         residues_per_s=round(done_res / elapsed, 1) if elapsed > 0 else 0.0,
-        output_bytes=output.stat().st_size,
-        skip_reasons={r: why for r, why in index.skip_reasons.items() if start <= r < stop},
+        output_bytes=output.stat().st_size, skip_reasons=dict(index.skip_reasons),
     )  # fmt: skip
 
 
@@ -345,7 +361,7 @@ def _compute(
     lengths: np.ndarray,
     budget: int,
     devices: list[str],
-    start: int,
+    windows: tuple[np.ndarray, int],
     progress: Progress | None,
     started: Callable[[int, int], None] | None,
 ) -> None:
@@ -354,8 +370,7 @@ def _compute(
     torch_dtype = COMPUTE_DTYPES[plan.dtype]
     first = torch.device(devices[0])
     with writer:
-        window_of = read_windows(_token_counts(index, plan))
-        work = Work(index, plan.alphabet, members, pending, lengths, plan.limit, window, window_of, start)
+        work = Work(index, plan.alphabet, members, pending, lengths, plan.limit, window, *windows)
         if started is not None:
             started(int(pending.sum()), int(lengths[pending].sum()))
         spec = JobSpec(str(plan.ref.path), plan.dtype, plan.layers, plan.poolings, plan.per_residue, budget,

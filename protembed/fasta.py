@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import NoReturn, overload
+from typing import NoReturn
 
 import numpy as np
 from Bio.SeqIO.FastaIO import SimpleFastaParser
@@ -27,76 +28,20 @@ from Bio.SeqIO.FastaIO import SimpleFastaParser
 from protembed.alphabet import Alphabet
 from protembed.errors import FastaError, InvalidSequenceError
 from protembed.fasta_io import locate_lines, reading, resolve_input, storable, undecoded_byte
+from protembed.headers import Headers
 
 _BATCH_CHARS = 1 << 22  # residues checked per vectorised batch
 _BATCH_RECORDS = 1 << 15
 _INVALID, _DROP = 255, 254  # byte-table codes; token ids are < 254
 
 
-class Headers(Sequence[str]):
-    """Header texts of many records, kept compact: one UTF-8 blob and the offsets into it (the
-    text plus 8 bytes per record; a Python string costs about 50 bytes more, and every record had
-    two). With `first_word`, each item is the record's id instead of its whole header. A slice is
-    a view on the same blob."""
-
-    def __init__(self, blob: bytes | bytearray, offsets: np.ndarray, first_word: bool = False) -> None:
-        self.blob, self.offsets, self.first_word = blob, offsets, first_word
-
-    @staticmethod
-    def append(blob: bytearray, texts: list[str]) -> np.ndarray:
-        """Add a batch of headers to `blob` (grown in place, never copied whole); their byte sizes."""
-        encoded = [t.encode() for t in texts]
-        blob += b"".join(encoded)
-        return np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-
-    @classmethod
-    def build(cls, blob: bytearray, sizes: list[np.ndarray]) -> Headers:
-        """From a blob filled by `append` and the sizes it returned, in order."""
-        return cls(blob, np.cumsum(np.concatenate([np.zeros(1, dtype=np.int64), *sizes])))
-
-    def ids(self) -> Headers:
-        """The same records' ids (first word of each header)."""
-        return Headers(self.blob, self.offsets, first_word=True)
-
-    def __len__(self) -> int:
-        return int(self.offsets.size) - 1
-
-    @overload
-    def __getitem__(self, i: int) -> str: ...
-    @overload
-    def __getitem__(self, i: slice) -> Headers: ...
-    def __getitem__(self, i: int | slice) -> str | Headers:
-        if isinstance(i, slice):
-            start, stop, step = i.indices(len(self))
-            if step != 1:
-                raise ValueError("Headers: slices with a step are not supported")
-            return Headers(self.blob, self.offsets[start : max(start, stop) + 1], self.first_word)
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"row {i} out of range for {n} records")
-        i %= n
-        return self._texts(i, i + 1)[0]
-
-    def __iter__(self) -> Iterator[str]:
-        for start in range(0, len(self), 1 << 16):
-            yield from self._texts(start, min(start + (1 << 16), len(self)))
-
-    def _texts(self, start: int, stop: int) -> list[str]:
-        """Items start..stop-1, decoded together."""
-        ends = self.offsets[start : stop + 1]
-        chunk = self.blob[ends[0] : ends[-1]]
-        bounds = (ends - ends[0]).tolist()
-        if chunk.isascii():  # one character per byte: cut the decoded text at the byte offsets
-            text = chunk.decode()
-            texts = [text[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        else:
-            texts = [chunk[a:b].decode() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        return [(t.split(None, 1) or [""])[0] for t in texts] if self.first_word else texts
-
-
 @dataclass
 class FastaIndex:
-    """What the first pass learned; rows are records in file order (duplicate ids allowed)."""
+    """What the first pass learned; rows are records in file order (duplicate ids allowed).
+
+    A part (`index_part`) holds the file's records first_row .. first_row + len - 1 as rows 0..;
+    a torchrun rank keeps only its own part, with no array as long as the whole file.
+    """
 
     source: str  # what the user passed, for messages ("proteins.fa", "<stdin>")
     path: Path  # the file the second pass re-reads (a temporary spool for stdin or a pipe)
@@ -108,9 +53,11 @@ class FastaIndex:
     seq_hash: np.ndarray  # uint64 [N] BLAKE2b-64 of the token ids; 0 for skipped rows
     sha256: str  # SHA-256 of the decompressed input bytes
     temporary: bool = False  # path is a spool that `cleanup` deletes
+    first_row: int = 0  # the file's record number of row 0 (non-zero for a part)
+    file_rows: int | None = None  # a part's: records in the whole file
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(self.n_residues.size)
 
     def cleanup(self) -> None:
         """Delete the stdin spool, if any (safe to call more than once)."""
@@ -118,7 +65,9 @@ class FastaIndex:
             self.path.unlink(missing_ok=True)
 
 
-def scan_fasta(path: str | Path, alphabet: Alphabet, on_invalid: str = "error") -> FastaIndex:
+def scan_fasta(
+    path: str | Path, alphabet: Alphabet, on_invalid: str = "error", headers: bool = True
+) -> FastaIndex:
     """Validate and index a FASTA file in one pass, before any model is loaded.
 
     Args:
@@ -126,6 +75,8 @@ def scan_fasta(path: str | Path, alphabet: Alphabet, on_invalid: str = "error") 
         alphabet: decides which characters are valid and how residues are counted.
         on_invalid: "error" raises on the first invalid or empty record; "skip" keeps its row,
             marked skipped, with a reason.
+        headers: keep every header; without them (`ids` and `descriptions` empty) the index
+            serves only to choose a part, which `index_part` reads the headers of.
 
     Raises:
         FastaError: unreadable input, not FASTA, no records, a header without an id, or (with
@@ -135,7 +86,7 @@ def scan_fasta(path: str | Path, alphabet: Alphabet, on_invalid: str = "error") 
         raise ValueError(f"on_invalid must be 'error' or 'skip', not {on_invalid!r}")
     source, file, temporary = resolve_input(path)
     try:
-        index = _scan(source, file, alphabet, on_invalid)
+        index = _scan(source, file, alphabet, on_invalid, headers)
     except BaseException:
         if temporary:
             file.unlink(missing_ok=True)
@@ -144,7 +95,7 @@ def scan_fasta(path: str | Path, alphabet: Alphabet, on_invalid: str = "error") 
     return index
 
 
-def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> FastaIndex:
+def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str, keep_headers: bool) -> FastaIndex:
     table = _byte_table(alphabet)
     header_blob = bytearray()  # headers, encoded a batch at a time
     header_sizes: list[np.ndarray] = []
@@ -153,6 +104,7 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
     bad: dict[int, tuple[int, str]] = {}  # row -> (position, reason); position 0 = header line
     seqs: list[str] = []
     batch_titles: list[str] = []
+    failed: list[str] = []  # on_invalid="error": the id of the first bad record
     n_rows = n_chars = 0
 
     def check() -> None:
@@ -164,7 +116,10 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
             bad[first + j] = (pos, reason)
             if on_invalid == "error":
                 break
-        header_sizes.append(Headers.append(header_blob, batch_titles))
+        if bad and on_invalid == "error":  # this batch is the last one read: the bad row is in it
+            failed.append((batch_titles[min(bad) - first].split(None, 1) or [""])[0])
+        if keep_headers:
+            header_sizes.append(Headers.append(header_blob, batch_titles))
         seqs.clear()
         batch_titles.clear()
 
@@ -196,11 +151,10 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
         if seqs:
             check()
         sha = digest.hexdigest()
-    descriptions = Headers.build(header_blob, header_sizes)
-    ids = descriptions.ids()
     if bad and on_invalid == "error":
         row, (pos, reason) = min(bad.items())
-        _fail(file, source, row, pos, ids[row], reason)
+        _fail(file, source, row, pos, failed[0], reason)
+    descriptions = Headers.build(header_blob, header_sizes)
     if not n_rows:
         raise FastaError(source, None, None, "empty file: no FASTA records")
 
@@ -214,27 +168,62 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str) -> Fasta
             reasons[row] = f"{source}:{lines[row]}: {reason}"
         rows = np.fromiter(bad, dtype=np.int64, count=len(bad))
         skipped[rows], n_residues[rows], seq_hash[rows] = True, 0, 0
+    ids = descriptions.ids()
     return FastaIndex(source, file, ids, descriptions, n_residues, skipped, reasons, seq_hash, sha)
 
 
+def index_part(index: FastaIndex, start: int, stop: int) -> FastaIndex:
+    """Rows start..stop-1 of a whole-file index as an index of their own (rows from 0), with their
+    headers read from the file again: one torchrun rank's share, so that a rank holds neither the
+    other rows' headers nor any array as long as the file.
+
+    Raises:
+        FastaError: the file cannot be read or ends before row `stop`.
+    """
+    assert index.file_rows is None and 0 <= start <= stop <= len(index), (start, stop, len(index))
+    blob, sizes, titles = bytearray(), [], []
+    if stop > start:
+        with reading(index.path, index.source) as (handle, _):
+            for title, _seq in islice(SimpleFastaParser(handle), start, stop):
+                titles.append(storable(title))
+                if len(titles) >= _BATCH_RECORDS:
+                    sizes.append(Headers.append(blob, titles))
+                    titles.clear()
+        sizes.append(Headers.append(blob, titles))
+    descriptions = Headers.build(blob, sizes)
+    if len(descriptions) != stop - start:
+        raise FastaError(index.source, None, None, "input changed since it was scanned (fewer records)")
+    rows = slice(start, stop)
+    reasons = {r - start: why for r, why in index.skip_reasons.items() if start <= r < stop}
+    return FastaIndex(
+        index.source, index.path, descriptions.ids(), descriptions, index.n_residues[rows].copy(),
+        index.skipped[rows].copy(), reasons, index.seq_hash[rows].copy(), index.sha256, index.temporary,
+        first_row=start, file_rows=len(index),
+    )  # fmt: skip
+
+
 def iter_records(index: FastaIndex) -> Iterator[tuple[int, str]]:
-    """Second pass: (row, sequence) in file order, skipped rows left out.
+    """Second pass: (row, sequence) in file order, skipped rows left out (a part's rows only).
 
     Raises:
         FastaError: the file cannot be read or no longer matches the index.
     """
-    row = -1
+    first, stop = index.first_row, index.first_row + len(index)
+    row = first - 1
     expected = iter(index.ids)  # decoded in bulk: one lookup per record would cost as much as the parse
+    # read to the file's end (to see a record added since the scan) unless a part ends earlier
+    end = stop if index.file_rows is not None and stop < index.file_rows else None
     with reading(index.path, index.source) as (handle, _):
-        for row, (title, seq) in enumerate(SimpleFastaParser(handle)):
+        records = islice(SimpleFastaParser(handle), first, end)
+        for row, (title, seq) in enumerate(records, start=first):
             title = storable(title)  # as the scan stored it
             if (title.split(None, 1) or [""])[0] != next(expected, None):
                 raise FastaError(
                     index.source, None, None, f"input changed since it was scanned (record {row + 1})"
                 )
-            if not index.skipped[row]:
-                yield row, seq
-    if row + 1 != len(index.ids):
+            if not index.skipped[row - first]:
+                yield row - first, seq
+    if row + 1 != stop:
         raise FastaError(index.source, None, None, "input changed since it was scanned (fewer records)")
 
 

@@ -91,13 +91,8 @@ def resolve_input(path: str | Path) -> tuple[str, Path, bool]:
     copied to a temporary file.
     """
     stdin = str(path) == "-"
-    if not stdin:
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:  # reported by the reader, with the path
-            return str(path), Path(path), False
-        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
-            return str(path), Path(path), False
+    if not is_stream(path):
+        return str(path), Path(path), False
     _remove_stale_spools(Path(tempfile.gettempdir()))
     fd, name = tempfile.mkstemp(prefix=f"{_SPOOL}{os.getpid()}-", suffix=".fasta")
     atexit.register(Path(name).unlink, missing_ok=True)
@@ -111,6 +106,18 @@ def resolve_input(path: str | Path) -> tuple[str, Path, bool]:
             except OSError as exc:
                 raise FastaError(str(path), None, None, f"cannot read input: {exc.strerror or exc}") from None
     return ("<stdin>" if stdin else str(path)), Path(name), True
+
+
+def is_stream(path: str | Path) -> bool:
+    """Whether input `path` can be read only once: "-" (stdin), a named pipe or a character device.
+    A path that cannot be looked at is not one (the reader names it)."""
+    if str(path) == "-":
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
 def check_exists(path: str | Path) -> None:

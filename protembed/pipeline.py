@@ -5,8 +5,9 @@ Rows are grouped into read-ahead windows of consecutive records fixed by the inp
 input's last few batches into smaller ones, so several devices finish together).
 Batches are formed over every row, not only the rows still to compute, so a resumed run, or a
 torchrun shard (shards hold whole windows), computes exactly the batches an uninterrupted
-single-process run would: results are bitwise equal. Batches whose rows are all written already
-are not computed again.
+single-process run would: results are bitwise equal (for a shard, unless a sequence repeats in
+another shard: duplicates are computed once per shard, which changes that window's batches).
+Batches whose rows are all written already are not computed again.
 """
 
 from __future__ import annotations
@@ -41,10 +42,8 @@ POLL_S = 0.5  # longest sleep of a waiting pipeline thread before it looks again
 
 @dataclass
 class Work:
-    """The rows of one output: which to compute, and where they go in the writer.
-
-    Rows are global FASTA rows; the writer's row is `row - row_offset` (non-zero for a shard).
-    """
+    """The rows of one output (the index's rows: a torchrun rank's part has its own): which to
+    compute, and how they are read."""
 
     index: FastaIndex
     alphabet: Alphabet
@@ -54,7 +53,7 @@ class Work:
     limit: int
     window: bool
     window_of: np.ndarray  # int [N], read-ahead window of each row (see `read_windows`)
-    row_offset: int = 0
+    last_window: int  # the whole input's last window, whose batches end small (see `split_tail`)
 
 
 def window_tokens(total_tokens: int) -> int:
@@ -170,7 +169,7 @@ def run_pipeline(
         try:
             while (item := next_result()) is not DONE:
                 rows, pooled, residues = expand(work, *item)
-                writer.write(rows - work.row_offset, pooled, residues)
+                writer.write(rows, pooled, residues)
                 rows_done += rows.size
                 res_done += int(work.lengths[rows].sum())
                 if progress is not None:
@@ -243,7 +242,7 @@ def _sorted(
     row_arr = np.array(rows, dtype=np.int64)
     n_tokens = np.array([t.size for t in tokens])
     batches = token_batches(n_tokens, budget)
-    if window == int(work.window_of[-1]):  # the input's last window: end on small units
+    if window == work.last_window:  # the input's last window: end on small units
         batches = split_tail(batches, n_tokens, TAIL_BATCHES, TAIL_PIECES)
     for idx in batches:
         reps = row_arr[idx]

@@ -18,7 +18,8 @@ import pytest
 from protembed import fasta
 from protembed.alphabet import AMPLIFY, ESM2
 from protembed.errors import FastaError, InvalidSequenceError
-from protembed.fasta import Headers, duplicate_groups, iter_records, scan_fasta
+from protembed.fasta import duplicate_groups, iter_records, scan_fasta
+from protembed.headers import Headers
 from protembed.pipeline import Work, plan_members, units_to_compute
 
 BAD = Path(__file__).parent / "data" / "bad"
@@ -134,6 +135,9 @@ def test_bad_fixture(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FastaError) as err:
         scan_fasta(name, ESM2)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    with pytest.raises(FastaError) as without_headers:  # a torchrun rank's scan names the record too
+        scan_fasta(name, ESM2, headers=False)
+    assert str(without_headers.value) == str(err.value)
     if not skippable:
         with pytest.raises(FastaError):
             scan_fasta(name, ESM2, on_invalid="skip")
@@ -165,10 +169,53 @@ def test_error_in_a_later_batch_names_the_right_line(tmp_path: Path, monkeypatch
     lines = [f">r{i}\nMKTA\nYIAK" for i in range(40)]
     lines[31] = ">r31\nMKTA\nYI#K"
     path = write(tmp_path, "\n\n" + "\n".join(lines) + "\n")
-    with pytest.raises(FastaError, match=r"^in.fasta:98: record 'r31': invalid residue '#' at position 7$"):
-        scan_fasta(path, ESM2)
+    for headers in (True, False):
+        with pytest.raises(
+            FastaError, match=r"^in.fasta:98: record 'r31': invalid residue '#' at position 7$"
+        ):
+            scan_fasta(path, ESM2, headers=headers)
     index = scan_fasta(path, ESM2, on_invalid="skip")
     assert np.flatnonzero(index.skipped).tolist() == [31] and len(index) == 40
+
+
+PARTS_TEXT = ">a one\nMK\n>b\nMJK\n>c\n>d two\nM-\n>a\nQQ\n>e\nMK\n>f\nWWW\n"  # c, d skipped
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 7), (0, 1), (1, 4), (2, 4), (3, 3), (4, 7), (6, 7)])
+def test_a_part_is_its_rows_of_the_whole_index(tmp_path: Path, start: int, stop: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """What a torchrun rank keeps: its rows, numbered from 0, with their headers read again."""
+    monkeypatch.setattr(fasta, "_BATCH_RECORDS", 2)  # headers gathered over several batches
+    path = write(tmp_path, PARTS_TEXT)
+    whole = scan_fasta(path, ESM2, on_invalid="skip")
+    bare = scan_fasta(path, ESM2, on_invalid="skip", headers=False)
+    assert len(bare) == 7 and len(bare.ids) == len(bare.descriptions) == 0
+    assert np.array_equal(bare.n_residues, whole.n_residues) and bare.skip_reasons == whole.skip_reasons
+    part = fasta.index_part(bare, start, stop)
+    rows = slice(start, stop)
+    assert (part.first_row, part.file_rows, len(part)) == (start, 7, stop - start)
+    assert (
+        list(part.ids) == list(whole.ids)[rows] and list(part.descriptions) == list(whole.descriptions)[rows]
+    )
+    for name in ("n_residues", "skipped", "seq_hash"):
+        assert np.array_equal(getattr(part, name), getattr(whole, name)[rows]), name
+    assert part.skip_reasons == {r - start: why for r, why in whole.skip_reasons.items() if start <= r < stop}
+    assert list(iter_records(part)) == [(r - start, s) for r, s in iter_records(whole) if start <= r < stop]
+
+
+def test_a_part_notices_a_changed_file(tmp_path: Path) -> None:
+    path = write(tmp_path, PARTS_TEXT)
+    bare = scan_fasta(path, ESM2, on_invalid="skip", headers=False)
+    early, last = fasta.index_part(bare, 0, 2), fasta.index_part(bare, 4, 7)
+    path.write_text(PARTS_TEXT + ">g\nMK\n")  # a record added after the scan
+    assert [r for r, _ in iter_records(early)] == [0, 1]  # not this part's business
+    with pytest.raises(FastaError, match=r"input changed since it was scanned \(record 8\)"):
+        list(iter_records(last))  # the last part reads to the end
+    path.write_text(PARTS_TEXT.split(">f")[0])
+    with pytest.raises(FastaError, match=r"input changed since it was scanned \(fewer records\)"):
+        list(iter_records(last))
+    with pytest.raises(FastaError, match=r"input changed since it was scanned \(fewer records\)"):
+        fasta.index_part(bare, 4, 7)
 
 
 def test_missing_and_directory(tmp_path: Path) -> None:
@@ -255,7 +302,7 @@ def test_second_pass_notices_a_changed_file(tmp_path: Path) -> None:
     path.write_text(TEXT.replace("MK<mask>T", "MK<mask>7"))  # same ids, a residue the scan never saw
     n = len(index)
     work = Work(index, ESM2, plan_members(np.arange(n), np.arange(n)), np.ones(n, dtype=bool),
-                index.n_residues, 1022, False, np.zeros(n, dtype=np.int64))  # fmt: skip
+                index.n_residues, 1022, False, np.zeros(n, dtype=np.int64), 0)  # fmt: skip
     with pytest.raises(InvalidSequenceError, match="record 'p2': invalid residue '7' at position 9"):
         list(units_to_compute(work, 4096))
 
