@@ -11,8 +11,9 @@ file that reads through to the shards (which must then stay beside it).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import h5py
 import numpy as np
@@ -27,7 +28,8 @@ SHARD_ATTRS = ("shard_start", "shard_stop", "shard_rank", "shard_world_size")
 WRITER_ATTRS = ("format", "format_version", "protembed_version", "n_sequences", "per_residue", "store_dtype",
                 "created", "complete")  # fmt: skip
 VARYING_ATTRS = ("protembed_version", "n_sequences", "created", "complete")  # may differ between shards
-COPY_ROWS = 4096  # rows copied per step when merging
+COPY_BYTES = 64 << 20  # embeddings copied per step when merging (at least one row)
+_TEXT_ROWS = 1 << 16  # skip reasons read at a time
 
 
 def shard_ranges(n_tokens: np.ndarray, window_of: np.ndarray, world: int) -> list[tuple[int, int]]:
@@ -131,13 +133,12 @@ def merge_shards(output: Path, shards: list[Path], overwrite: bool = False) -> P
     try:
         first = files[0]
         compression = first.h5[first.poolings[0]].compression  # the job's --compression
-        ids = [i for f in files for i in f.ids]
+        ids = _JoinedTexts([f.h5["ids"] for f in files])
         writer = EmbeddingWriter.open(
-            output, attrs=settings, ids=ids, descriptions=[d for f in files for d in f.descriptions],
+            output, attrs=settings, ids=ids, descriptions=_JoinedTexts([f.h5["descriptions"] for f in files]),
             lengths=np.concatenate([f.lengths for f in files]),
             truncated=np.concatenate([f.h5["truncated"][...] for f in files]),
-            skipped=np.concatenate([f.skipped for f in files]),
-            skip_reasons={i: r for i, r in enumerate(r for f in files for r in f.skip_reasons) if r},
+            skipped=np.concatenate([f.skipped for f in files]), skip_reasons=_skip_reasons(files),
             n_layers=len(first.layers), d_model=first.h5[first.poolings[0]].shape[-1],
             poolings=first.poolings, per_residue="residues" in first.h5,
             store_dtype=str(first.attrs["store_dtype"]), compression=compression, overwrite=overwrite,
@@ -156,25 +157,79 @@ def merge_shards(output: Path, shards: list[Path], overwrite: bool = False) -> P
     return output
 
 
+class _JoinedTexts(Sequence[str]):
+    """A text dataset of several shards end to end, read a slice at a time (as the writer takes
+    it), never whole: a list of every id and header of a large job would cost gigabytes."""
+
+    def __init__(self, datasets: list[h5py.Dataset]) -> None:
+        self._datasets = datasets
+        self._ends = np.cumsum([0, *(len(d) for d in datasets)])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if not isinstance(i, slice):
+            if not -len(self) <= i < len(self):
+                raise IndexError(f"row {i} out of range for {len(self)} rows")
+            i %= len(self)
+            return self[i : i + 1][0]
+        start, stop, step = i.indices(len(self))
+        if step != 1:
+            raise ValueError("slices with a step are not supported")
+        texts: list[str] = []
+        for ds, begin, end in zip(self._datasets, self._ends[:-1].tolist(), self._ends[1:].tolist()):
+            if max(start, begin) < min(stop, end):
+                texts += ds.asstr()[max(start, begin) - begin : min(stop, end) - begin].tolist()
+        return texts
+
+
+def _skip_reasons(files: list[Any]) -> dict[int, str]:
+    """Why each skipped row of the joined shards was skipped, by output row (read where there are any)."""
+    reasons: dict[int, str] = {}
+    base = 0
+    for f in files:
+        rows = np.flatnonzero(f.skipped)
+        for start in np.unique(rows // _TEXT_ROWS * _TEXT_ROWS).tolist():
+            block = f.h5["skip_reasons"].asstr()[start : start + _TEXT_ROWS]
+            for r in rows[(rows >= start) & (rows < start + _TEXT_ROWS)].tolist():
+                reasons[base + r] = block[r - start]
+        base += len(f)
+    return reasons
+
+
 def _copy_rows(f: Any, writer: EmbeddingWriter, base: int, todo: np.ndarray) -> None:
-    """Copy the rows of shard `f` marked in `todo` to rows base + i of the output."""
-    for start in range(0, len(f), COPY_ROWS):
+    """Copy the rows of shard `f` marked in `todo` to rows base + i of the output, about
+    COPY_BYTES at a time (per-residue rows of a large model are megabytes each)."""
+    row_bytes = sum(f.h5[name].dtype.itemsize * int(np.prod(f.h5[name].shape[1:])) for name in f.poolings)
+    if "residues" in f.h5:  # each row's residues too
+        residue_bytes = f.h5["residues"].dtype.itemsize * int(np.prod(f.h5["residues"].shape[1:]))
+        cost = row_bytes + f.lengths.astype(np.int64) * residue_bytes
+    else:
+        cost = np.full(len(f), row_bytes, dtype=np.int64)
+    ends = np.cumsum(cost)
+    start = 0
+    while start < len(f):
         signals.check()
-        stop = min(start + COPY_ROWS, len(f))
+        done = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, done + COPY_BYTES, side="right")))
         rows = np.flatnonzero(todo[start:stop]) + start
-        if not rows.size:
-            continue
-        pooled = {}
-        for name in f.poolings:
-            block = f.h5[name][start:stop][rows - start].astype(np.float32)
-            pooled[name] = block if block.ndim == 3 else block[:, None, :]
-        residues = None
-        if "residues" in f.h5:
-            block, offs = f.residue_block(start, stop)
-            block = block.astype(np.float32)
-            block = block if block.ndim == 3 else block[:, None, :]
-            residues = [block[offs[r - start] : offs[r - start + 1]] for r in rows]
-        writer.write(rows + base, pooled, residues)
+        if rows.size:
+            pooled = {}
+            for name in f.poolings:
+                block = f.h5[name][start:stop][rows - start]
+                pooled[name] = block if block.ndim == 3 else block[:, None, :]
+            residues = None
+            if "residues" in f.h5:
+                block, offs = f.residue_block(start, stop)
+                block = block if block.ndim == 3 else block[:, None, :]
+                residues = [block[offs[r - start] : offs[r - start + 1]] for r in rows]
+            writer.write(rows + base, pooled, residues)
+        start = stop
 
 
 def write_virtual(output: Path, shards: list[Path], overwrite: bool = False) -> Path:

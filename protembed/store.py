@@ -165,7 +165,8 @@ class EmbeddingWriter:
         """Buffer finished rows (copied, in the store dtype); hands them to the writer thread
         every `flush_seconds` or `flush_bytes`. Raises the writer thread's last error, if any.
 
-        pooled[name]: float32 [n, K, D]; residues[j]: float32 [lengths[rows[j]], K, D].
+        pooled[name]: float [n, K, D]; residues[j]: float [lengths[rows[j]], K, D] (float32, or
+        the store dtype when copying from another file).
         """
         rows = np.asarray(rows, dtype=np.int64)
         assert not self._skipped[rows].any(), "skipped rows have no embeddings"

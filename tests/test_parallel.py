@@ -139,10 +139,13 @@ def test_torchrun_two_ranks_equal_one_process(many: Path, single: Path, merge: b
         assert r.returncode == 1 and "not beside it" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_torchrun_three_ranks_with_skipped_and_repeated_records(many: Path, tmp_path: Path) -> None:
+def test_torchrun_three_ranks_with_skipped_and_repeated_records(
+    many: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each rank keeps only its own part of the input (headers read again for its rows): bad
     records skipped in place, repeats across ranks and non-ASCII headers come out as a single
-    process writes them, and the job's summary names the skipped rows by input row."""
+    process writes them, and the job's summary names the skipped rows by input row. The merge
+    reads texts and embeddings a bounded piece at a time."""
     records = many.read_text().split(">")[1:]
     seq_of = {i: r.split("\n", 1)[1] for i, r in enumerate(records)}
     records[3] = "p3 bad\nMK7\n"
@@ -158,8 +161,11 @@ def test_torchrun_three_ranks_with_skipped_and_repeated_records(many: Path, tmp_
     out = tmp_path / "tr.h5"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3"]
     rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    cmd = [*launcher, *rendezvous, "-m", "protembed", *embed_args(fasta, out, *extra)]
+    cmd = [*launcher, *rendezvous, "-m", "protembed", *embed_args(fasta, out, *extra, "--no-merge")]
     job = json.loads(subprocess.run(cmd, check=True, env=ENV, capture_output=True, text=True).stdout)
+    monkeypatch.setattr(merge_module, "COPY_BYTES", 200_000)  # a few rows per step, not whole shards
+    monkeypatch.setattr(merge_module, "_TEXT_ROWS", 64)  # skip reasons read in several blocks
+    merge_shards(out, find_shards(out), overwrite=True)
     assert job["skip_reasons"] == alone["skip_reasons"] and set(job["skip_reasons"]) == {"3", "600"}
     assert job["skip_reasons"]["3"] == f"{fasta}:8: invalid residue '7' at position 3"
     assert (job["records"], job["skipped"], job["computed"] + job["duplicates"]) == (1200, 2, 1198)
@@ -172,6 +178,20 @@ def test_torchrun_three_ranks_with_skipped_and_repeated_records(many: Path, tmp_
         assert np.array_equal(f["mean"][700], f["mean"][10]) and np.array_equal(
             f["mean"][1150], f["mean"][10]
         )
+
+
+def test_joined_texts_read_across_shards(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        parts = [["a", "b\u00e9"], [], ["c"], ["d", "e", "f"]]
+        for k, texts in enumerate(parts):
+            f.create_dataset(str(k), data=np.array(texts, dtype=object), dtype=h5py.string_dtype())
+        joined = merge_module._JoinedTexts([f[str(k)] for k in range(len(parts))])
+        flat = [t for texts in parts for t in texts]
+        assert len(joined) == 6 and joined[:] == flat and list(joined) == flat
+        assert all(joined[a:b] == flat[a:b] for a in range(-7, 8) for b in range(-7, 8))
+        assert (joined[1], joined[-1], joined[2]) == ("b\u00e9", "f", "c")
+        with pytest.raises(IndexError):
+            joined[6]
 
 
 def test_torchrun_rerun_takes_finished_shards_and_a_stopped_merge(
