@@ -149,11 +149,18 @@ def _write_records(
     if what != "residues":
         if what not in emb.poolings:
             raise StoreError(f"{emb.path}: no {what!r} embeddings (stored: {', '.join(emb.poolings)})")
-        pooled = emb.pooled(what, layer)  # (N, D) after picking the layer
-        for done, row in enumerate(np.flatnonzero(keep).tolist(), 1):
-            out.create_dataset(names[row], data=pooled[row]).attrs["original_id"] = ids[row]
-            if done % _REPORT_ROWS == 0:
-                progress(done, total)
+        ds = emb.h5[what]
+        step = max(1, _BLOCK_BYTES // (int(np.prod(ds.shape[1:])) * ds.dtype.itemsize))  # rows per read
+        done = 0
+        for start in range(0, n, step):
+            pooled = emb.pooled_block(what, start, min(n, start + step), layer)  # (rows, D) for one layer
+            for row in np.flatnonzero(keep[start : start + step]).tolist():
+                out.create_dataset(names[start + row], data=pooled[row]).attrs["original_id"] = ids[
+                    start + row
+                ]
+                done += 1
+                if done % _REPORT_ROWS == 0:
+                    progress(done, total)
         progress(total, total)
         return total
     if not emb.attrs.get("per_residue"):

@@ -94,15 +94,21 @@ class EmbeddingFile:
         Returns (N, D) with one stored layer or when `layer` (a model layer index) is given,
         else (N, K, D).
         """
+        return self.pooled_block(kind, 0, len(self), layer)
+
+    def pooled_block(self, kind: str, start: int, stop: int, layer: int | None = None) -> np.ndarray:
+        """Rows start..stop-1 of `pooled(kind, layer)`, in one read."""
         if kind not in self.poolings:
             raise StoreError(f"{self.path}: no {kind!r} embeddings (stored: {', '.join(self.poolings)})")
+        if not (is_whole(start) and is_whole(stop) and 0 <= start <= stop <= len(self)):
+            raise StoreError(f"{self.path}: rows {start}..{stop} are not a range within 0..{len(self)}")
         ds = self._h5[kind]
         if layer is None or ds.ndim == 2:
             self._layer_axis(layer)
-            data = ds[...]
+            data = ds[start:stop]
         else:
-            data = ds[:, self._layer_axis(layer)]
-        data[~self.written & ~self.skipped] = np.nan
+            data = ds[start:stop, self._layer_axis(layer)]
+        data[~self.written[start:stop] & ~self.skipped[start:stop]] = np.nan
         return data
 
     def residues(self, key: int | str, layer: int | None = None) -> np.ndarray:

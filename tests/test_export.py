@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from protembed import progress_log
+from protembed import export, progress_log
 from protembed.cli import app
 from protembed.errors import OutputExistsError, StoreError
 from protembed.export import dataset_names, escape_id, export_per_protein
@@ -53,7 +53,9 @@ def test_escape_and_unique_names() -> None:
     assert dataset_names(["x", "x", "x#2", "x", "a/b"]) == ["x", "x#2", "x#2#2", "x#3", "a%2Fb"]
 
 
-def test_export_pooled_one_layer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("block_bytes", [64 << 20, 40])  # the whole file, or 2 rows, in one read
+def test_export_pooled_one_layer(tmp_path: Path, block_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export, "_BLOCK_BYTES", block_bytes)
     make_file(tmp_path / "in.h5", layers=[6])
     summary = export_per_protein(tmp_path / "in.h5", tmp_path / "out.h5")
     assert (summary.n_written, summary.n_skipped) == (6, 1)

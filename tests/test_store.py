@@ -156,6 +156,13 @@ def test_roundtrip_layout_and_reader(tmp_path: Path) -> None:
         for start, stop in ((5, 2), (0, N + 1), (-1, 2)):
             with pytest.raises(StoreError, match=rf"rows {start}\.\.{stop} are not a range within 0\.\.{N}"):
                 emb.residue_block(start, stop)
+            with pytest.raises(StoreError, match=rf"rows {start}\.\.{stop} are not a range within 0\.\.{N}"):
+                emb.pooled_block("mean", start, stop)
+        for layer in (None, 3):
+            whole = emb.pooled("mean", layer)
+            np.testing.assert_array_equal(
+                emb.pooled_block("mean", 3, 7, layer), whole[3:7]
+            )  # NaN where skipped
 
 
 def test_one_layer_float32_without_residues(tmp_path: Path) -> None:
