@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from protembed import torchrun
-from protembed.alphabet import ALPHABETS, Alphabet
+from protembed.alphabet import ALPHABETS
 from protembed.backends import describe, prepare, resolve_backend
 from protembed.batching import default_token_budget
 from protembed.compute import COMPUTE_DTYPES, JobSpec
 from protembed.embed_setup import (
-    ModelRef,
+    Plan,
     check_model_options,
     check_options,
     check_output_folder,
@@ -83,27 +83,6 @@ class EmbedSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class _Plan:
-    """The resolved options of one run (internal to this module)."""
-
-    ref: ModelRef
-    alphabet: Alphabet
-    layers: list[int]
-    poolings: list[str]
-    per_residue: bool
-    dtype: str
-    store_dtype: str
-    tokens_per_batch: int | None
-    limit: int
-    long_policy: str
-    device: str | None
-    overwrite: bool
-    compression: str | None
-    backend: str = "torch"
-    compile: bool = False
 
 
 def embed_fasta(
@@ -186,7 +165,7 @@ def embed_fasta(
             index.cleanup()
         raise
     alphabet = ALPHABETS[ref.config.family]
-    plan = _Plan(ref, alphabet, layer_idx, list(poolings), per_residue, dtype, store_dtype, tokens_per_batch,
+    plan = Plan(ref, alphabet, layer_idx, list(poolings), per_residue, dtype, store_dtype, tokens_per_batch,
                  limit, long_policy, device, overwrite, compression, resolved, compile)  # fmt: skip
     if dist is not None:  # passed on, not kept here: the rank drops it once it has its own part
         return _embed_shard(scanned.pop(), Path(output), plan, dist, merge, progress, started, t0)
@@ -200,7 +179,7 @@ def embed_fasta(
 def _embed_shard(
     index: FastaIndex,
     output: Path,
-    plan: _Plan,
+    plan: Plan,
     dist: tuple[int, int, int],
     merge: bool,
     progress: Progress | None,
@@ -217,7 +196,7 @@ def _embed_shard(
         plan.device = torchrun.rank_device(local_rank)
     if rank == 0:
         torchrun.note_stale_shards(output, world)
-    n_tokens = _token_counts(index, plan)
+    n_tokens = plan.token_counts(index.n_residues, index.skipped)
     window_of = read_windows(n_tokens)
     start, stop = shard_ranges(n_tokens, window_of, world)[rank]
     windows = (window_of[start:stop].copy(), int(window_of[-1]))
@@ -250,20 +229,10 @@ def _job_summary(shard: EmbedSummary, skip_reasons: dict[int, str], world: int) 
                    residues_per_s=round(sums[-1] / max(slowest, 1e-9), 1))  # fmt: skip
 
 
-def _windows(index: FastaIndex, plan: _Plan) -> tuple[np.ndarray, int]:
+def _windows(index: FastaIndex, plan: Plan) -> tuple[np.ndarray, int]:
     """Read-ahead window of each row, and the input's last window (see `pipeline.read_windows`)."""
-    window_of = read_windows(_token_counts(index, plan))
+    window_of = read_windows(plan.token_counts(index.n_residues, index.skipped))
     return window_of, int(window_of[-1])
-
-
-def _token_counts(index: FastaIndex, plan: _Plan) -> np.ndarray:
-    """Tokens each row puts through the model (0 for skipped rows): what balances the work."""
-    return np.where(index.skipped, 0, _stored_lengths(index, plan) + 2)
-
-
-def _stored_lengths(index: FastaIndex, plan: _Plan) -> np.ndarray:
-    """Residues stored per row: all of them in window mode, else at most the length limit."""
-    return index.n_residues if plan.long_policy == "window" else np.minimum(index.n_residues, plan.limit)
 
 
 def recorded_budget(output: Path) -> int | None:
@@ -279,7 +248,7 @@ def recorded_budget(output: Path) -> int | None:
 def _embed_rows(
     index: FastaIndex,
     output: Path,
-    plan: _Plan,
+    plan: Plan,
     extra_attrs: dict[str, Any],
     progress: Progress | None,
     started: Callable[[int, int], None] | None,
@@ -296,7 +265,7 @@ def _embed_rows(
     """
     devices = parse_devices(plan.device)
     window = plan.long_policy == "window"
-    lengths = _stored_lengths(index, plan)
+    lengths = plan.stored_lengths(index.n_residues)
     truncated = np.zeros(len(index), dtype=bool) if window else index.n_residues > plan.limit
     skipped = index.skipped
     torch_dtype = COMPUTE_DTYPES[plan.dtype]
@@ -354,7 +323,7 @@ def _embed_rows(
 
 def _compute(
     index: FastaIndex,
-    plan: _Plan,
+    plan: Plan,
     writer: EmbeddingWriter,
     members: Members,
     pending: np.ndarray,

@@ -1,4 +1,5 @@
-"""What `embed` settles before it reads the input: where the model is, and whether the options fit.
+"""What `embed` settles before it reads the input: where the model is, whether the options fit, and
+the resulting `Plan`.
 
 Shared with `finetune`, which embeds through the same pipeline.
 """
@@ -9,6 +10,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from protembed.alphabet import Alphabet
 from protembed.cache import check_replaceable, writable
 from protembed.compute import COMPUTE_DTYPES
 from protembed.errors import OptionError, StoreError, is_whole
@@ -29,6 +33,35 @@ class ModelRef:
     revision: str
     path: Path
     config: EncoderConfig
+
+
+@dataclass
+class Plan:
+    """The resolved options of one `embed` run."""
+
+    ref: ModelRef
+    alphabet: Alphabet
+    layers: list[int]
+    poolings: list[str]
+    per_residue: bool
+    dtype: str
+    store_dtype: str
+    tokens_per_batch: int | None
+    limit: int
+    long_policy: str
+    device: str | None
+    overwrite: bool
+    compression: str | None
+    backend: str = "torch"
+    compile: bool = False
+
+    def stored_lengths(self, n_residues: np.ndarray) -> np.ndarray:
+        """Residues stored per row: all of them in window mode, else at most the length limit."""
+        return n_residues if self.long_policy == "window" else np.minimum(n_residues, self.limit)
+
+    def token_counts(self, n_residues: np.ndarray, skipped: np.ndarray) -> np.ndarray:
+        """Tokens each row puts through the model (0 for skipped rows): what balances the work."""
+        return np.where(skipped, 0, self.stored_lengths(n_residues) + 2)
 
 
 def locate_model(
