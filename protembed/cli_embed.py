@@ -183,7 +183,10 @@ def embed(
     if input_path != "-" and same_file(Path(input_path), out):
         raise OptionError(f"{out}: the output is the input file; choose another -o")
     if resume and not out.exists():
-        raise OptionError(f"--resume: {out} does not exist, nothing to resume")
+        from protembed.merge import shard_worlds
+
+        if not shard_worlds(out):  # a torchrun job stopped before its merge has shard files only
+            raise OptionError(f"--resume: {out} does not exist, nothing to resume")
     from protembed.embed import embed_fasta
 
     poolings = list(dict.fromkeys(p.strip() for p in pool.split(",") if p.strip()))  # mean,mean = mean
@@ -258,7 +261,7 @@ def _print_summary(s: EmbedSummary) -> None:
         table.add_row(k, v)
     err_console.print(table)
     for row, reason in list(s.skip_reasons.items())[:10]:
-        err_console.print(f"skipped row {row}: {reason}", highlight=False, markup=False)
+        err_console.print(f"skipped row {row}: {reason}", highlight=False, markup=False, soft_wrap=True)
 
 
 @handle_errors
@@ -291,5 +294,6 @@ def merge(
         merge_shards(output, shards, overwrite=overwrite)
         for path in shards:
             path.unlink()
-    err_console.print(f"{output}: joined {len(shards)} shards", highlight=False, markup=False)
+    done = f"{'wrote a virtual-dataset file over' if virtual else 'joined'} {len(shards)} shards"
+    err_console.print(f"{output}: {done}", highlight=False, markup=False, soft_wrap=True)
     typer.echo(str(output))

@@ -126,15 +126,16 @@ def embed_fasta(
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read
     resolved = resolve_backend(backend, devices[0], dtype, compile)
     check_output_folder(Path(output))  # before a download or weight hashing, not after
-    check_exists(input_path)  # a missing input is named before any complaint about the output
     dist = torchrun.distributed_env()
-    if dist is None:
-        torchrun.check_single_process_output(Path(output), overwrite)
-    elif is_stream(input_path):
+    # a pipe of the launching shell (`<(zcat x.gz)`) does not reach the ranks at all
+    if dist is not None and (is_stream(input_path) or str(input_path).startswith(("/dev/fd/", "/proc/"))):
         raise OptionError(
             f"{'standard input' if str(input_path) == '-' else f'{input_path} (a pipe)'} cannot be shared "
             "by the ranks of a torchrun job; give a file"
         )
+    check_exists(input_path)  # a missing input is named before any complaint about the output
+    if dist is None:
+        torchrun.check_single_process_output(Path(output), overwrite)
     # Validate the options and the whole input as soon as the model's shape is known, so that a
     # bad record fails in seconds, not after a download or weight hashing: now for a registry
     # model or a local checkpoint (whose weights are hashed later), else once a Hub model's

@@ -27,7 +27,7 @@ from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from protembed.alphabet import Alphabet
 from protembed.errors import FastaError, InvalidSequenceError
-from protembed.fasta_io import locate_lines, reading, resolve_input, storable, undecoded_byte
+from protembed.fasta_io import FileStamp, locate_lines, reading, resolve_input, storable, undecoded_byte
 from protembed.headers import Headers
 
 _BATCH_CHARS = 1 << 22  # residues checked per vectorised batch
@@ -52,6 +52,7 @@ class FastaIndex:
     skip_reasons: dict[int, str]  # row -> one-line reason
     seq_hash: np.ndarray  # uint64 [N] BLAKE2b-64 of the token ids; 0 for skipped rows
     sha256: str  # SHA-256 of the decompressed input bytes
+    stamp: FileStamp  # the file as scanned: later passes refuse it modified or replaced
     temporary: bool = False  # path is a spool that `cleanup` deletes
     first_row: int = 0  # the file's record number of row 0 (non-zero for a part)
     file_rows: int | None = None  # a part's: records in the whole file
@@ -123,7 +124,7 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str, keep_hea
         seqs.clear()
         batch_titles.clear()
 
-    with reading(file, source) as (handle, digest):
+    with reading(file, source) as (handle, digest, stamp):
         for title, seq in SimpleFastaParser(handle):
             if "\x00" in title:  # HDF5 strings cannot hold it
                 bad[n_rows] = (0, "NUL byte in the header")
@@ -169,7 +170,7 @@ def _scan(source: str, file: Path, alphabet: Alphabet, on_invalid: str, keep_hea
         rows = np.fromiter(bad, dtype=np.int64, count=len(bad))
         skipped[rows], n_residues[rows], seq_hash[rows] = True, 0, 0
     ids = descriptions.ids()
-    return FastaIndex(source, file, ids, descriptions, n_residues, skipped, reasons, seq_hash, sha)
+    return FastaIndex(source, file, ids, descriptions, n_residues, skipped, reasons, seq_hash, sha, stamp)
 
 
 def index_part(index: FastaIndex, start: int, stop: int) -> FastaIndex:
@@ -183,7 +184,7 @@ def index_part(index: FastaIndex, start: int, stop: int) -> FastaIndex:
     assert index.file_rows is None and 0 <= start <= stop <= len(index), (start, stop, len(index))
     blob, sizes, titles = bytearray(), [], []
     if stop > start:
-        with reading(index.path, index.source) as (handle, _):
+        with reading(index.path, index.source, index.stamp) as (handle, _, _):
             for title, _seq in islice(SimpleFastaParser(handle), start, stop):
                 titles.append(storable(title))
                 if len(titles) >= _BATCH_RECORDS:
@@ -197,8 +198,8 @@ def index_part(index: FastaIndex, start: int, stop: int) -> FastaIndex:
     reasons = {r - start: why for r, why in index.skip_reasons.items() if start <= r < stop}
     return FastaIndex(
         index.source, index.path, descriptions.ids(), descriptions, index.n_residues[rows].copy(),
-        index.skipped[rows].copy(), reasons, index.seq_hash[rows].copy(), index.sha256, index.temporary,
-        first_row=start, file_rows=len(index),
+        index.skipped[rows].copy(), reasons, index.seq_hash[rows].copy(), index.sha256, index.stamp,
+        index.temporary, first_row=start, file_rows=len(index),
     )  # fmt: skip
 
 
@@ -213,7 +214,7 @@ def iter_records(index: FastaIndex) -> Iterator[tuple[int, str]]:
     expected = iter(index.ids)  # decoded in bulk: one lookup per record would cost as much as the parse
     # read to the file's end (to see a record added since the scan) unless a part ends earlier
     end = stop if index.file_rows is not None and stop < index.file_rows else None
-    with reading(index.path, index.source) as (handle, _):
+    with reading(index.path, index.source, index.stamp) as (handle, _, _):
         records = islice(SimpleFastaParser(handle), first, end)
         for row, (title, seq) in enumerate(records, start=first):
             title = storable(title)  # as the scan stored it
@@ -317,6 +318,11 @@ def _reason(pos: int, char: str) -> str:
 
 def _blake(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def token_hash(residue_ids: np.ndarray) -> int:
+    """A record's `FastaIndex.seq_hash` from its residue token ids (`Alphabet.residue_ids`)."""
+    return int.from_bytes(_blake(residue_ids.astype(np.uint8).tobytes()), "little")
 
 
 def _fail(file: Path, source: str, row: int, pos: int, record: str | None, reason: str) -> NoReturn:

@@ -26,6 +26,8 @@ from typing import BinaryIO
 
 from protembed.errors import FastaError
 
+FileStamp = tuple[int, int, int, int]  # device, inode, size, modification time (ns)
+
 # Text is decoded with errors="surrogateescape": a byte that is not UTF-8 becomes U+DC80..U+DCFF,
 # so such a record is reported (and skippable) like any other bad record.
 _ESCAPED = re.compile("[\udc80-\udcff]")
@@ -146,10 +148,14 @@ def decompressed(raw: io.BufferedReader, source: str) -> BinaryIO:
 
 
 @contextmanager
-def reading(file: Path, source: str) -> Iterator[tuple[Iterator[str], hashlib._Hash]]:
-    """Text lines of a plain or gzip file, starting at the first header, plus a running hash.
+def reading(
+    file: Path, source: str, same_as: FileStamp | None = None
+) -> Iterator[tuple[Iterator[str], hashlib._Hash, FileStamp]]:
+    """Text lines of a plain or gzip file, starting at the first header, plus a running hash and
+    the file's stamp.
 
-    Every failure to read becomes a one-line `FastaError`.
+    Every failure to read becomes a one-line `FastaError`; so does a stamp other than `same_as`
+    (the file was modified or replaced since that stamp was taken).
     """
     try:
         raw = open(file, "rb")  # noqa: SIM115 - closed below
@@ -157,12 +163,16 @@ def reading(file: Path, source: str) -> Iterator[tuple[Iterator[str], hashlib._H
         raise FastaError(source, None, None, f"cannot read input: {exc.strerror or exc}") from None
     binary: BinaryIO = raw
     try:
+        info = os.fstat(raw.fileno())
+        stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        if same_as is not None and stamp != same_as:
+            raise FastaError(source, None, None, "input changed since it was scanned (modified or replaced)")
         binary = decompressed(raw, source)
         hashing = _Hashing(binary)
         text = io.TextIOWrapper(
             io.BufferedReader(hashing, 1 << 20), encoding="utf-8-sig", errors="surrogateescape", newline=None
         )
-        yield itertools.chain(_first_header(text, source), text), hashing.sha
+        yield itertools.chain(_first_header(text, source), text), hashing.sha, stamp
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise FastaError(source, None, None, f"corrupt gzip input: {exc}") from None
     except OSError as exc:
@@ -196,7 +206,7 @@ def locate_lines(file: Path, targets: dict[int, int]) -> dict[int, int]:
     """
     found: dict[int, int] = {}
     row, done, count = -1, len(targets), 0
-    with reading(file, str(file)) as (lines, _):
+    with reading(file, str(file)) as (lines, _, _):
         lineno = 0
         for lineno, line in enumerate(lines, 1):  # noqa: B007 - lineno is used after the loop
             if line[0] == ">":

@@ -24,8 +24,8 @@ from protembed import signals
 from protembed.alphabet import Alphabet
 from protembed.batching import split_tail, token_batches
 from protembed.compute import BatchResult, JobSpec, SequenceTooLargeError, compute_unit
-from protembed.errors import InvalidSequenceError, ProtembedError
-from protembed.fasta import FastaIndex, iter_records
+from protembed.errors import FastaError, InvalidSequenceError, ProtembedError
+from protembed.fasta import FastaIndex, iter_records, token_hash
 from protembed.models.encoder import Encoder
 from protembed.store import EmbeddingWriter
 from protembed.windows import split
@@ -222,6 +222,9 @@ def units_to_compute(work: Work, budget: int) -> Iterator[Unit]:
             ids = work.alphabet.encode(seq)
         except InvalidSequenceError as exc:  # named here: looking every id up would slow this loop
             raise InvalidSequenceError(exc.char, exc.position, work.index.ids[row]) from None
+        if token_hash(ids[1:-1]) != int(work.index.seq_hash[row]):  # edited while this run reads it
+            changed = f"input changed since it was scanned (record {work.index.first_row + row + 1})"
+            raise FastaError(work.index.source, None, None, changed)
         if ids.size - 2 > work.limit:
             if work.window:
                 if work.pending[work.members[row]].any():

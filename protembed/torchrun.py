@@ -16,7 +16,14 @@ from typing import TypeVar
 
 import torch
 
-from protembed.errors import RERUN, OptionError, OutputExistsError, StoreError, first_line
+from protembed.errors import (
+    RERUN,
+    OptionError,
+    OutputCompleteError,
+    OutputExistsError,
+    StoreError,
+    first_line,
+)
 from protembed.merge import merge_shards, shard_path, shard_sets, shard_worlds, write_virtual
 from protembed.reader import output_complete, unfinished_output
 
@@ -65,10 +72,21 @@ def check_output(output: Path, world: int, merge: bool, overwrite: bool) -> None
     """OutputExistsError if `output` exists, unless overwriting or it is this job's stopped merge."""
     if not output.exists() or overwrite or _stopped_merge(output, world, merge):
         return
-    if unfinished_output(output) and not shard_worlds(output):
+    state = output_complete(output)  # None: not an embeddings file
+    if state:
+        raise OutputCompleteError(
+            f"{output}: a complete output already exists; pass --overwrite to replace it"
+        )
+    if state is False and not (worlds := shard_worlds(output)):
         raise OutputExistsError(
             f"{output}: an unfinished output of a single-process run (no shard files beside it); "
             "run its command again without torchrun to resume it, or pass --overwrite to start over"
+        )
+    if state is False and (done := [w for w in worlds if w != world and _shards_done(output, w)]):
+        raise OutputExistsError(
+            f"{output}: the stopped merge of a torchrun job of {done[0]} ranks ({shard_sets(done[:1])}); "
+            f"run it with {done[0]} ranks, or `protembed merge {output}`, to finish it; or pass --overwrite "
+            "to start over"
         )
     raise OutputExistsError(f"{output}: exists; pass --overwrite to replace it")
 

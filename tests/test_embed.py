@@ -482,6 +482,8 @@ def test_torchrun_refuses_stdin_and_names_a_lost_rank(
     os.mkfifo(fifo)  # each rank would read a piece of it
     r = runner.invoke(app, ["embed", str(fifo), "-o", str(tmp_path / "a.h5"), "--model", ESM])
     one_line_error(r, f"{fifo} (a pipe) cannot be shared by the ranks of a torchrun job; give a file")
+    r = runner.invoke(app, ["embed", "/dev/fd/63", "-o", str(tmp_path / "a.h5"), "--model", ESM])  # <(...)
+    one_line_error(r, "/dev/fd/63 (a pipe) cannot be shared by the ranks of a torchrun job; give a file")
 
     def closed(*_: object, **__: object) -> None:
         raise RuntimeError("[gloo pair.cc:553] Connection closed by peer [127.0.0.1]:5678\nmore")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ import pytest
 from protembed import fasta
 from protembed.alphabet import AMPLIFY, ESM2
 from protembed.errors import FastaError, InvalidSequenceError
-from protembed.fasta import duplicate_groups, iter_records, scan_fasta
+from protembed.fasta import FastaIndex, duplicate_groups, iter_records, scan_fasta
 from protembed.headers import Headers
 from protembed.pipeline import Work, plan_members, units_to_compute
 
@@ -203,19 +204,31 @@ def test_a_part_is_its_rows_of_the_whole_index(tmp_path: Path, start: int, stop:
     assert list(iter_records(part)) == [(r - start, s) for r, s in iter_records(whole) if start <= r < stop]
 
 
+def stamped(index: FastaIndex) -> FastaIndex:
+    """`index` taking the file as it is now: what a pass that opened it before a change sees."""
+    info = os.stat(index.path)
+    return replace(index, stamp=(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns))
+
+
 def test_a_part_notices_a_changed_file(tmp_path: Path) -> None:
     path = write(tmp_path, PARTS_TEXT)
     bare = scan_fasta(path, ESM2, on_invalid="skip", headers=False)
     early, last = fasta.index_part(bare, 0, 2), fasta.index_part(bare, 4, 7)
     path.write_text(PARTS_TEXT + ">g\nMK\n")  # a record added after the scan
-    assert [r for r, _ in iter_records(early)] == [0, 1]  # not this part's business
+    for index in (early, last):  # on opening: the file's size and time are not the scan's
+        with pytest.raises(FastaError, match=r"input changed since it was scanned \(modified or replaced\)$"):
+            list(iter_records(index))
+    with pytest.raises(FastaError, match=r"\(modified or replaced\)$"):
+        fasta.index_part(bare, 4, 7)
+    # changes after a pass opened the file: seen where they meet the records it reads
+    assert [r for r, _ in iter_records(stamped(early))] == [0, 1]  # not this part's business
     with pytest.raises(FastaError, match=r"input changed since it was scanned \(record 8\)"):
-        list(iter_records(last))  # the last part reads to the end
+        list(iter_records(stamped(last)))  # the last part reads to the end
     path.write_text(PARTS_TEXT.split(">f")[0])
     with pytest.raises(FastaError, match=r"input changed since it was scanned \(fewer records\)"):
-        list(iter_records(last))
+        list(iter_records(stamped(last)))
     with pytest.raises(FastaError, match=r"input changed since it was scanned \(fewer records\)"):
-        fasta.index_part(bare, 4, 7)
+        fasta.index_part(stamped(bare), 4, 7)
 
 
 def test_missing_and_directory(tmp_path: Path) -> None:
@@ -291,20 +304,38 @@ def test_second_pass_notices_a_changed_file(tmp_path: Path) -> None:
     path = write(tmp_path, TEXT)
     index = scan_fasta(path, ESM2)
     path.write_text(TEXT.replace(">p2", ">other"))
-    with pytest.raises(FastaError, match="input changed since it was scanned"):
+    with pytest.raises(FastaError, match=r"input changed since it was scanned \(modified or replaced\)$"):
         list(iter_records(index))
+    (tmp_path / "new.fasta").write_text(TEXT)
+    os.replace(tmp_path / "new.fasta", path)  # the same bytes in another file: not the one scanned
+    with pytest.raises(FastaError, match=r"\(modified or replaced\)$"):
+        list(iter_records(index))
+    # changes after the pass opened the file: seen where they meet the records it reads
+    path.write_text(TEXT.replace(">p2", ">other"))
+    with pytest.raises(FastaError, match=r"input changed since it was scanned \(record 2\)"):
+        list(iter_records(stamped(index)))
     path.write_text(TEXT + ">extra\nMK\n")
-    with pytest.raises(FastaError, match="input changed since it was scanned"):
-        list(iter_records(index))
+    with pytest.raises(FastaError, match=r"input changed since it was scanned \(record 4\)"):
+        list(iter_records(stamped(index)))
     path.write_text(TEXT.split(">p3")[0])
     with pytest.raises(FastaError, match=r"input changed since it was scanned \(fewer records\)"):
-        list(iter_records(index))
-    path.write_text(TEXT.replace("MK<mask>T", "MK<mask>7"))  # same ids, a residue the scan never saw
+        list(iter_records(stamped(index)))
     n = len(index)
-    work = Work(index, ESM2, plan_members(np.arange(n), np.arange(n)), np.ones(n, dtype=bool),
-                index.n_residues, 1022, False, np.zeros(n, dtype=np.int64), 0)  # fmt: skip
+
+    def units(index: FastaIndex) -> list:
+        work = Work(index, ESM2, plan_members(np.arange(n), np.arange(n)), np.ones(n, dtype=bool),
+                    index.n_residues, 1022, False, np.zeros(n, dtype=np.int64), 0)  # fmt: skip
+        return list(units_to_compute(work, 4096))
+
+    path.write_text(TEXT.replace("MK<mask>T", "MK<mask>7"))  # same ids, a residue the scan never saw
     with pytest.raises(InvalidSequenceError, match="record 'p2': invalid residue '7' at position 9"):
-        list(units_to_compute(work, 4096))
+        units(stamped(index))
+    for edit in ("MK<mask>TA", "MK<mask>A", "MK\nAAAAAAAA"):  # longer, same length, another row's length
+        path.write_text(TEXT.replace("MK<mask>T", edit))
+        with pytest.raises(FastaError, match=r"input changed since it was scanned \(record 2\)"):
+            units(stamped(index))
+    path.write_text(TEXT.replace("MK<mask>T", "mk<MASK>t"))  # case carries no meaning: the same tokens
+    assert sorted(int(r) for reps, _, _ in units(stamped(index)) for r in reps) == [0, 1, 2]
 
 
 def test_sha256_is_stable_and_content_based(tmp_path: Path) -> None:

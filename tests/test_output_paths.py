@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from protembed.cache import check_file_output
 from protembed.cli import app
-from protembed.errors import HubError, OutputExistsError, StoreError
+from protembed.errors import HubError, OutputCompleteError, OutputExistsError, StoreError
 from protembed.hub_cache import cached_snapshot, repo_dir
 from protembed.merge import find_shards, shard_worlds, write_virtual
 from protembed.reader import open_embeddings
@@ -76,6 +76,34 @@ def test_outputs_never_replace_a_link_or_a_pipe(embedded: Path, tmp_path: Path) 
     assert (
         not list(tmp_path.glob("*.partial")) and len(find_shards(output)) == 2
     )  # nothing written, shards kept
+
+
+def test_what_a_rerun_of_a_torchrun_job_is_told(embedded: Path, tmp_path: Path) -> None:
+    """A complete output, another job's stopped merge, shards without an output (--resume)."""
+    from protembed import torchrun
+
+    output = make_shards(tmp_path / "job", embedded, embedded)
+    r = run("merge", output, "--virtual")
+    assert r.exit_code == 0 and f"{output}: wrote a virtual-dataset file over 2 shards" in r.output
+    with pytest.raises(
+        OutputCompleteError, match=rf"^{output}: a complete output already exists; pass --overwrite"
+    ):
+        torchrun.check_output(output, 2, True, False)
+    shutil.copy(embedded, output)
+    with h5py.File(output, "r+") as f:
+        f.attrs["complete"] = False  # the merge of the 2-rank job, stopped
+    torchrun.check_output(output, 2, True, False)  # this job's own: the rerun finishes it
+    told = (
+        rf"^{output}: the stopped merge of a torchrun job of 2 ranks \(\*-of-002\); run it with 2 ranks, "
+        rf"or `protembed merge {output}`, to finish it; or pass --overwrite to start over$"
+    )
+    with pytest.raises(OutputExistsError, match=told):
+        torchrun.check_output(output, 3, True, False)
+    output.unlink()  # stopped before the merge: shards only, which --resume accepts
+    r = run("embed", tmp_path / "s.fa", "-o", output, "--model", ESM, "--resume")
+    one_line_error(
+        r, f"shard files of a torchrun job are beside {output} (*-of-002): run that torchrun command"
+    )
 
 
 def test_merge_names_the_shard_that_does_not_fit(embedded: Path, tmp_path: Path) -> None:
