@@ -26,7 +26,9 @@ from typing import BinaryIO
 
 from protembed.errors import FastaError
 
-FileStamp = tuple[int, int, int, int]  # device, inode, size, modification time (ns)
+# size and modification time (ns): not device and inode, which some network and FUSE file
+# systems number afresh when a file is opened again
+FileStamp = tuple[int, int]
 
 # Text is decoded with errors="surrogateescape": a byte that is not UTF-8 becomes U+DC80..U+DCFF,
 # so such a record is reported (and skippable) like any other bad record.
@@ -164,7 +166,7 @@ def reading(
     binary: BinaryIO = raw
     try:
         info = os.fstat(raw.fileno())
-        stamp = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        stamp = (info.st_size, info.st_mtime_ns)
         if same_as is not None and stamp != same_as:
             raise FastaError(source, None, None, "input changed since it was scanned (modified or replaced)")
         binary = decompressed(raw, source)
