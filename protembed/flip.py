@@ -268,10 +268,12 @@ def find_file(root: Path, folder: str, name: str, task: Task | None = None) -> P
 
 
 def _not_splits(task: Task) -> dict[str, str]:
-    """The files beside a per-residue task's splits, by name, and what they hold."""
+    """The files beside a per-residue task's splits, by name, and what they hold (`mask` is the
+    resolved mask's other name in some copies of FLIP's secondary-structure folder)."""
     if task.level != "residue":
         return {}
-    return {"sequences": "sequences", **({task.mask: "resolved-residue mask"} if task.mask else {})}
+    masks = dict.fromkeys((task.mask, "mask"), "resolved-residue mask") if task.mask else {}
+    return {"sequences": "sequences", **masks}
 
 
 def _not_usable(path: Path, folder: bool) -> str | None:
@@ -319,5 +321,6 @@ def load_task(
 
     if task.level == "sequence":
         return read_sequence_task(task, split, get(split, is_split=True))
+    sequences, labels = get("sequences"), get(split, is_split=True)  # asked for before the mask
     mask = get(task.mask) if task.mask else None
-    return read_residue_task(task, split, get("sequences"), get(split, is_split=True), mask)
+    return read_residue_task(task, split, sequences, labels, mask)

@@ -131,13 +131,18 @@ def test_split_names_the_files_that_are_splits(tmp_path: Path) -> None:
             FlipError, match=r"--split sequences: sequences.fasta holds .*sequences, not a split"
         ):
             load_task(ss3, "sequences.fasta", data_dir=data_dir)
-    found = r"split files there: mask.fasta, sampled.fasta; FLIP's splits: sampled"
+        with pytest.raises(FlipError, match=r"--split mask: mask.fasta holds .*resolved-residue mask"):
+            load_task(ss3, "mask", data_dir=data_dir)
+    found = r"split files there: sampled.fasta; FLIP's splits: sampled"
     with pytest.raises(FlipError, match=rf"no nope.fasta\[.gz\] in .*secondary_structure \({found}\)"):
         load_task(ss3, "nope", data_dir=TINY)
     with pytest.raises(
         FlipError, match=r"\(split files there: sampled.fasta, two_vs_rest.fasta; FLIP's splits: one_vs"
     ):
         load_task(get_task("flip-gb1"), "nope", data_dir=TINY)
+    (tmp_path / "empty" / "secondary_structure").mkdir(parents=True)  # the sequences are asked for first
+    with pytest.raises(FlipError, match=r"^no sequences.fasta\[.gz\] in .*secondary_structure$"):
+        load_task(ss3, None, data_dir=tmp_path / "empty")
     # a file that is not a split fails on its first record's missing SET=, not on its labels
     (tmp_path / "secondary_structure").mkdir()
     for name in ("sequences", "resolved"):
