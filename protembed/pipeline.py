@@ -218,11 +218,13 @@ def units_to_compute(work: Work, budget: int) -> Iterator[Unit]:
         if work.window_of[row] != current:
             yield from _sorted(work, rows, tokens, budget, current)
             rows, tokens, current = [], [], int(work.window_of[row])
+        # the scan validated this record and hashed its tokens: it was edited while this run read it
         try:
             ids = work.alphabet.encode(seq)
-        except InvalidSequenceError as exc:  # named here: looking every id up would slow this loop
-            raise InvalidSequenceError(exc.char, exc.position, work.index.ids[row]) from None
-        if token_hash(ids[1:-1]) != int(work.index.seq_hash[row]):  # edited while this run reads it
+            same = token_hash(ids[1:-1]) == int(work.index.seq_hash[row])
+        except InvalidSequenceError:
+            same = False
+        if not same:
             changed = f"input changed since it was scanned (record {work.index.first_row + row + 1})"
             raise FastaError(work.index.source, None, None, changed)
         if ids.size - 2 > work.limit:
