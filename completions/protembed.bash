@@ -96,7 +96,7 @@ _protembed() {
         case $cmd in
             '') _protembed_words '--version --debug --install-completion --show-completion --help' ;;
             embed) _protembed_words '-o --output -m --model --revision -l --layer --pool --per-residue --dtype --store-dtype --tokens-per-batch --max-length --long --device --backend --compile --resume --overwrite --on-invalid --compression --merge --no-merge -q --quiet --json --help' ;;
-            merge) _protembed_words '--virtual --overwrite --help' ;;
+            merge) _protembed_words '--virtual --overwrite -q --quiet --help' ;;
             download) _protembed_words '--revision --cache-dir --force -q --quiet --help' ;;
             models) _protembed_words '--json --cache-dir --help' ;;
             finetune) _protembed_words '-m --model --features --split --head --layer --epochs --lr --batch-size --seed --patience --data-dir --cache-dir -o --output --overwrite --device --backend --json --plot -q --quiet --help' ;;

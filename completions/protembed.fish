@@ -47,6 +47,7 @@ complete -c protembed -n '__fish_seen_subcommand_from embed' -F -d 'FASTA file (
 # protembed merge
 complete -c protembed -n '__fish_seen_subcommand_from merge' -l virtual -d 'Write an HDF5 virtual-dataset file over the shards instead.'
 complete -c protembed -n '__fish_seen_subcommand_from merge' -l overwrite -d 'Replace an existing OUTPUT.'
+complete -c protembed -n '__fish_seen_subcommand_from merge' -s q -l quiet -d 'No progress and no closing line.'
 complete -c protembed -n '__fish_seen_subcommand_from merge' -l help -d 'Show this message and exit.'
 complete -c protembed -n '__fish_seen_subcommand_from merge' -F -d 'The output (OUT.h5) whose shards (OUT.shard-*-of-*.h5) to join.'
 

@@ -9,7 +9,8 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from functools import wraps
 from pathlib import Path
@@ -22,6 +23,7 @@ from rich.markup import escape
 from protembed import signals
 from protembed.cache import user_path
 from protembed.errors import RERUN, ProtembedError
+from protembed.progress_log import ProgressLog
 from protembed.signals import Terminated
 
 if TYPE_CHECKING:
@@ -241,3 +243,22 @@ def _to_stdout(write: Callable[[], object]) -> None:
         raise
     except OSError as exc:
         raise ProtembedError(f"cannot write to standard output: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def row_progress(verb: str, unit: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A `progress(done, total)` callback: a bar on a terminal, plain lines a minute apart in a
+    log file (stderr not a terminal), nothing when `quiet`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    log = ProgressLog(verb, unit=unit) if not quiet and not err_console.is_terminal else None
+    columns = (TextColumn(verb), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, disable=quiet or log is not None, transient=True) as bar:
+        task = bar.add_task(verb, total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            if log is not None:
+                log.advance(done, total)
+
+        yield progress

@@ -23,6 +23,7 @@ from protembed.cli_common import (
     input_value,
     path_value,
     print_json,
+    row_progress,
 )
 from protembed.errors import OptionError
 from protembed.progress_log import ProgressLog
@@ -283,6 +284,9 @@ def merge(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing OUTPUT.", metavar="")
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress and no closing line.", metavar="")
+    ] = False,
 ) -> None:
     """Join the shard files of a torchrun job (e.g. after an interrupted job was finished by hand)."""
     from protembed.merge import find_shards, merge_shards, write_virtual
@@ -291,9 +295,11 @@ def merge(
     if virtual:
         write_virtual(output, shards, overwrite=overwrite)
     else:
-        merge_shards(output, shards, overwrite=overwrite)
+        with row_progress("merging", "rows", quiet) as progress:
+            merge_shards(output, shards, overwrite, progress)
         for path in shards:
             path.unlink()
     done = f"{'wrote a virtual-dataset file over' if virtual else 'joined'} {len(shards)} shards"
-    err_console.print(f"{output}: {done}", highlight=False, markup=False, soft_wrap=True)
+    if not quiet:
+        err_console.print(f"{output}: {done}", highlight=False, markup=False, soft_wrap=True)
     typer.echo(str(output))

@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from protembed.cli_common import err_console, handle_errors, path_value
-from protembed.progress_log import ProgressLog
+from protembed.cli_common import err_console, handle_errors, path_value, row_progress
 
 
 class Layout(str, Enum):
@@ -68,20 +66,7 @@ def export(
     """
     from protembed.export import export_per_protein  # h5py and numpy: not for --help
 
-    plain = not quiet and not err_console.is_terminal  # a log file: lines instead of a bar
-    log = ProgressLog("exporting", unit="records") if plain else None
-    columns = (TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    show = not quiet and log is None
-    with Progress(*columns, console=err_console, disable=not show, transient=True) as bar:
-        task = bar.add_task("exporting", total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-            if log is not None and done == 0:
-                log.start(total)
-            elif log is not None:
-                log.update(done)
-
+    with row_progress("exporting", "records", quiet) as progress:
         summary = export_per_protein(
             source, output, what=what.value, layer=layer, overwrite=overwrite, progress=progress
         )

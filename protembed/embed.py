@@ -117,8 +117,9 @@ def embed_fasta(
     joins the shards when all are done (`merge=False`: a virtual-dataset file over them).
     `progress(rows_done, residues_done, n_rows)` is called as rows are written; `started(rows,
     residues)` once the work is known (rows and residues still to compute). `quiet` hides the
-    download progress of a model that is not cached yet. `cache_dir` is the protembed cache that
-    remembers a local checkpoint's weights digest (default: `cache.default_cache_dir()`).
+    download progress of a model that is not cached yet, and rank 0's merge progress lines.
+    `cache_dir` is the protembed cache that remembers a local checkpoint's weights digest
+    (default: `cache.default_cache_dir()`).
     """
     t0 = time.perf_counter()
     poolings = pooling_names(poolings)
@@ -169,7 +170,7 @@ def embed_fasta(
     plan = Plan(ref, alphabet, layer_idx, list(poolings), per_residue, dtype, store_dtype, tokens_per_batch,
                  limit, long_policy, device, overwrite, compression, resolved, compile)  # fmt: skip
     if dist is not None:  # passed on, not kept here: the rank drops it once it has its own part
-        return _embed_shard(scanned.pop(), Path(output), plan, dist, merge, progress, started, t0)
+        return _embed_shard(scanned.pop(), Path(output), plan, dist, merge, progress, started, t0, quiet)
     index = scanned.pop()
     try:
         return _embed_rows(index, Path(output), plan, {}, progress, started, t0)
@@ -186,6 +187,7 @@ def _embed_shard(
     progress: Progress | None,
     started: Callable[[int, int], None] | None,
     t0: float,
+    quiet: bool,
 ) -> EmbedSummary:
     """This rank's rows into its shard file; rank 0 joins the shards once every rank is done.
 
@@ -212,7 +214,7 @@ def _embed_shard(
         )
         return _job_summary(summary, job_reasons, world)
 
-    summary = torchrun.run_rank(output, rank, world, merge, plan.overwrite, embed_shard)
+    summary = torchrun.run_rank(output, rank, world, merge, plan.overwrite, embed_shard, quiet)
     summary.output, summary.output_bytes = str(output), output.stat().st_size if rank == 0 else 0
     summary.elapsed_s = round(time.perf_counter() - t0, 3)  # the merge included
     return summary

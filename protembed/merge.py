@@ -11,7 +11,7 @@ file that reads through to the shards (which must then stay beside it).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, overload
 
@@ -125,9 +125,15 @@ def _check_shards(shards: list[Path]) -> tuple[dict[str, Any], list[tuple[int, i
     return settings, ranges
 
 
-def merge_shards(output: Path, shards: list[Path], overwrite: bool = False) -> Path:
+def merge_shards(
+    output: Path,
+    shards: list[Path],
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Join complete shards into one plain output, identical to a single-process run (compressed
-    as the shards are). An unfinished output of an earlier merge of the same shards resumes."""
+    as the shards are). An unfinished output of an earlier merge of the same shards resumes.
+    `progress(rows copied, rows to copy)` is called once before the copy and after every step."""
     settings, _ = _check_shards(shards)
     files = [open_embeddings(p) for p in shards]
     try:
@@ -145,10 +151,18 @@ def merge_shards(output: Path, shards: list[Path], overwrite: bool = False) -> P
         )  # fmt: skip
         todo = np.zeros(len(ids), dtype=bool)
         todo[writer.pending] = True  # all rows, less those a stopped merge already copied
+        count = [0, int(todo.sum())]  # copied, to copy
+
+        def copied(rows: int) -> None:
+            count[0] += rows
+            if progress is not None:
+                progress(*count)
+
+        copied(0)
         with writer:
             base = 0
             for f in files:
-                _copy_rows(f, writer, base, todo[base : base + len(f)])
+                _copy_rows(f, writer, base, todo[base : base + len(f)], copied)
                 base += len(f)
             writer.close(complete=True)
     finally:
@@ -202,9 +216,12 @@ def _skip_reasons(files: list[Any]) -> dict[int, str]:
     return reasons
 
 
-def _copy_rows(f: Any, writer: EmbeddingWriter, base: int, todo: np.ndarray) -> None:
+def _copy_rows(
+    f: Any, writer: EmbeddingWriter, base: int, todo: np.ndarray, copied: Callable[[int], None]
+) -> None:
     """Copy the rows of shard `f` marked in `todo` to rows base + i of the output, about
-    COPY_BYTES at a time (per-residue rows of a large model are megabytes each)."""
+    COPY_BYTES at a time (per-residue rows of a large model are megabytes each); `copied(n)`
+    after each step."""
     row_bytes = sum(f.h5[name].dtype.itemsize * int(np.prod(f.h5[name].shape[1:])) for name in f.poolings)
     if "residues" in f.h5:  # each row's residues too
         residue_bytes = f.h5["residues"].dtype.itemsize * int(np.prod(f.h5["residues"].shape[1:]))
@@ -229,6 +246,7 @@ def _copy_rows(f: Any, writer: EmbeddingWriter, base: int, todo: np.ndarray) -> 
                 block = block if block.ndim == 3 else block[:, None, :]
                 residues = [block[offs[r - start] : offs[r - start + 1]] for r in rows]
             writer.write(rows + base, pooled, residues)
+            copied(int(rows.size))
         start = stop
 
 

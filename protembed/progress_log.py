@@ -38,6 +38,13 @@ class ProgressLog:
         rows = f"{rows_done:,}/{self.rows:,} {self.unit} ({share:.1f}%)"
         self._say(f"{rows}, {rate:,.0f} {unit}/s, {_eta(left)} left")
 
+    def advance(self, rows_done: int, rows: int) -> None:
+        """`start` on the first call, `update` after (a `progress(done, total)` callback)."""
+        if not self.t0:
+            self.start(rows)
+        else:
+            self.update(rows_done)
+
     def _say(self, text: str) -> None:
         print(f"{self.prefix}{text}", file=sys.stderr, flush=True)
 

@@ -25,6 +25,7 @@ from protembed.errors import (
     first_line,
 )
 from protembed.merge import merge_shards, shard_path, shard_sets, shard_worlds, write_virtual
+from protembed.progress_log import ProgressLog
 from protembed.reader import output_complete, unfinished_output
 
 T = TypeVar("T")
@@ -168,10 +169,17 @@ def _peer_lost(exc: RuntimeError) -> StoreError:
 
 
 def run_rank(
-    output: Path, rank: int, world: int, merge: bool, overwrite: bool, embed_shard: Callable[[Path], T]
+    output: Path,
+    rank: int,
+    world: int,
+    merge: bool,
+    overwrite: bool,
+    embed_shard: Callable[[Path], T],
+    quiet: bool = False,
 ) -> T:
     """`embed_shard(shard file)` for this rank, then, once every rank is done, rank 0 joins the
-    shards into `output` (deleting them) or writes a virtual-dataset file over them."""
+    shards into `output` (deleting them; progress as log lines unless `quiet`) or writes a
+    virtual-dataset file over them."""
     import torch.distributed as tdist
 
     if not tdist.is_initialized():
@@ -185,7 +193,8 @@ def run_rank(
         if rank == 0:
             shards = [shard_path(output, r, world) for r in range(world)]
             if merge:
-                merge_shards(output, shards, overwrite=overwrite)
+                log = None if quiet else ProgressLog("merging", f"rank 0/{world}: ")
+                merge_shards(output, shards, overwrite, log.advance if log is not None else None)
                 for path in shards:
                     path.unlink()
             else:

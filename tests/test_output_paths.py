@@ -104,6 +104,11 @@ def test_what_a_rerun_of_a_torchrun_job_is_told(embedded: Path, tmp_path: Path) 
     one_line_error(
         r, f"shard files of a torchrun job are beside {output} (*-of-002): run that torchrun command"
     )
+    r = run("merge", output, "-q")
+    assert r.exit_code == 0 and r.output == f"{output}\n" and not shard_worlds(output)
+    output = make_shards(tmp_path / "again", embedded, embedded)
+    r = run("merge", output)  # not a terminal: progress as log lines
+    assert r.exit_code == 0 and "merging 4 rows" in r.output and f"{output}: joined 2 shards" in r.output
 
 
 def test_merge_names_the_shard_that_does_not_fit(embedded: Path, tmp_path: Path) -> None:

@@ -107,10 +107,13 @@ def test_torchrun_two_ranks_equal_one_process(many: Path, single: Path, merge: b
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     cmd = [*launcher, *rendezvous, "-m", "protembed", *embed_args(fasta, out)]
-    if not merge:
+    if merge:
+        cmd.remove("--quiet")  # progress: log lines, stderr being a pipe
+    else:
         cmd.append("--no-merge")
     r = subprocess.run([*cmd, "--json"], check=True, env=ENV, capture_output=True, text=True)
     job = json.loads(r.stdout)  # one summary, from rank 0, for the whole job
+    assert ("rank 0/2: merging 1,200 rows" in r.stderr) == merge, r.stderr
     with h5py.File(single, "r") as f:
         assert (job["records"], job["residues"]) == (len(f["lengths"]), int(f["lengths"][:].sum()))
     assert (job["ranks"], job["computed"], job["output"]) == (2, 1200, str(out))
@@ -165,7 +168,10 @@ def test_torchrun_three_ranks_with_skipped_and_repeated_records(
     job = json.loads(subprocess.run(cmd, check=True, env=ENV, capture_output=True, text=True).stdout)
     monkeypatch.setattr(merge_module, "COPY_BYTES", 200_000)  # a few rows per step, not whole shards
     monkeypatch.setattr(merge_module, "_TEXT_ROWS", 64)  # skip reasons read in several blocks
-    merge_shards(out, find_shards(out), overwrite=True)
+    calls: list[tuple[int, int]] = []
+    merge_shards(out, find_shards(out), overwrite=True, progress=lambda *done: calls.append(done))
+    assert calls[0] == (0, 1198) and calls[-1] == (1198, 1198) and len(calls) > 10
+    assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
     assert job["skip_reasons"] == alone["skip_reasons"] and set(job["skip_reasons"]) == {"3", "600"}
     assert job["skip_reasons"]["3"] == f"{fasta}:8: invalid residue '7' at position 3"
     assert (job["records"], job["skipped"], job["computed"] + job["duplicates"]) == (1200, 2, 1198)
