@@ -107,7 +107,7 @@ def handle_errors(fn: F) -> F:
             # texts quoted from HDF5 or the OS may hold line breaks; spaces inside a line are kept
             one_line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
             one_line = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", one_line)  # ids with NUL, ESC
-            one_line = _without_overwrite(fn.__name__, kwargs, one_line)
+            one_line = _rank() + _without_overwrite(fn.__name__, kwargs, one_line)
             err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except BrokenPipeError:  # `protembed ... | head`: the reader has all it wanted
@@ -127,7 +127,8 @@ def handle_errors(fn: F) -> F:
             )
             text = f"; {hint}" if hint else ""
             word, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-            err_console.print(f"[yellow]{word}[/]{escape(text)}", highlight=False, soft_wrap=True)
+            line = f"{escape(_rank())}[yellow]{word}[/]{escape(text)}"
+            err_console.print(line, highlight=False, soft_wrap=True)
             raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -142,6 +143,20 @@ def _discard_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd)
     os.close(devnull)
+
+
+def _rank() -> str:
+    """`rank R/W: ` in a torchrun job, whose ranks' messages share one stream; else '' (a broken
+    launcher environment too: its own message says what is wrong)."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return ""
+    from protembed.torchrun import distributed_env
+
+    try:
+        dist = distributed_env()
+    except ProtembedError:
+        return ""
+    return f"rank {dist[0]}/{dist[1]}: " if dist else ""
 
 
 def _without_overwrite(command: str, options: dict[str, Any], text: str) -> str:

@@ -478,6 +478,7 @@ def test_torchrun_refuses_stdin_and_names_a_lost_rank(
         monkeypatch.setenv(name, value)
     r = runner.invoke(app, ["embed", "-", "-o", str(tmp_path / "a.h5"), "--model", ESM], input=">a\nMKV\n")
     one_line_error(r, "standard input cannot be shared by the ranks of a torchrun job; give a file")
+    assert r.output.startswith("error: rank 1/2: standard input")  # which rank, as the ranks share stderr
     fifo = tmp_path / "pipe.fa"
     os.mkfifo(fifo)  # each rank would read a piece of it
     r = runner.invoke(app, ["embed", str(fifo), "-o", str(tmp_path / "a.h5"), "--model", ESM])
