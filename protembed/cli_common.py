@@ -61,6 +61,9 @@ class Backend(str, Enum):
 BackendOption = Annotated[
     Backend, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
 ]
+QuietOption = Annotated[  # commands whose only output besides progress is a closing line
+    bool, typer.Option("--quiet", "-q", help="No progress and no closing line.", metavar="")
+]
 CompileOption = Annotated[
     bool, typer.Option("--compile", help="torch.compile the model (torch backend).", metavar="")
 ]
@@ -107,7 +110,7 @@ def handle_errors(fn: F) -> F:
             # texts quoted from HDF5 or the OS may hold line breaks; spaces inside a line are kept
             one_line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
             one_line = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", one_line)  # ids with NUL, ESC
-            one_line = _rank() + _without_overwrite(fn.__name__, kwargs, one_line)
+            one_line = rank_prefix() + _without_overwrite(fn.__name__, kwargs, one_line)
             err_console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except BrokenPipeError:  # `protembed ... | head`: the reader has all it wanted
@@ -127,7 +130,7 @@ def handle_errors(fn: F) -> F:
             )
             text = f"; {hint}" if hint else ""
             word, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-            line = f"{escape(_rank())}[yellow]{word}[/]{escape(text)}"
+            line = f"{escape(rank_prefix())}[yellow]{word}[/]{escape(text)}"
             err_console.print(line, highlight=False, soft_wrap=True)
             raise typer.Exit(code) from None
 
@@ -145,7 +148,7 @@ def _discard_stdout() -> None:
     os.close(devnull)
 
 
-def _rank() -> str:
+def rank_prefix() -> str:
     """`rank R/W: ` in a torchrun job, whose ranks' messages share one stream; else '' (a broken
     launcher environment too: its own message says what is wrong)."""
     if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):

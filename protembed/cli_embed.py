@@ -18,11 +18,13 @@ from protembed.cli_common import (
     Backend,
     BackendOption,
     CompileOption,
+    QuietOption,
     err_console,
     handle_errors,
     input_value,
     path_value,
     print_json,
+    rank_prefix,
     row_progress,
 )
 from protembed.errors import OptionError
@@ -192,7 +194,7 @@ def embed(
 
     poolings = list(dict.fromkeys(p.strip() for p in pool.split(",") if p.strip()))  # mean,mean = mean
     show = not quiet and sys.stderr.isatty()
-    log = ProgressLog("embedding", _rank_prefix()) if not quiet and not show else None  # a log file
+    log = ProgressLog("embedding", rank_prefix()) if not quiet and not show else None  # a log file
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -233,13 +235,6 @@ def embed(
         print_json(summary.as_dict())
     elif not quiet:
         _print_summary(summary)
-
-
-def _rank_prefix() -> str:
-    from protembed.torchrun import distributed_env
-
-    ranks = distributed_env()
-    return f"rank {ranks[0]}/{ranks[1]}: " if ranks else ""
 
 
 def _print_summary(s: EmbedSummary) -> None:
@@ -284,9 +279,7 @@ def merge(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing OUTPUT.", metavar="")
     ] = False,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress and no closing line.", metavar="")
-    ] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Join the shard files of a torchrun job (e.g. after an interrupted job was finished by hand)."""
     from protembed.merge import find_shards, merge_shards, write_virtual

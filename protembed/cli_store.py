@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from protembed.cli_common import err_console, handle_errors, path_value, row_progress
+from protembed.cli_common import QuietOption, err_console, handle_errors, path_value, row_progress
 
 
 class Layout(str, Enum):
@@ -56,9 +56,7 @@ def export(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.", metavar="")
     ] = False,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress and no closing line.", metavar="")
-    ] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Export embeddings to the per-protein layout (bio_embeddings / ProtTrans convention).
 

@@ -23,7 +23,7 @@ import numpy as np
 from protembed import signals
 from protembed.cache import check_file_output, check_replaceable, same_file, write_partial
 from protembed.errors import StoreError
-from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings
+from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings, row_blocks
 
 LAYOUTS = ("per-protein",)
 # Root attributes of the source that describe its own layout, not the model or the input: an export
@@ -167,19 +167,14 @@ def _write_records(
         raise StoreError(f"{emb.path}: no per-residue embeddings (embed with --per-residue)")
     ds = emb.h5["residues"]
     budget = max(1, _BLOCK_BYTES // (int(np.prod(ds.shape[1:])) * ds.dtype.itemsize))  # residues per read
-    ends = np.cumsum(emb.lengths, dtype=np.int64)
-    start = written = 0
-    while start < n:
-        # Rows start..stop-1: about _BLOCK_BYTES of residues (at least one row), read in one slice.
-        done = int(ends[start - 1]) if start else 0
-        stop = min(n, max(start + 1, int(np.searchsorted(ends, done + budget, side="right"))))
+    written = 0
+    for start, stop in row_blocks(emb.lengths, budget):  # about _BLOCK_BYTES of residues, in one slice
         block, offsets = emb.residue_block(start, stop, layer)
         for row in range(start, stop):
             if keep[row]:
                 part = block[offsets[row - start] : offsets[row - start + 1]]
                 out.create_dataset(names[row], data=part).attrs["original_id"] = ids[row]
         written += int(keep[start:stop].sum())
-        start = stop
         progress(written, total)
     return total
 

@@ -21,7 +21,7 @@ import numpy as np
 from protembed import signals
 from protembed.cache import check_replaceable, write_partial
 from protembed.errors import StoreError
-from protembed.reader import FORMAT, open_embeddings, open_h5, plain
+from protembed.reader import FORMAT, open_embeddings, open_h5, plain, row_blocks
 from protembed.store import EmbeddingWriter
 
 SHARD_ATTRS = ("shard_start", "shard_stop", "shard_rank", "shard_world_size")
@@ -228,12 +228,8 @@ def _copy_rows(
         cost = row_bytes + f.lengths.astype(np.int64) * residue_bytes
     else:
         cost = np.full(len(f), row_bytes, dtype=np.int64)
-    ends = np.cumsum(cost)
-    start = 0
-    while start < len(f):
+    for start, stop in row_blocks(cost, COPY_BYTES):
         signals.check()
-        done = int(ends[start - 1]) if start else 0
-        stop = max(start + 1, int(np.searchsorted(ends, done + COPY_BYTES, side="right")))
         rows = np.flatnonzero(todo[start:stop]) + start
         if rows.size:
             pooled = {}
@@ -247,7 +243,6 @@ def _copy_rows(
                 residues = [block[offs[r - start] : offs[r - start + 1]] for r in rows]
             writer.write(rows + base, pooled, residues)
             copied(int(rows.size))
-        start = stop
 
 
 def write_virtual(output: Path, shards: list[Path], overwrite: bool = False) -> Path:

@@ -200,6 +200,18 @@ def open_h5(path: Path) -> h5py.File:
         raise StoreError(f"{path}: {why or f'not a readable HDF5 file ({detail})'}") from None
 
 
+def row_blocks(cost: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
+    """Consecutive row ranges [start, stop) holding about `budget` of `cost` (per row) each, at
+    least one row: how large files are read or copied a bounded piece at a time."""
+    ends = np.cumsum(cost, dtype=np.int64)
+    start = 0
+    while start < ends.size:
+        done = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, done + budget, side="right")))
+        yield start, stop
+        start = stop
+
+
 def open_embeddings(path: str | Path, allow_incomplete: bool = False) -> EmbeddingFile:
     """Open an embeddings file for reading.
 
