@@ -23,7 +23,7 @@ import numpy as np
 from protembed import signals
 from protembed.cache import check_file_output, check_replaceable, same_file, write_partial
 from protembed.errors import StoreError
-from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings, row_blocks
+from protembed.reader import RECORD_DATASETS, EmbeddingFile, open_embeddings, row_blocks, row_bytes
 
 LAYOUTS = ("per-protein",)
 # Root attributes of the source that describe its own layout, not the model or the input: an export
@@ -150,7 +150,7 @@ def _write_records(
         if what not in emb.poolings:
             raise StoreError(f"{emb.path}: no {what!r} embeddings (stored: {', '.join(emb.poolings)})")
         ds = emb.h5[what]
-        step = max(1, _BLOCK_BYTES // (int(np.prod(ds.shape[1:])) * ds.dtype.itemsize))  # rows per read
+        step = max(1, _BLOCK_BYTES // row_bytes(ds))  # rows per read
         done = 0
         for start in range(0, n, step):
             pooled = emb.pooled_block(what, start, min(n, start + step), layer)  # (rows, D) for one layer
@@ -166,7 +166,7 @@ def _write_records(
     if not emb.attrs.get("per_residue"):
         raise StoreError(f"{emb.path}: no per-residue embeddings (embed with --per-residue)")
     ds = emb.h5["residues"]
-    budget = max(1, _BLOCK_BYTES // (int(np.prod(ds.shape[1:])) * ds.dtype.itemsize))  # residues per read
+    budget = max(1, _BLOCK_BYTES // row_bytes(ds))  # residues per read
     written = 0
     for start, stop in row_blocks(emb.lengths, budget):  # about _BLOCK_BYTES of residues, in one slice
         block, offsets = emb.residue_block(start, stop, layer)
@@ -198,7 +198,7 @@ def compressed_copy(source: Path, output: Path, compression: str) -> None:
             out = dst.create_dataset(
                 name, ds.shape, ds.dtype, chunks=chunks, compression=compression, shuffle=True
             )
-            step = max(1, _BLOCK_BYTES // (ds.dtype.itemsize * int(np.prod(ds.shape[1:]))) // rows) * rows
+            step = max(1, _BLOCK_BYTES // row_bytes(ds) // rows) * rows
             for a in range(0, ds.shape[0], step):  # whole chunks at a time
                 signals.check()
                 out[a : a + step] = ds[a : a + step]

@@ -75,19 +75,19 @@ class ResolvedModel:
 
 
 def parse_model(model: str) -> tuple[str | None, str]:
-    """(registry name or None, Hub repo id) of a model that is not a local directory."""
+    """(registry name or None, Hub repo id) of a model that is not a local directory.
+
+    Callers try `local_checkpoint` first, so a path that exists here is not a directory.
+    """
     info = lookup(model)
     if info is not None:
         return info.name, info.repo_id
+    path = user_path(model)  # None for ~name of an unknown user
+    if path is not None and path.exists():  # callers took directories; `-m proteins.fasta`
+        what = "a file, not a model name or checkpoint folder" if path.is_file() else "not a directory"
+        raise UnknownModelError(model, list(MODELS), what)
     if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:  # meant as a folder
-        path = user_path(model)  # None for ~name of an unknown user
-        if path is not None and path.is_file():
-            raise UnknownModelError(model, list(MODELS), "a file, not a model name or checkpoint folder")
-        exists = path is not None and path.exists()
-        raise UnknownModelError(model, list(MODELS), "not a directory" if exists else "no such directory")
-    path = user_path(model)
-    if path is not None and path.exists():  # `-m proteins.fasta`: a file where a model goes
-        raise UnknownModelError(model, list(MODELS), "a file, not a model name or checkpoint folder")
+        raise UnknownModelError(model, list(MODELS), "no such directory")
     if model.count("/") == 1:
         try:
             validate_repo_id(model)

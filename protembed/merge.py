@@ -21,7 +21,7 @@ import numpy as np
 from protembed import signals
 from protembed.cache import check_replaceable, write_partial
 from protembed.errors import StoreError
-from protembed.reader import FORMAT, open_embeddings, open_h5, plain, row_blocks
+from protembed.reader import FORMAT, open_embeddings, open_h5, plain, row_blocks, row_bytes
 from protembed.store import EmbeddingWriter
 
 SHARD_ATTRS = ("shard_start", "shard_stop", "shard_rank", "shard_world_size")
@@ -222,12 +222,11 @@ def _copy_rows(
     """Copy the rows of shard `f` marked in `todo` to rows base + i of the output, about
     COPY_BYTES at a time (per-residue rows of a large model are megabytes each); `copied(n)`
     after each step."""
-    row_bytes = sum(f.h5[name].dtype.itemsize * int(np.prod(f.h5[name].shape[1:])) for name in f.poolings)
+    pooled_bytes = sum(row_bytes(f.h5[name]) for name in f.poolings)
     if "residues" in f.h5:  # each row's residues too
-        residue_bytes = f.h5["residues"].dtype.itemsize * int(np.prod(f.h5["residues"].shape[1:]))
-        cost = row_bytes + f.lengths.astype(np.int64) * residue_bytes
+        cost = pooled_bytes + f.lengths.astype(np.int64) * row_bytes(f.h5["residues"])
     else:
-        cost = np.full(len(f), row_bytes, dtype=np.int64)
+        cost = np.full(len(f), pooled_bytes, dtype=np.int64)
     for start, stop in row_blocks(cost, COPY_BYTES):
         signals.check()
         rows = np.flatnonzero(todo[start:stop]) + start

@@ -200,6 +200,11 @@ def open_h5(path: Path) -> h5py.File:
         raise StoreError(f"{path}: {why or f'not a readable HDF5 file ({detail})'}") from None
 
 
+def row_bytes(ds: h5py.Dataset) -> int:
+    """Bytes in one row of `ds`: everything past its first axis."""
+    return int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+
+
 def row_blocks(cost: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
     """Consecutive row ranges [start, stop) holding about `budget` of `cost` (per row) each, at
     least one row: how large files are read or copied a bounded piece at a time."""

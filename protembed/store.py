@@ -19,36 +19,23 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-from h5py import h5d, h5p
 
 from protembed import __version__
 from protembed.cache import check_replaceable
 from protembed.errors import OutputExistsError, StoreError
-from protembed.export import compressed_copy
 from protembed.output_lock import OutputLock
 from protembed.reader import FORMAT, FORMAT_VERSION, check_resumable, intact
+from protembed.store_file import Slab, create_output, finish_output, pwrite, slab_of
 
 STORE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 COMPRESSIONS = (None, "gzip", "lzf")
 _PAGE = 4096  # `written` marks are rewritten in blocks of this many rows
-_STR = h5py.string_dtype("utf-8")
-_TEXT_ROWS = 1 << 16  # ids, descriptions: rows written at a time
-
-
-@dataclass
-class _Slab:
-    """Where a preallocated dataset lives in the file: byte offset, bytes per row, dtype."""
-
-    offset: int
-    row_bytes: int
-    dtype: np.dtype
 
 
 class EmbeddingWriter:
@@ -58,7 +45,7 @@ class EmbeddingWriter:
     skipped), ascending.
     """
 
-    def __init__(self, path: Path, lock: OutputLock, slabs: dict[str, _Slab], offsets: np.ndarray,
+    def __init__(self, path: Path, lock: OutputLock, slabs: dict[str, Slab], offsets: np.ndarray,
                  written: np.ndarray, skipped: np.ndarray, compression: str | None,
                  flush_seconds: float, flush_bytes: int) -> None:  # fmt: skip
         self.path, self._lock, self._slabs, self._offsets = path, lock, slabs, offsets
@@ -144,13 +131,13 @@ class EmbeddingWriter:
                     "written": np.zeros(n, dtype=bool),
                     **({"offsets": offsets} if per_residue else {}),
                 }
-                _create(path, full, records, big, STORE_DTYPES[store_dtype])
+                create_output(path, full, records, big, STORE_DTYPES[store_dtype])
             with (
                 h5py.File(path, "r") as h5,
                 intact(path, OutputExistsError, "pass --overwrite to replace it"),
             ):
                 written = h5["written"][...].astype(bool)
-                slabs = {name: _slab(h5[name]) for name in [*big, "written"]}
+                slabs = {name: slab_of(h5[name]) for name in [*big, "written"]}
             return cls(path, lock, slabs, offsets, written, skipped, compression, flush_seconds, flush_bytes)
         except OSError as exc:
             lock.release()
@@ -201,7 +188,7 @@ class EmbeddingWriter:
                 missing = int(np.count_nonzero(~self._written & ~self._skipped))
                 if missing:
                     raise RuntimeError(f"{self.path}: close(complete=True) with {missing} rows not written")
-                _finish(self.path, self._compression)
+                finish_output(self.path, self._compression)
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot finish output: {exc.strerror or exc}") from None
         finally:
@@ -272,93 +259,4 @@ class EmbeddingWriter:
         view, rb = memoryview(data.reshape(-1)).cast("B"), slab.row_bytes  # type: ignore[arg-type]
         ends = np.minimum(ends, data.shape[0])
         for a, b, row in zip(starts.tolist(), ends.tolist(), file_rows.tolist(), strict=True):
-            _pwrite(self._fd, view[a * rb : b * rb], slab.offset + row * slab.row_bytes)
-
-
-def _create(
-    path: Path,
-    attrs: dict[str, Any],
-    records: dict[str, np.ndarray | Sequence[str]],
-    big: dict[str, tuple[int, ...]],
-    dtype: np.dtype,
-) -> None:
-    """Write a new, empty output under a temporary name, then rename it into place."""
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with h5py.File(tmp, "w") as h5:
-            for key, value in attrs.items():
-                if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-                    h5.attrs.create(key, np.array(value, dtype=object), dtype=_STR)
-                else:
-                    h5.attrs[key] = value
-            for name, data in records.items():
-                if isinstance(data, np.ndarray) and data.dtype != object:
-                    h5.create_dataset(name, data=data)
-                    continue
-                # text: a slice at a time, as a list of every id of a large input costs gigabytes
-                text = h5.create_dataset(name, (len(data),), dtype=_STR)
-                for start in range(0, len(data), _TEXT_ROWS):
-                    text[start : start + _TEXT_ROWS] = np.array(
-                        list(data[start : start + _TEXT_ROWS]), dtype=object
-                    )
-            for name, shape in big.items():
-                dcpl = h5p.create(h5p.DATASET_CREATE)
-                dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)  # all space now: metadata never changes later
-                dcpl.set_fill_time(h5d.FILL_TIME_NEVER)  # and never written with zeros (sparse file)
-                h5.create_dataset(name, shape, dtype=dtype, dcpl=dcpl)
-            slabs = [_slab(h5[name]) for name in big if name != "residues"]
-        # Skipped rows hold NaN in the pooled datasets (never-written space reads as zeros).
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            for slab in slabs:
-                row_nan = np.full(slab.row_bytes // slab.dtype.itemsize, np.nan, slab.dtype)
-                nan = memoryview(row_nan).cast("B")  # type: ignore[arg-type]
-                for row in np.flatnonzero(np.asarray(records["skipped"])).tolist():
-                    _pwrite(fd, nan, slab.offset + row * slab.row_bytes)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
-
-
-def _slab(ds: h5py.Dataset) -> _Slab:
-    offset = ds.id.get_offset()
-    assert offset is not None or ds.size == 0, f"{ds.name} is not a preallocated contiguous dataset"
-    row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
-    return _Slab(offset or 0, row_bytes, np.dtype(ds.dtype).newbyteorder("<"))
-
-
-def _finish(path: Path, compression: str | None) -> None:
-    """Mark a fully written output complete, first rewriting it compressed if asked."""
-    if compression is None:
-        with h5py.File(path, "r+", locking=False) as h5:  # our lock is held; readers may be open
-            h5.attrs.modify("complete", True)
-        _fsync_path(path)
-        return
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        compressed_copy(path, tmp, compression)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
-
-
-def _pwrite(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            pwrite(self._fd, view[a * rb : b * rb], slab.offset + row * slab.row_bytes)
