@@ -71,7 +71,9 @@ def models(
 ) -> None:
     """List the registry models: shape, size, and whether each is cached (revision, disk size).
 
-    "partial": a download stopped before it finished; `protembed download NAME` finishes it."""
+    Cached means the revision `main` pointed to when it was downloaded. "partial": a download
+    stopped before it finished; `protembed download NAME` finishes it. "other revision": only
+    other commits are cached (downloaded with --revision); pass one with --revision."""
     from protembed.hub_cache import cache_root, cached_models
 
     root = cache_root(cache_dir)
@@ -93,6 +95,7 @@ def models(
                     "cached": cached[m.name].path is not None,
                     "partial": cached[m.name].partial,
                     "revision": cached[m.name].revision,
+                    "other_revisions": list(cached[m.name].other_revisions),
                     "path": str(cached[m.name].path) if cached[m.name].path else None,
                     "size_bytes": cached[m.name].size,
                 }
@@ -118,8 +121,8 @@ def models(
             str(m.n_heads),
             _params(m.n_params),
             str(m.max_residues),
-            "yes" if c.path else "partial" if c.partial else "no",
-            (c.revision or "")[:10],
+            "yes" if c.path else "partial" if c.partial else "other revision" if c.other_revisions else "no",
+            (c.revision or (c.other_revisions or ("",))[0])[:10],
             decimal(c.size) if c.path else "",
         )
     # A terminal gets its own width; a pipe gets the whole table rather than 80 columns.

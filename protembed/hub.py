@@ -38,6 +38,7 @@ from protembed.errors import CheckpointError, HubError, UnknownModelError
 from protembed.hub_cache import (
     UNFINISHED,
     cache_root,
+    cached_commits,
     cached_snapshot,
     disk_size,
     mark_unfinished,
@@ -180,15 +181,23 @@ def _not_cached(
     cmd += f" --revision {revision}" if revision else ""
     cmd += f" --cache-dir {cache_dir}" if cache_dir is not None else ""
     root = cache_root(cache_dir)
-    where = f"{repo_id} is not in the cache ({root})"
+    where, other = f"{repo_id} is not in the cache ({root})", ""
     if stopped_download(repo_id, revision, cache_dir):
         where = f"{repo_id} is only partly in the cache ({root}: a download stopped before it finished)"
+    elif held := cached_commits(repo_id, cache_dir):  # e.g. downloaded with --revision COMMIT only
+        where = f"{repo_id} at revision {revision or constants.DEFAULT_REVISION} is not in the cache ({root})"
+        other = f"; --revision {held[0]} uses the cached copy"
+        if len(held) > 1:
+            listed = ", ".join(held[:3]) + ", ..." * (len(held) > 3)
+            other = f"; cached revisions: {listed} (pick one with --revision)"
     if not constants.is_offline_mode():
-        return HubError(f"{where} and downloads are off: run `{cmd}`")
+        return HubError(f"{where} and downloads are off: run `{cmd}`{other}")
     if for_download:  # running `{cmd}` again would not help
-        return HubError(f"{where} and HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download")
+        return HubError(
+            f"{where} and HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download{other}"
+        )
     return HubError(
-        f"{where} and HF_HUB_OFFLINE is set: run `HF_HUB_OFFLINE=0 {cmd}` first (it needs the network)"
+        f"{where} and HF_HUB_OFFLINE is set: run `HF_HUB_OFFLINE=0 {cmd}` first (it needs the network){other}"
     )
 
 

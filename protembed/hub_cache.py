@@ -40,6 +40,7 @@ class CachedModel:
     revision: str | None  # commit hash
     size: int  # bytes on disk
     partial: bool = False  # not cached, but a download of it stopped before it finished
+    other_revisions: tuple[str, ...] = ()  # commits cached besides `main`'s (e.g. from --revision)
 
 
 UNFINISHED = ".protembed-unfinished"  # in a snapshot whose new files are not all checked yet
@@ -84,6 +85,15 @@ def cached_snapshot(
         return None
     snapshot = repo_dir(repo_id, cache_dir) / "snapshots" / commit
     return (snapshot, commit) if is_complete(snapshot) else None
+
+
+def cached_commits(repo_id: str, cache_dir: str | Path | None = None) -> list[str]:
+    """Commit hashes of the repo's complete cached snapshots, sorted."""
+    try:
+        found = (repo_dir(repo_id, cache_dir) / "snapshots").iterdir()
+        return sorted(p.name for p in found if REGEX_COMMIT_HASH.fullmatch(p.name) and is_complete(p))
+    except OSError:
+        return []
 
 
 def _ref_commit(repo_id: str, rev: str, cache_dir: str | Path | None) -> str | None:
@@ -165,12 +175,14 @@ def remove_files(snapshot: Path, names: list[str]) -> None:
 
 
 def cached_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
-    """Every registry model with its cached snapshot of `main`, in registry order."""
+    """Every registry model with its cached snapshot of `main` and any other cached commits, in
+    registry order."""
     rows = []
     for info in MODELS.values():
         hit = cached_snapshot(info.repo_id, cache_dir=cache_dir)
         path, revision = hit if hit else (None, None)
         size = disk_size(path) if path else 0
         partial = hit is None and stopped_download(info.repo_id, cache_dir=cache_dir)
-        rows.append(CachedModel(info.name, info.repo_id, path, revision, size, partial))
+        others = tuple(c for c in cached_commits(info.repo_id, cache_dir) if c != revision)
+        rows.append(CachedModel(info.name, info.repo_id, path, revision, size, partial, others))
     return rows

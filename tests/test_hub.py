@@ -284,6 +284,25 @@ def test_unknown_revision_and_force(hub: FakeHub, cache: Path) -> None:
     assert set(hub.gets(ESM)) == ESM_FILES
 
 
+def test_a_model_cached_only_at_a_commit_names_it(
+    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = commit_of(ESM)
+    download_model("esm2-8m", revision=commit, progress=False)  # a commit: no refs/main is written
+    assert cached_snapshot(ESM, commit) is not None and cached_snapshot(ESM) is None
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError) as err:
+        resolve_model("esm2-8m", progress=False)
+    assert f"{ESM} at revision main is not in the cache" in str(err.value)
+    assert str(err.value).endswith(f"; --revision {commit} uses the cached copy")
+    assert resolve_model("esm2-8m", revision=commit, progress=False).path.name == commit
+    listed = CliRunner().invoke(app, ["models", "--json"])
+    row = next(r for r in json.loads(listed.stdout) if r["name"] == "esm2-8m")
+    assert not row["cached"] and row["other_revisions"] == [commit]
+    table = CliRunner().invoke(app, ["models"]).stdout
+    assert "other revision" in next(line for line in table.splitlines() if "esm2-8m" in line)
+
+
 # --- no network at all ---------------------------------------------------------------------------------
 
 
