@@ -135,7 +135,7 @@ def check_device(device: str | torch.device | None) -> torch.device:
     except RuntimeError:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index is not None):
-        raise BackendError(f"unknown device {device!r} (use cpu, cuda or cuda:N)")
+        raise OptionError(f"unknown device {device!r} (use cpu, cuda or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device {device!r} requested but CUDA is not available")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():

@@ -35,9 +35,9 @@ def resolve_backend(backend: str, device: str, dtype: str, compile: bool) -> str
 
         if compile:
             raise OptionError("--compile applies to the torch backend; Transformer Engine is fused already")
+        te.check_available(fp8=dtype == "fp8", device=torch.device(device))  # before advice on dtype
         if dtype == "float32":
             raise OptionError("--backend te runs in bfloat16, float16 or fp8; add --dtype bfloat16")
-        te.check_available(fp8=dtype == "fp8", device=torch.device(device))
     elif dtype == "fp8":
         raise OptionError(
             "--dtype fp8 needs --backend te (Transformer Engine on an Ada, Hopper or newer GPU)"

@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from protembed.compute import JobSpec, SequenceTooLargeError, compute_unit
-from protembed.errors import RERUN, BackendError, ProtembedError
+from protembed.errors import RERUN, BackendError, OptionError, ProtembedError
 
 if TYPE_CHECKING:  # workers import this module: keep it light (no FASTA or HDF5 modules)
     from protembed.pipeline import Unit
@@ -42,7 +42,7 @@ def parse_devices(spec: str | None) -> list[str]:
     if text.startswith("cpu:"):
         count = text[4:]
         if not count.isdigit() or int(count) < 1:
-            raise BackendError(f"--device {spec}: cpu:N needs a worker count N >= 1")
+            raise OptionError(f"--device {spec}: cpu:N needs a worker count N >= 1")
         return ["cpu"] * int(count)
     if text == "all":
         if not n_gpu:
@@ -52,7 +52,7 @@ def parse_devices(spec: str | None) -> list[str]:
         text = "cuda:0"
     indices = text.removeprefix("cuda:").split(",")
     if not all(i.strip().isdigit() for i in indices):
-        raise BackendError(f"--device {spec}: use cpu, cpu:N, cuda, cuda:0,1, 0,1,3 or all")
+        raise OptionError(f"--device {spec}: use cpu, cpu:N, cuda, cuda:0,1, 0,1,3 or all")
     wanted = [int(i) for i in indices]
     if not n_gpu:
         raise BackendError(f"--device {spec}: no CUDA device is visible (this machine runs on cpu)")

@@ -642,9 +642,24 @@ def man_command(cmd: Command, version: str) -> str:
     lines += _items("OPTIONS", [(_tag(p), _body(p)) for p in cmd.options])
     lines += _items("EXIT STATUS", [(_b(k), text) for k, text in EXIT_STATUS])
     lines += _section("ENVIRONMENT", [f"See {PROG}(1) for the Hugging Face, CUDA and cache variables."])
-    lines += _examples(cmd.examples + [e for e in OVERVIEW if example_command(e.line) == cmd.name])
+    lines += _examples(_with_overview(cmd))
     lines += _see_also([PROG])
     return "\n".join(lines) + "\n"
+
+
+def _with_overview(cmd: Command) -> list[Example]:
+    """The command's own examples, then the overview's lines for it that it does not have already
+    (an overview note goes to a repeated line that has none)."""
+    merged = list(cmd.examples)
+    for ex in OVERVIEW:
+        if example_command(ex.line) != cmd.name:
+            continue
+        same = [i for i, own in enumerate(merged) if own.line == ex.line]
+        if not same:
+            merged.append(ex)
+        elif not merged[same[0]].note:
+            merged[same[0]] = ex
+    return merged
 
 
 # --- writing and checking ----------------------------------------------------------------------

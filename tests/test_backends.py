@@ -32,20 +32,29 @@ def test_auto_is_torch_on_cpu_and_explicit_choices_are_checked() -> None:
         resolve_backend("torch", "cpu", "fp8", False)
     with pytest.raises(OptionError, match="not one of"):
         resolve_backend("tensorrt", "cpu", "float32", False)
-    with pytest.raises(OptionError, match="--dtype bfloat16"):
+    with pytest.raises(BackendError, match="runs on CUDA GPUs, not cpu"):  # before any advice on dtype
         resolve_backend("te", "cpu", "float32", False)
 
 
-def test_te_requested_without_te_is_an_error_with_the_install_hint(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
-    with pytest.raises(BackendError, match=r"pip install 'protembed\[te\]'"):
-        resolve_backend("te", "cpu", "bfloat16", False)
+def test_te_errors_come_in_the_order_that_helps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU: say so (installing Transformer Engine would not help); a GPU without TE: the install
+    hint; TE on a GPU in float32: the dtype to pass. One line each, before anything is written."""
     fasta = tmp_path / "a.fa"
     fasta.write_text(">a\nMKTAYIAK\n")
-    r = runner.invoke(app, ["embed", str(fasta), "--model", ESM, "--backend", "te", "--dtype", "bfloat16"])
-    assert r.exit_code == 1
-    assert "protembed[te]" in r.output and len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(app, ["embed", str(fasta), "--model", ESM, "--backend", "te", "--device", "cpu"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "Transformer Engine runs on CUDA GPUs, not cpu" in r.output
     assert not (tmp_path / "a.h5").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the checks run, no kernels
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # the import fails, as uninstalled
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
+    with pytest.raises(BackendError, match=r"pip install 'protembed\[te\]'$"):
+        resolve_backend("te", "cuda", "float32", False)
+    from protembed.models import te
+
+    monkeypatch.setattr(te, "_import_te", lambda: None)  # as if installed
+    with pytest.raises(OptionError, match="add --dtype bfloat16"):
+        resolve_backend("te", "cuda", "float32", False)
 
 
 def test_compiled_embedding_equals_eager(tmp_path: Path) -> None:
@@ -100,11 +109,13 @@ TINY = str(fixture_dir("esm2_t3_h64").parents[1] / "data" / "flip" / "tiny")
         ["finetune", "flip-gb1", "--model", ESM, "--data-dir", TINY, "--backend", "te"],
     ],
 )
-def test_bench_and_finetune_refuse_te_without_it(args: list[str], tmp_path: Path) -> None:
+def test_bench_and_finetune_refuse_te_where_it_cannot_run(args: list[str], tmp_path: Path) -> None:
+    """Without TE (this suite never installs it): the install hint on a GPU, the GPU it needs on a CPU."""
     r = runner.invoke(app, [*args, *(["--cache-dir", str(tmp_path)] if args[0] == "finetune" else [])])
     assert r.exit_code == 1, r.output
     lines = [line for line in r.output.splitlines() if line.strip() and line.startswith("error:")]
-    assert len(lines) == 1 and "protembed[te]" in lines[0], r.output
+    why = "protembed[te]" if torch.cuda.is_available() else "Transformer Engine runs on CUDA GPUs, not cpu"
+    assert len(lines) == 1 and why in lines[0], r.output
 
 
 def test_bench_records_the_backend(tmp_path: Path) -> None:

@@ -169,7 +169,7 @@ def test_python_api_refuses_wrong_arguments() -> None:
     ):  # a ProtembedError, and a ValueError
         model.embed(["MKV"], layers=9)
     for device in ("meta", "mps", "cpu:2"):  # one real device: cpu, cuda or cuda:N
-        with pytest.raises(BackendError, match=f"unknown device '{device}'"):
+        with pytest.raises(OptionError, match=f"unknown device '{device}'"):
             load_model(ckpt, device=device)
     spaced = model.embed(["MK TAY\nIAK\r\n", "MKTAYIAK"], pooling="mean,cls")  # read as a FASTA record
     assert sorted(spaced.pooled) == ["cls", "mean"]

@@ -30,7 +30,7 @@ from protembed import merge as merge_module
 from protembed.alphabet import ALPHABETS
 from protembed.batching import split_tail, token_batches
 from protembed.compute import BatchResult
-from protembed.errors import BackendError, StoreError
+from protembed.errors import BackendError, OptionError, StoreError
 from protembed.fasta import duplicate_groups, scan_fasta
 from protembed.merge import find_shards, merge_shards, shard_ranges
 from protembed.parallel import _children_ignore_stop_signals, _stop, device_label, parse_devices, worker_names
@@ -349,8 +349,8 @@ def test_parse_devices() -> None:
     assert parse_devices("cpu:3") == ["cpu", "cpu", "cpu"]
     assert device_label(["cpu"]) == "cpu" and device_label(["cpu"], "cpu:1") == "cpu:1"
     assert device_label(["cuda:0", "cuda:1"]) == "cuda:0,cuda:1"
-    for bad in ("cpu:0", "cpu:x", "gpu", "cuda:a"):
-        with pytest.raises(BackendError):
+    for bad in ("cpu:0", "cpu:x", "gpu", "cuda:a"):  # a malformed value: a ValueError, like other options
+        with pytest.raises(OptionError):
             parse_devices(bad)
     if not (__import__("torch").cuda.is_available()):
         with pytest.raises(BackendError, match="no CUDA device"):

@@ -317,6 +317,7 @@ def test_build_without_te_raises_with_install_hint(
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
     hint = r"Transformer Engine is not available .*: pip install 'protembed\[te\]'$"
     assert not is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU check comes first
     with pytest.raises(BackendError, match=hint):
         check_available()
     with pytest.raises(BackendError, match=hint) as info:

@@ -60,12 +60,16 @@ def _import_te() -> ModuleType:
 def check_available(fp8: bool = False, device: torch.device | None = None) -> None:
     """Raise BackendError unless the te backend can run here; cheap, for validation before loading.
 
-    Checks that Transformer Engine imports (else the error carries the install hint), that a CUDA
-    device is visible and, for `fp8`, that it has compute capability 8.9+ (Ada, Hopper or newer).
+    Checks, in this order, that `device` (when given) is a CUDA device and a CUDA device is
+    visible (installing Transformer Engine would not help otherwise), that Transformer Engine
+    imports (else the error carries the install hint) and, for `fp8`, that the device has compute
+    capability 8.9+ (Ada, Hopper or newer).
     """
-    _import_te()
+    if device is not None and device.type != "cuda":
+        raise BackendError(f"Transformer Engine runs on CUDA GPUs, not {device.type}")
     if not torch.cuda.is_available():
         raise BackendError("Transformer Engine needs a CUDA GPU and none is visible")
+    _import_te()
     if fp8 and torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device)
         raise BackendError(f"fp8 needs compute capability 8.9+ (Ada, Hopper or newer), not {name}")
