@@ -233,7 +233,7 @@ def _copy_rows(
         if rows.size:
             pooled = {}
             for name in f.poolings:
-                block = f.h5[name][start:stop][rows - start]
+                block = f.pooled_block(name, start, stop)[rows - start]
                 pooled[name] = block if block.ndim == 3 else block[:, None, :]
             residues = None
             if "residues" in f.h5:

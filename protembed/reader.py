@@ -102,12 +102,9 @@ class EmbeddingFile:
             raise StoreError(f"{self.path}: no {kind!r} embeddings (stored: {', '.join(self.poolings)})")
         if not (is_whole(start) and is_whole(stop) and 0 <= start <= stop <= len(self)):
             raise StoreError(f"{self.path}: rows {start}..{stop} are not a range within 0..{len(self)}")
-        ds = self._h5[kind]
-        if layer is None or ds.ndim == 2:
-            self._layer_axis(layer)
-            data = ds[start:stop]
-        else:
-            data = ds[start:stop, self._layer_axis(layer)]
+        ds, axis = self._h5[kind], self._layer_axis(layer)
+        with intact(self.path, StoreError, _unreadable(start, stop)):
+            data = ds[start:stop] if layer is None or ds.ndim == 2 else ds[start:stop, axis]
         data[~self.written[start:stop] & ~self.skipped[start:stop]] = np.nan
         return data
 
@@ -120,12 +117,10 @@ class EmbeddingFile:
             raise StoreError(f"{self.path}: row {row} out of range (0..{len(self) - 1})")
         if not (self.written[row] or self.skipped[row]):
             raise StoreError(f"{self.path}: row {row} is not written yet (the run is unfinished)")
-        a, b = (int(x) for x in self._h5["offsets"][row : row + 2])
-        ds = self._h5["residues"]
-        if layer is None or ds.ndim == 2:
-            self._layer_axis(layer)
-            return ds[a:b]
-        return ds[a:b, self._layer_axis(layer)]
+        ds, axis = self._h5["residues"], self._layer_axis(layer)
+        with intact(self.path, StoreError, _unreadable(row, row + 1)):
+            a, b = (int(x) for x in self._h5["offsets"][row : row + 2])
+            return ds[a:b] if layer is None or ds.ndim == 2 else ds[a:b, axis]
 
     def residue_block(self, start: int, stop: int, layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-residue embeddings of rows start..stop-1 in one read, and their offsets into it."""
@@ -133,10 +128,11 @@ class EmbeddingFile:
             raise StoreError(f"{self.path}: no per-residue embeddings (embed with --per-residue)")
         if not (is_whole(start) and is_whole(stop) and 0 <= start <= stop <= len(self)):
             raise StoreError(f"{self.path}: rows {start}..{stop} are not a range within 0..{len(self)}")
-        offsets = self._h5["offsets"][start : stop + 1].astype(np.int64)
-        ds = self._h5["residues"]
-        a, b = int(offsets[0]), int(offsets[-1])
-        block = ds[a:b] if layer is None or ds.ndim == 2 else ds[a:b, self._layer_axis(layer)]
+        ds, axis = self._h5["residues"], self._layer_axis(layer)
+        with intact(self.path, StoreError, _unreadable(start, stop)):
+            offsets = self._h5["offsets"][start : stop + 1].astype(np.int64)
+            a, b = int(offsets[0]), int(offsets[-1])
+            block = ds[a:b] if layer is None or ds.ndim == 2 else ds[a:b, axis]
         return block, offsets - a
 
     def close(self) -> None:
@@ -177,6 +173,12 @@ class EmbeddingFile:
     def _layer_axis(self, layer: int | None) -> int:
         """Position of a model layer on the K axis (0 when only one layer is stored)."""
         return 0 if layer is None else self.layers.index(self.stored_layer(layer))
+
+
+def _unreadable(start: int, stop: int) -> str:
+    """What a failed read of rows start..stop-1 could not read, for `intact`'s hint."""
+    rows = f"row {start}" if stop - start == 1 else f"rows {start}..{stop - 1}"
+    return f"{rows} cannot be read"
 
 
 @contextmanager
@@ -247,7 +249,8 @@ def open_embeddings(path: str | Path, allow_incomplete: bool = False) -> Embeddi
                 todo = int(np.count_nonzero(~h5["skipped"][...]))
                 raise StoreError(
                     f"{path}: unfinished output ({done} of {todo} records written); rerun the same "
-                    f"embed command to finish it (from Python: open_embeddings(..., allow_incomplete=True))"
+                    "embed command (or `protembed merge` for a merge of shards) to finish it "
+                    "(from Python: open_embeddings(..., allow_incomplete=True))"
                 )
             return EmbeddingFile(h5, path)
     except BaseException:

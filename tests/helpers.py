@@ -55,3 +55,12 @@ def one_line_error(result: Any, message: str) -> None:
     """A CLI result (CliRunner) that failed with exit 1 and one output line holding `message`."""
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], result.output
+
+
+def damage_chunk(path: Path, dataset: str, chunk: int = 0) -> None:
+    """Overwrite bytes inside one compressed chunk of `dataset`: reading it then fails in the filter."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(chunk)
+    with open(path, "r+b") as raw:
+        raw.seek(info.byte_offset + min(20, info.size // 4))
+        raw.write(b"\xff" * 64)

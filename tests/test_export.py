@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from protembed import export, progress_log
 from protembed.cli import app
 from protembed.errors import OutputExistsError, StoreError
-from protembed.export import dataset_names, escape_id, export_per_protein
+from protembed.export import compressed_copy, dataset_names, escape_id, export_per_protein
 from protembed.store import EmbeddingWriter
+from tests.helpers import damage_chunk
 
 IDS = ["sp|P1|A", "tr/Q2", "50%/x", "sp|P1|A", "skipped", "sp|P1|A#2", "."]
 LENGTHS = np.array([3, 4, 2, 3, 0, 5, 1])
@@ -134,3 +135,17 @@ def test_export_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["export", str(tmp_path / "part.h5"), "-o", str(tmp_path / "p.h5")])
     assert result.exit_code == 1 and "unfinished output (2 of 6 records written)" in result.stderr
     assert not (tmp_path / "p.h5").exists() and not (tmp_path / "p.h5.partial").exists()
+
+
+@pytest.mark.parametrize("what", ["mean", "residues"])
+def test_a_damaged_source_is_named_and_the_old_output_kept(tmp_path: Path, what: str) -> None:
+    """A read error in the source names the source and its rows, not the output ("cannot write")."""
+    plain, source, out = tmp_path / "plain.h5", tmp_path / "gz.h5", tmp_path / "out.h5"
+    make_file(plain, [2])
+    compressed_copy(plain, source, "gzip")
+    out.write_bytes(b"an older export")
+    damage_chunk(source, what)
+    why = rf"^{source}: damaged HDF5 file \(.*\); rows 0\.\.6 cannot be read$"
+    with pytest.raises(StoreError, match=why):
+        export_per_protein(source, out, what=what, overwrite=True)
+    assert out.read_bytes() == b"an older export" and not list(tmp_path.glob("*.partial"))

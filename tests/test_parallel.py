@@ -31,6 +31,7 @@ from protembed.alphabet import ALPHABETS
 from protembed.batching import split_tail, token_batches
 from protembed.compute import BatchResult
 from protembed.errors import BackendError, OptionError, StoreError
+from protembed.export import compressed_copy
 from protembed.fasta import duplicate_groups, scan_fasta
 from protembed.merge import find_shards, merge_shards, shard_ranges
 from protembed.parallel import _children_ignore_stop_signals, _stop, device_label, parse_devices, worker_names
@@ -43,7 +44,7 @@ from protembed.pipeline import (
     units_to_compute,
 )
 from protembed.reader import open_embeddings, unfinished_output
-from tests.helpers import fixture_dir, rows_written
+from tests.helpers import damage_chunk, fixture_dir, rows_written
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
 PROTEMBED = [sys.executable, "-m", "protembed"]
@@ -547,6 +548,13 @@ def test_merge_refuses_partial_shards(single: Path, tmp_path: Path) -> None:
     listing = r"\(job.shard-000-of-002.h5 rows 0:1200, job.shard-001-of-002.h5 rows 0:1200\)$"
     with pytest.raises(StoreError, match=rf"^{tmp_path}: shards do not cover consecutive rows {listing}"):
         merge_shards(out, find_shards(out))
+    compressed_copy(single, shard1, "gzip")  # complete again, with data that cannot be read
+    with h5py.File(shard1, "r+") as f:
+        f.attrs.update(shard_start=n, shard_stop=2 * n, shard_rank=1, shard_world_size=2)
+    damage_chunk(shard1, "mean", 1)
+    r = subprocess.run([*PROTEMBED, "merge", str(out), "-q"], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"error: {shard1}: damaged HDF5 file (") and "rows " in r.stderr, r.stderr
 
 
 def test_ctrl_c_inside_a_result_put_does_not_hang_the_writer(tmp_path: Path) -> None:
