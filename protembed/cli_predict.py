@@ -10,7 +10,14 @@ from typing import Annotated
 
 import typer
 
-from protembed.cache import cache_root, check_file_output, default_cache_dir, ensure_dir, write_whole
+from protembed.cache import (
+    cache_root,
+    check_file_output,
+    default_cache_dir,
+    ensure_dir,
+    same_file,
+    write_whole,
+)
 from protembed.cli_common import (
     counted,
     err_console,
@@ -22,6 +29,7 @@ from protembed.cli_common import (
     write_stdout,
 )
 from protembed.cli_finetune import CacheDir, Device, Quiet, progress_bar
+from protembed.errors import StoreError
 
 
 @handle_errors
@@ -78,11 +86,16 @@ def predict(
     quiet: Quiet = False,
 ) -> None:
     """Apply a saved FLIP head to new sequences: CSV of id and prediction."""
-    from protembed.saved_head import load, predict_fasta
+    from protembed.saved_head import CONFIG, WEIGHTS, load, predict_fasta
 
     out = None if output in (None, "-") else Path(output)
     if out is not None:
         check_file_output(out, overwrite)  # a folder, no folder to write in, permission, exists
+        reads = {"the input FASTA": Path(fasta), "the head's weights": head_dir / WEIGHTS}
+        reads["the head's config"] = head_dir / CONFIG
+        for what, path in reads.items():
+            if same_file(out, path):  # --overwrite would destroy what this run reads
+                raise StoreError(f"{out}: the output is {what} ({path}); choose another -o")
     dev = str(resolve_device(device))
     cache = cache_dir or default_cache_dir()
     saved = load(head_dir)

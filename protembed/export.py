@@ -96,6 +96,11 @@ def export_per_protein(
     check_replaceable(output)  # first: a link is refused as one (check_file_output writes through it)
     check_file_output(output, overwrite)
     with open_embeddings(source) as emb:
+        for shard in emb.attrs.get("virtual_shards") or []:  # a virtual file reads its data there
+            if same_file(output, source.resolve().parent / shard):
+                raise StoreError(
+                    f"{output}: the output is a shard that {source} reads from; choose another -o"
+                )
         if len(emb.layers) > 1 and layer is None:
             raise StoreError(f"{source}: holds layers {emb.layers}; pick one with --layer")
         if layer is not None:

@@ -72,6 +72,16 @@ def test_predict_output_paths(onehot_head: Path, tmp_path: Path) -> None:
     to_stdout = run_cli("predict", onehot_head, GB1, "-o", "-", "-q")
     assert to_stdout.exit_code == 0 and to_stdout.stdout == run_cli("predict", onehot_head, GB1, "-q").stdout
     assert to_stdout.stdout.startswith("id,prediction\n") and not Path("-").exists()
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">a\nMKTAYIAKQR\n")
+    link = tmp_path / "head.link"
+    link.symlink_to(onehot_head / "head.safetensors")
+    for target, what in [(fasta, "the input FASTA"), (onehot_head / "config.json", "the head's config"),
+                         (link, "the head's weights")]:  # fmt: skip
+        before = target.read_bytes()
+        r = run_cli("predict", onehot_head, fasta, "-o", target, "--overwrite")
+        one_line_error(r, f"{target}: the output is {what} (")
+        assert target.read_bytes() == before
 
 
 def test_onehot_predict_needs_no_scratch_folder(

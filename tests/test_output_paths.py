@@ -85,6 +85,11 @@ def test_what_a_rerun_of_a_torchrun_job_is_told(embedded: Path, tmp_path: Path) 
     output = make_shards(tmp_path / "job", embedded, embedded)
     r = run("merge", output, "--virtual")
     assert r.exit_code == 0 and f"{output}: wrote a virtual-dataset file over 2 shards" in r.output
+    shard = output.with_name("j.shard-001-of-002.h5")
+    before = shard.read_bytes()
+    r = run("export", output, "-o", shard, "--overwrite")  # the only copy of what it exports
+    one_line_error(r, f"{shard}: the output is a shard that {output} reads from; choose another -o")
+    assert shard.read_bytes() == before
     with pytest.raises(
         OutputCompleteError, match=rf"^{output}: a complete output already exists; pass --overwrite"
     ):
