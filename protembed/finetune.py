@@ -80,10 +80,12 @@ def featurize(
     backend: str = "auto",
     quiet: bool = False,
     features_dir: Path | None = None,
+    layer_from: str = "--layer",
 ) -> Features:
     """One-hot features, or the cached embeddings of the model described by `model_cfg` (`quiet`:
     no notice or progress bar when the model is downloaded first). The embeddings are cached in
-    `features_dir` (default: `cache_dir`, which also remembers a local checkpoint's digest)."""
+    `features_dir` (default: `cache_dir`, which also remembers a local checkpoint's digest).
+    `layer_from` names where the layer came from in an error about it."""
     if model_cfg is None:
         if task.level == "residue":
             return onehot_residues(seqs)
@@ -103,7 +105,7 @@ def featurize(
     try:
         layer = model_cfg["layer_index"] = resolve_layers([model_cfg["layer"]], ref.config)[0]  # -1 resolved
     except ValueError as exc:
-        raise OptionError(f"--layer: {exc}") from None
+        raise OptionError(f"{layer_from}: {exc}") from None
     # The features are computed by the embed pipeline: "cuda" (no index) means every GPU.
     embed_device = None if device == "cuda" else device
     return model_features(

@@ -124,6 +124,9 @@ def load(out_dir: Path) -> tuple[dict[str, Any], nn.Module]:
     _check_saved(config, cfg_path)
     try:
         head = build_head(config["head_config"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # a hand-edited config
+        raise FlipError(f"{cfg_path}: head_config is not a head's settings ({first_line(exc)})") from None
+    try:
         weights = load_file(str(w_path))
         if why := _state_mismatch(head, weights):
             raise FlipError(f"{w_path}: not the weights of the head in {CONFIG} ({why})")
@@ -160,8 +163,10 @@ def _check_saved(config: dict[str, Any], cfg_path: Path) -> None:
         raise bad("classes", f"are not those of {task.name}")
     scale = config.get("target_scale")
     pair = scale if isinstance(scale, list) and len(scale) == 2 else []
-    if not (pair and all(is_whole(v) or isinstance(v, float) for v in pair)):
-        raise bad("target_scale", "is not two numbers")
+    if not (pair and all((is_whole(v) or isinstance(v, float)) and math.isfinite(v) for v in pair)):
+        raise bad("target_scale", "is not two finite numbers")
+    if not pair[1] > 0:
+        raise bad("target_scale", "has a scale (its second number) that is not above 0")
     if not isinstance(config.get("head_config"), dict):
         raise bad("head_config", "is not a head's settings")
     model = config.get("model")
@@ -208,7 +213,10 @@ def predict_fasta(
     task, dev = get_task(config["task"]), device or default_device()
     cache = cache_dir or default_cache_dir()
     length = config.get("onehot_length")
-    feats = featurize(seqs, task, model_cfg, length, cache, dev, progress, quiet=quiet, features_dir=scratch)
+    feats = featurize(
+        seqs, task, model_cfg, length, cache, dev, progress,
+        quiet=quiet, features_dir=scratch, layer_from=f"{out_dir / CONFIG}: model layer",
+    )  # fmt: skip
     x = feats.residues if task.level == "residue" else feats.pooled
     assert x is not None
     d_in = config["head_config"].get("d_in")

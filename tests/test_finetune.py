@@ -34,7 +34,7 @@ from protembed.flip import IGNORE, FlipError
 from protembed.heads import CNNHead, fit_ridge, predict
 from protembed.metrics import confusion, floor, rankdata, sequence_accuracy, spearman
 from protembed.reader import open_embeddings
-from tests.helpers import fixture_dir
+from tests.helpers import fixture_dir, one_line_error
 from tests.test_flip import TINY, TINY_SPLITS
 
 ESM2, AMPLIFY = fixture_dir("esm2_t3_h64") / "checkpoint", fixture_dir("amplify_l3_h64") / "checkpoint"
@@ -306,6 +306,13 @@ def test_save_and_predict_round_trip(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "nc.csv").read_text() == (tmp_path / "flip-ss3.csv").read_text()
     assert [p.name for p in new_cache.iterdir()] == ["weights-sha256.json"]  # no features, the digest kept
+    config_path = tmp_path / "flip-ss3" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["layer"] = 99  # a hand edit: the error names the file, not an option predict lacks
+    config_path.write_text(json.dumps(config))
+    result = run_cli("predict", tmp_path / "flip-ss3", tmp_path / "flip-ss3.fasta", "--device", "cpu",
+                     "--cache-dir", tmp_path / "cache", "-q")  # fmt: skip
+    one_line_error(result, f"{config_path}: model layer: layer 99 out of range")
 
 
 def test_outputs_are_written_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -620,9 +627,21 @@ def test_predict_rejects_an_edited_config(tmp_path: Path) -> None:
     for field, value, message in [
         ("classes", ["C", "E"], "classes ['C', 'E'] are not those of flip-gb1"),
         ("task", "flip-nope", "task 'flip-nope' is not a FLIP task"),
-        ("target_scale", [1.0], "target_scale [1.0] is not two numbers"),
-        ("target_scale", [True, False], "is not two numbers"),
+        ("target_scale", [1.0], "target_scale [1.0] is not two finite numbers"),
+        ("target_scale", [True, False], "is not two finite numbers"),
+        ("target_scale", [1.0, float("nan")], "target_scale [1.0, nan] is not two finite numbers"),
+        ("target_scale", [0, 0], "has a scale (its second number) that is not above 0"),
         ("head_config", None, "head_config None is not a head's settings"),
+        (
+            "head_config",
+            {**saved["head_config"], "extra": 1},
+            "config.json: head_config is not a head's settings (",
+        ),
+        (
+            "head_config",
+            {**saved["head_config"], "module": "lstm"},
+            "config.json: head_config is not a head's",
+        ),
         ("model", {"ref": "x", "layer": 3}, "is set, but the features are one-hot"),
         ("onehot_length", "x", "onehot_length 'x' is not a positive whole number"),
         ("features", "model", "model None is not a model with ref, layer and revision"),
