@@ -78,7 +78,7 @@ complete -c protembed -n '__fish_seen_subcommand_from finetune' -l patience -x -
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l data-dir -r -F -d 'Folder of FLIP FASTA files, one subfolder per dataset (e.g. DIR/gb1/two_vs_rest.fasta, or .fasta.gz); default: download once from the FLIP server into the cache.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l cache-dir -r -F -d 'Cache for downloads and features (default: $PROTEMBED_CACHE, $XDG_CACHE_HOME/protembed or ~/.cache/protembed).'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -s o -l output -r -F -d 'Save head, config, predictions.'
-complete -c protembed -n '__fish_seen_subcommand_from finetune' -l overwrite -d 'Replace a non-empty --output folder or an existing --plot file.'
+complete -c protembed -n '__fish_seen_subcommand_from finetune' -l overwrite -d 'Write into a non-empty --output folder (its saved head is replaced; other files are left alone) or replace an existing --plot file.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l device -x -d 'cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l backend -x -a 'auto torch te' -d 'auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l json -d 'Print results as JSON on stdout.'

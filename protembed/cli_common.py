@@ -191,7 +191,7 @@ def _embed_hint(options: dict[str, Any]) -> str:
 def _cache_hint(options: dict[str, Any]) -> str:
     if options.get("no_cache") or getattr(options.get("features"), "value", None) == "onehot":
         return ""  # nothing kept
-    return f"features computed so far are cached; {RERUN} to go on from there"
+    return f"features computed so far are cached; {RERUN} to reuse them (training starts over)"
 
 
 # What Ctrl-C leaves behind, by command function; commands not listed keep nothing to resume.

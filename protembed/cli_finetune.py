@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -134,7 +136,10 @@ def finetune(
     overwrite: Annotated[
         bool,
         typer.Option(
-            "--overwrite", help="Replace a non-empty --output folder or an existing --plot file.", metavar=""
+            "--overwrite",
+            help="Write into a non-empty --output folder (its saved head is replaced; other files are "
+            "left alone) or replace an existing --plot file.",
+            metavar="",
         ),
     ] = False,
     device: Device = None,
@@ -170,48 +175,49 @@ def finetune(
         raise typer.BadParameter("one-hot features are not computed by a model", param_hint="'--backend'")
     if features is not FeatureKind.onehot:  # checked even when every feature is cached already
         resolve_backend(backend.value, dev, "bfloat16" if backend is Backend.te else "float32", compile=False)
-    if output is not None:
-        check_output(output, overwrite)
-    if plot_png:
-        require_matplotlib()
-    cache = cache_dir or default_cache_dir()
-    if data_dir is None or features is not FeatureKind.onehot:  # else nothing goes to the cache
-        cache_root(cache)
-    model_ref = None if features is FeatureKind.onehot else model or DEFAULT_MODEL
-    with progress_bar(quiet) as bar:
-        dl: dict[str, TaskID] = {}
+    with _removed_if_unused(output):  # made by check_output, left empty by an error
+        if output is not None:
+            check_output(output, overwrite)
+        if plot_png:
+            require_matplotlib()
+        cache = cache_dir or default_cache_dir()
+        if data_dir is None or features is not FeatureKind.onehot:  # else nothing goes to the cache
+            cache_root(cache)
+        model_ref = None if features is FeatureKind.onehot else model or DEFAULT_MODEL
+        with progress_bar(quiet) as bar:
+            dl: dict[str, TaskID] = {}
 
-        def on_download(name: str, done: int, total: int | None) -> None:
-            if name not in dl:
-                dl[name] = bar.add_task(f"downloading {name}.fasta", total=total)
-            bar.update(dl[name], completed=done)
+            def on_download(name: str, done: int, total: int | None) -> None:
+                if name not in dl:
+                    dl[name] = bar.add_task(f"downloading {name}.fasta", total=total)
+                bar.update(dl[name], completed=done)
 
-        data = load_task(
-            spec, split, data_dir, cache, os.environ.get("PROTEMBED_FLIP_URL", FLIP_URL), on_download
-        )
-        plot_path = None
-        if plot_png:  # checked before training, written after it
-            plot_path = (output / PLOT) if output else Path(f"{spec.name}_{data.split}_{head_name}.png")
-            check_file_output(plot_path, overwrite or output is not None)  # (in --output: check_output)
-        emb = bar.add_task("embedding", total=None, visible=False)
-        ep = bar.add_task("training", total=epochs, visible=False)
-
-        def on_embed(done: int, total: int) -> None:
-            bar.update(emb, completed=done, total=total, visible=True)
-
-        def on_epoch(epoch: int, loss: float, val: dict[str, float]) -> None:
-            shown = ", ".join(f"val {k} {v:.4g}" for k, v in val.items() if k != "n")
-            bar.update(
-                ep, completed=epoch, visible=True, description=f"epoch {epoch} loss {loss:.4f} {shown}"
+            data = load_task(
+                spec, split, data_dir, cache, os.environ.get("PROTEMBED_FLIP_URL", FLIP_URL), on_download
             )
+            plot_path = None
+            if plot_png:  # checked before training, written after it
+                plot_path = (output / PLOT) if output else Path(f"{spec.name}_{data.split}_{head_name}.png")
+                check_file_output(plot_path, overwrite or output is not None)  # (in --output: check_output)
+            emb = bar.add_task("embedding", total=None, visible=False)
+            ep = bar.add_task("training", total=epochs, visible=False)
 
-        run = run_finetune(data, model=model_ref, head=head_name, layer=-1 if layer is None else layer,
-                           epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience,
-                           device=dev, backend=backend.value, cache_dir=cache, on_embed=on_embed,
-                           on_epoch=on_epoch, quiet=quiet)  # fmt: skip
-    cfg = run.config
-    if output is not None:
-        save(run, output, overwrite)
+            def on_embed(done: int, total: int) -> None:
+                bar.update(emb, completed=done, total=total, visible=True)
+
+            def on_epoch(epoch: int, loss: float, val: dict[str, float]) -> None:
+                shown = ", ".join(f"val {k} {v:.4g}" for k, v in val.items() if k != "n")
+                bar.update(
+                    ep, completed=epoch, visible=True, description=f"epoch {epoch} loss {loss:.4f} {shown}"
+                )
+
+            run = run_finetune(data, model=model_ref, head=head_name, layer=-1 if layer is None else layer,
+                               epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience,
+                               device=dev, backend=backend.value, cache_dir=cache, on_embed=on_embed,
+                               on_epoch=on_epoch, quiet=quiet)  # fmt: skip
+        cfg = run.config
+        if output is not None:
+            save(run, output, overwrite)
     if plot_path is not None:
         plot(run, plot_path)
     if cfg["truncated_sequences"] and not quiet:
@@ -225,6 +231,23 @@ def finetune(
     for label, path in (("saved", output), ("plot", plot_path)):
         if path is not None:
             out_console.print(f"{label}: {path}", highlight=False)
+
+
+@contextmanager
+def _removed_if_unused(folder: Path | None) -> Iterator[None]:
+    """Remove `folder` (and the parents made for it) again when the block fails leaving them empty."""
+    made = []  # the folders that do not exist yet, deepest first
+    while folder is not None and folder != folder.parent and not os.path.lexists(folder):
+        made.append(folder)
+        folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for path in made:
+            if not (path.is_dir() and not any(path.iterdir())):
+                break
+            path.rmdir()
+        raise
 
 
 def _note_unused(ctx: typer.Context, names: list[str], why: str) -> None:

@@ -245,12 +245,17 @@ def find_file(root: Path, folder: str, name: str, task: Task | None = None) -> P
     """`<root>/<folder>/<name>.fasta` or `.fasta.gz`; FlipError listing what is there otherwise
     (with `task`, `name` is a split: only split files are listed, and the task's own splits)."""
     paths = [root / folder / f"{name}{suffix}" for suffix in (".fasta", ".fasta.gz")]
+    present = []
     for path in paths:
         try:
             if path.is_file():
-                return path
+                present.append(path)
         except OSError as exc:  # a folder on the way that cannot be searched
             raise FlipError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(present) == 2:  # which one is meant is not ours to guess: they may differ
+        raise FlipError(f"{root / folder}: holds both {name}.fasta and {name}.fasta.gz; keep one of them")
+    if present:
+        return present[0]
     for path in paths:
         if why := _not_usable(path, folder=False):  # there, but not a file that can be read
             raise FlipError(f"{path}: {why}")
@@ -302,9 +307,9 @@ def load_task(
 ) -> Dataset:
     """Parse a task's split from `data_dir`, or from the FLIP server via the cache."""
     if split is not None:
-        split = split.removesuffix(".gz").removesuffix(".fasta")
+        given, split = split, split.removesuffix(".gz").removesuffix(".fasta")
         if not split or "/" in split or "\\" in split or split.startswith("."):
-            raise FlipError(f"--split {split!r} is not a split name (e.g. {task.default_split})")
+            raise FlipError(f"--split {given!r} is not a split name (e.g. {task.default_split})")
     split = split or task.default_split
     if split in _not_splits(task):
         raise FlipError(

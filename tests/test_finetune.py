@@ -377,6 +377,9 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "not empty (pass --overwrite" in r.output
     r = run_cli(*base, "--features", "onehot", "--split", "nope")
     assert r.exit_code == 1 and "no nope.fasta[.gz] in" in r.output
+    r = run_cli(*base, "--features", "onehot", "--split", "nope", "--output", tmp_path / "new" / "head")
+    assert r.exit_code == 1 and "no nope.fasta[.gz] in" in r.output
+    assert not (tmp_path / "new").exists()  # made before the data was read, removed again
     r = run_cli("predict", tmp_path, TINY / "gb1" / "sampled.fasta")
     assert r.exit_code == 1 and "is not a saved head" in r.output
 

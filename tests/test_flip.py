@@ -170,6 +170,12 @@ def test_data_files_that_are_there_but_cannot_be_read(tmp_path: Path) -> None:
     with pytest.raises(FlipError, match=rf"^{wanted}: cannot read: Too many levels of symbolic links$"):
         find_file(tmp_path, "gb1", "two_vs_rest")
     wanted.unlink()
+    wanted.write_text(">a TARGET=1 SET=train\nMKV\n")
+    (tmp_path / "gb1" / "two_vs_rest.fasta.gz").write_bytes(gzip.compress(b">a TARGET=2 SET=train\nMKV\n"))
+    with pytest.raises(FlipError, match=r"holds both two_vs_rest.fasta and two_vs_rest.fasta.gz; keep one"):
+        find_file(tmp_path, "gb1", "two_vs_rest")
+    for left in (tmp_path / "gb1").iterdir():
+        left.unlink()
     (tmp_path / "gb1").rmdir()
     (tmp_path / "gb1").write_text("")
     with pytest.raises(FlipError, match=rf"^{tmp_path / 'gb1'}: not a folder$"):
