@@ -244,9 +244,10 @@ def _removed_if_unused(folder: Path | None) -> Iterator[None]:
         yield
     except BaseException:
         for path in made:
-            if not (path.is_dir() and not any(path.iterdir())):
+            try:
+                path.rmdir()  # only an empty folder goes
+            except OSError:
                 break
-            path.rmdir()
         raise
 
 
