@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from protembed.alphabet import ALPHABETS, Alphabet
-from protembed.batching import token_batches
+from protembed.batching import MAX_TOKEN_BUDGET, token_batches
 from protembed.compute import run_batch
 from protembed.errors import BackendError, OptionError, is_whole
 from protembed.models.checkpoints import load_checkpoint, local_checkpoint, weights_sha256
@@ -106,8 +106,10 @@ class Model:
             raise OptionError(
                 f"max_residues: {max_residues!r} must be a whole number in 1..{top} for this model"
             )
-        if not is_whole(tokens_per_batch) or tokens_per_batch < 1:
-            raise OptionError(f"tokens_per_batch: {tokens_per_batch!r} is not a whole number >= 1")
+        if not is_whole(tokens_per_batch) or not 1 <= tokens_per_batch <= MAX_TOKEN_BUDGET:
+            raise OptionError(
+                f"tokens_per_batch: {tokens_per_batch!r} is not a whole number in 1..{MAX_TOKEN_BUDGET}"
+            )
         limit = int(limit)
         tokens = [self.alphabet.encode(s, record=str(i)) for i, s in enumerate(sequences)]
         for i, t in enumerate(tokens):

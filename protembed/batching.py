@@ -69,6 +69,9 @@ def pack(token_arrays: list[np.ndarray], device: torch.device | str = "cpu") -> 
 
 
 CPU_TOKEN_BUDGET = 4096
+# The most tokens a batch may hold: even the smallest model's activations for this many tokens
+# (about 15 KB each) exceed any single device's memory, and token offsets stay far below 2**31.
+MAX_TOKEN_BUDGET = 1 << 24
 
 
 def default_token_budget(config: EncoderConfig, device: torch.device, dtype: torch.dtype) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -44,14 +45,19 @@ class Compare(str, Enum):
     hf = "hf"
 
 
-def parse_ints(values: list[str], option: str) -> list[int]:
-    """Positive integers from repeated and/or comma-separated option values, in order, de-duplicated."""
+def parse_ints(values: list[str], option: str, top: int | None = None) -> list[int]:
+    """Positive integers (at most `top`) from repeated and/or comma-separated option values, in
+    order, de-duplicated."""
     out: list[int] = []
-    for part in (p.strip() for v in values for p in v.split(",")):
-        if not part.isdigit() or int(part) < 1:
-            raise typer.BadParameter(f"expected positive integers, got {part!r}", param_hint=f"'{option}'")
-        if int(part) not in out:
-            out.append(int(part))
+    for value in values:
+        for part in (p.strip() for p in value.split(",")):
+            if not (part.isascii() and part.isdigit()) or int(part) < 1:
+                got = repr(part) if part else f"an empty item in {value!r}"
+                raise typer.BadParameter(f"expected positive integers, got {got}", param_hint=f"'{option}'")
+            if top is not None and int(part) > top:
+                raise typer.BadParameter(f"{part} is more than {top}", param_hint=f"'{option}'")
+            if int(part) not in out:
+                out.append(int(part))
     return out
 
 
@@ -151,7 +157,9 @@ def bench(
             "give either --lengths (synthetic) or --input (FASTA), not both", param_hint="'--lengths'"
         )
     length_list = parse_ints(lengths or [DEFAULT_LENGTHS], "--lengths")
-    budgets = parse_ints(tokens_per_batch, "--tokens-per-batch") if tokens_per_batch else []
+    from protembed.batching import MAX_TOKEN_BUDGET  # torch: imported only now, not for --help
+
+    budgets = parse_ints(tokens_per_batch, "--tokens-per-batch", MAX_TOKEN_BUDGET) if tokens_per_batch else []
     if plot is not None:
         require_matplotlib()
         if plot.suffix.lower() != ".png":
@@ -174,6 +182,8 @@ def bench(
     from protembed.peaks import device_name, device_peak
 
     if threads is not None:
+        if threads > (os.cpu_count() or 1):  # torch crashes on absurd counts
+            raise OptionError(f"--threads {threads}: this machine has {os.cpu_count()} CPUs")
         torch.set_num_threads(threads)
     if device is not None and device.startswith("cpu:"):
         raise OptionError("bench times one process; --device cpu:N (worker processes) is for embed")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from protembed.alphabet import Alphabet
+from protembed.batching import MAX_TOKEN_BUDGET
 from protembed.cache import check_replaceable, writable
 from protembed.compute import COMPUTE_DTYPES
 from protembed.errors import OptionError, StoreError, is_whole
@@ -99,6 +100,10 @@ def check_options(
     """Refuse impossible option values before anything is read."""
     if tokens_per_batch is not None and (not is_whole(tokens_per_batch) or tokens_per_batch < 1):
         raise OptionError(f"--tokens-per-batch {tokens_per_batch} must be at least 1")
+    if tokens_per_batch is not None and tokens_per_batch > MAX_TOKEN_BUDGET:
+        raise OptionError(
+            f"--tokens-per-batch {tokens_per_batch} is more than a device holds (at most {MAX_TOKEN_BUDGET})"
+        )
     bad = [p for p in poolings if p not in POOLINGS]
     if bad or not poolings:
         given = ",".join(bad) or "(none)"

@@ -41,8 +41,10 @@ def parse_devices(spec: str | None) -> list[str]:
         return ["cpu"]
     if text.startswith("cpu:"):
         count = text[4:]
-        if not count.isdigit() or int(count) < 1:
+        if not (count.isascii() and count.isdigit()) or int(count) < 1:
             raise OptionError(f"--device {spec}: cpu:N needs a worker count N >= 1")
+        if int(count) > (os.cpu_count() or 1):  # each worker is a process with a model copy
+            raise OptionError(f"--device {spec}: more workers than this machine's {os.cpu_count()} CPUs")
         return ["cpu"] * int(count)
     if text == "all":
         if not n_gpu:

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -103,8 +103,11 @@ class EmbeddingFile:
         if not (is_whole(start) and is_whole(stop) and 0 <= start <= stop <= len(self)):
             raise StoreError(f"{self.path}: rows {start}..{stop} are not a range within 0..{len(self)}")
         ds, axis = self._h5[kind], self._layer_axis(layer)
-        with intact(self.path, StoreError, _unreadable(start, stop)):
-            data = ds[start:stop] if layer is None or ds.ndim == 2 else ds[start:stop, axis]
+
+        def read(a: int, b: int) -> np.ndarray:
+            return ds[a:b] if layer is None or ds.ndim == 2 else ds[a:b, axis]
+
+        data = self._read_rows(read, start, stop)
         data[~self.written[start:stop] & ~self.skipped[start:stop]] = np.nan
         return data
 
@@ -117,10 +120,7 @@ class EmbeddingFile:
             raise StoreError(f"{self.path}: row {row} out of range (0..{len(self) - 1})")
         if not (self.written[row] or self.skipped[row]):
             raise StoreError(f"{self.path}: row {row} is not written yet (the run is unfinished)")
-        ds, axis = self._h5["residues"], self._layer_axis(layer)
-        with intact(self.path, StoreError, _unreadable(row, row + 1)):
-            a, b = (int(x) for x in self._h5["offsets"][row : row + 2])
-            return ds[a:b] if layer is None or ds.ndim == 2 else ds[a:b, axis]
+        return self.residue_block(row, row + 1, layer)[0]
 
     def residue_block(self, start: int, stop: int, layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-residue embeddings of rows start..stop-1 in one read, and their offsets into it."""
@@ -129,11 +129,30 @@ class EmbeddingFile:
         if not (is_whole(start) and is_whole(stop) and 0 <= start <= stop <= len(self)):
             raise StoreError(f"{self.path}: rows {start}..{stop} are not a range within 0..{len(self)}")
         ds, axis = self._h5["residues"], self._layer_axis(layer)
-        with intact(self.path, StoreError, _unreadable(start, stop)):
+        with intact(self.path, StoreError, f"the offsets of rows {start}..{stop - 1} cannot be read"):
             offsets = self._h5["offsets"][start : stop + 1].astype(np.int64)
-            a, b = int(offsets[0]), int(offsets[-1])
-            block = ds[a:b] if layer is None or ds.ndim == 2 else ds[a:b, axis]
-        return block, offsets - a
+
+        def read(a: int, b: int) -> np.ndarray:  # rows a..b-1
+            first, last = int(offsets[a - start]), int(offsets[b - start])
+            return ds[first:last] if layer is None or ds.ndim == 2 else ds[first:last, axis]
+
+        return self._read_rows(read, start, stop), offsets - offsets[0]
+
+    def _read_rows(self, read: Callable[[int, int], np.ndarray], start: int, stop: int) -> np.ndarray:
+        """`read(start, stop)`; where the file is damaged, a StoreError naming the rows that cannot
+        be read (found by reading halves of the range, on this error path only)."""
+        try:
+            return read(start, stop)
+        except H5_ERRORS as exc:
+            bad = _bad_rows(read, start, stop) or list(range(start, stop))
+            if len(bad) == 1:
+                rows = f"row {bad[0]}"
+            elif bad[-1] - bad[0] + 1 == len(bad):
+                rows = f"rows {bad[0]}..{bad[-1]}"
+            else:
+                rows = f"{len(bad)} rows between {bad[0]} and {bad[-1]}"
+            detail = first_line(exc).strip("'")
+            raise StoreError(f"{self.path}: damaged HDF5 file ({detail}); {rows} cannot be read") from None
 
     def close(self) -> None:
         self._h5.close()
@@ -175,10 +194,16 @@ class EmbeddingFile:
         return 0 if layer is None else self.layers.index(self.stored_layer(layer))
 
 
-def _unreadable(start: int, stop: int) -> str:
-    """What a failed read of rows start..stop-1 could not read, for `intact`'s hint."""
-    rows = f"row {start}" if stop - start == 1 else f"rows {start}..{stop - 1}"
-    return f"{rows} cannot be read"
+def _bad_rows(read: Callable[[int, int], np.ndarray], start: int, stop: int) -> list[int]:
+    """The rows in start..stop-1 that `read` fails on, found by halving the range."""
+    try:
+        read(start, stop)
+        return []
+    except H5_ERRORS:
+        if stop - start == 1:
+            return [start]
+    mid = (start + stop) // 2
+    return _bad_rows(read, start, mid) + _bad_rows(read, mid, stop)
 
 
 @contextmanager

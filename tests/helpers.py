@@ -62,5 +62,5 @@ def damage_chunk(path: Path, dataset: str, chunk: int = 0) -> None:
     with h5py.File(path, "r") as f:
         info = f[dataset].id.get_chunk_info(chunk)
     with open(path, "r+b") as raw:
-        raw.seek(info.byte_offset + min(20, info.size // 4))
-        raw.write(b"\xff" * 64)
+        raw.seek(info.byte_offset + info.size // 4)  # inside this chunk only
+        raw.write(b"\xff" * min(64, max(1, info.size // 2)))

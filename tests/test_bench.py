@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -249,6 +251,11 @@ def test_random_weights_fasta_table(tmp_path) -> None:
     assert "64 · seqs.fa" in text and "(3 sequences)" in text
 
 
+def unboxed(text: str) -> str:
+    """A usage error's text without rich's box and line breaks."""
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", text).split())
+
+
 def test_no_json_without_flag_and_bad_options() -> None:
     too_long = invoke("--model", ESM2_CKPT, "--lengths", "5000", *FAST)
     assert too_long.exit_code == 1 and "exceeds the model's maximum of 1022" in too_long.output
@@ -256,6 +263,15 @@ def test_no_json_without_flag_and_bad_options() -> None:
     assert both.exit_code == 2
     bad = invoke("--model", ESM2_CKPT, "--lengths", "8,x", *FAST)
     assert bad.exit_code == 2
+    trailing = invoke("--model", ESM2_CKPT, "--lengths", "16,", *FAST)
+    assert trailing.exit_code == 2 and "got an empty item in '16,'" in unboxed(trailing.output)
+    budget = invoke("--model", ESM2_CKPT, "--lengths", "8", "--tokens-per-batch", "99999999999", *FAST)
+    assert budget.exit_code == 2 and "99999999999 is more than 16777216" in unboxed(budget.output)
+    threads = invoke("--model", ESM2_CKPT, "--lengths", "8", "--threads", "100000", *FAST)  # torch crashed
+    assert (
+        threads.exit_code == 1
+        and f"--threads 100000: this machine has {os.cpu_count()} CPUs" in threads.output
+    )
     huge_seed = invoke("--model", ESM2_CKPT, "--random-weights", "--seed", str(2**64), *FAST)
     assert huge_seed.exit_code == 2 and "Traceback" not in huge_seed.output
     workers = invoke("--model", ESM2_CKPT, "--device", "cpu:2", *FAST)

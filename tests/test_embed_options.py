@@ -212,6 +212,7 @@ def test_embed_fasta_checks_what_the_cli_checks(tmp_path: Path, fasta: Path) -> 
     for kwargs, message in [
         ({"tokens_per_batch": 0}, "--tokens-per-batch 0 must be at least 1"),
         ({"tokens_per_batch": -10}, "--tokens-per-batch -10 must be at least 1"),
+        ({"tokens_per_batch": 1 << 30}, "--tokens-per-batch 1073741824 is more than a device holds"),
         ({"max_length": 0}, r"--max-length 0 is outside 1\.\.1022"),
         ({"compression": "zip"}, "--compression 'zip' is not one of None, gzip, lzf"),
     ]:

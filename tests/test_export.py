@@ -137,15 +137,19 @@ def test_export_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not (tmp_path / "p.h5").exists() and not (tmp_path / "p.h5.partial").exists()
 
 
-@pytest.mark.parametrize("what", ["mean", "residues"])
-def test_a_damaged_source_is_named_and_the_old_output_kept(tmp_path: Path, what: str) -> None:
-    """A read error in the source names the source and its rows, not the output ("cannot write")."""
+@pytest.mark.parametrize("what, rows", [("mean", "rows 2..3"), ("residues", "rows 0..1")])
+def test_a_damaged_source_is_named_with_its_rows_and_the_old_output_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str, rows: str
+) -> None:
+    """A read error in the source names the source and the rows the damaged chunk holds, not the
+    output ("cannot write") or every row of the block read."""
     plain, source, out = tmp_path / "plain.h5", tmp_path / "gz.h5", tmp_path / "out.h5"
     make_file(plain, [2])
+    monkeypatch.setattr(export, "CHUNK_BYTES", 2 * D * 4)  # chunks of 2 rows / 2 residues
     compressed_copy(plain, source, "gzip")
     out.write_bytes(b"an older export")
-    damage_chunk(source, what)
-    why = rf"^{source}: damaged HDF5 file \(.*\); rows 0\.\.6 cannot be read$"
+    damage_chunk(source, what, 1)  # mean: rows 2-3; residues 2-3: in rows 0 (0..2) and 1 (3..6)
+    why = rf"^{source}: damaged HDF5 file \(.*\); {rows} cannot be read$"
     with pytest.raises(StoreError, match=why):
         export_per_protein(source, out, what=what, overwrite=True)
     assert out.read_bytes() == b"an older export" and not list(tmp_path.glob("*.partial"))

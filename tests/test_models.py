@@ -155,8 +155,10 @@ def test_python_api_refuses_wrong_arguments() -> None:
             model.embed(["MKV"], max_residues=bad_limit)  # type: ignore[arg-type]
     cut = model.embed(["MKTAYIAK"], max_residues=3, per_residue=True)
     assert cut.truncated.tolist() == [True] and cut.residues is not None and cut.residues[0].shape[0] == 3
-    for bad_budget in (0, 10.5, None):
-        with pytest.raises(ValueError, match=f"tokens_per_batch: {bad_budget} is not a whole number >= 1"):
+    for bad_budget in (0, 10.5, None, 1 << 30):
+        with pytest.raises(
+            ValueError, match=rf"tokens_per_batch: {bad_budget} is not a whole number in 1\.\.16777216"
+        ):
             model.embed(["MKV"], tokens_per_batch=bad_budget)  # type: ignore[arg-type]
     assert model.embed(["MKV"], layers="all").pooled["mean"].shape == (1, 4, 64)
     for pooling in ("max", ["mean", "max"], "mean,"):  # refused before anything is computed

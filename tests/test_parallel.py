@@ -345,9 +345,12 @@ def test_only_the_inputs_last_window_ends_on_small_units(many: Path) -> None:
     assert sorted(np.concatenate([r for r, _, _ in units]).tolist()) == rows.tolist()
 
 
-def test_parse_devices() -> None:
+def test_parse_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_devices("cpu") == ["cpu"]
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
     assert parse_devices("cpu:3") == ["cpu", "cpu", "cpu"]
+    with pytest.raises(OptionError, match="cpu:4: more workers than this machine's 3 CPUs"):
+        parse_devices("cpu:4")
     assert device_label(["cpu"]) == "cpu" and device_label(["cpu"], "cpu:1") == "cpu:1"
     assert device_label(["cuda:0", "cuda:1"]) == "cuda:0,cuda:1"
     for bad in ("cpu:0", "cpu:x", "gpu", "cuda:a"):  # a malformed value: a ValueError, like other options
