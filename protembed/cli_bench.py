@@ -88,9 +88,12 @@ def build_model(
 @handle_errors
 def bench(
     model: Annotated[
-        str, typer.Option("--model", "-m", help="Registry name, Hub repo id or checkpoint dir.")
+        str,
+        typer.Option("--model", "-m", help="Registry name, Hub repo id or checkpoint dir.", metavar="MODEL"),
     ] = DEFAULT_MODEL,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: the GPU if any).")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N (default: the GPU if any).", metavar="DEVICE")
+    ] = None,
     dtype: Annotated[DType, typer.Option(help="Weights and compute dtype.")] = DType.float32,
     backend: BackendOption = Backend.auto,
     compile: CompileOption = False,
@@ -114,6 +117,7 @@ def bench(
             "--input",
             "-i",
             help="Benchmark this FASTA instead of synthetic data.",
+            metavar="FASTA",
             parser=path_value,
             dir_okay=False,  # for the completions; the command checks it is a file
         ),
@@ -141,7 +145,7 @@ def bench(
     ] = False,
     plot: Annotated[
         Path | None,
-        typer.Option(help="Write a PNG of residues/s against length.", parser=path_value),
+        typer.Option(help="Write a PNG of residues/s against length.", metavar="PNG", parser=path_value),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing --plot file.", metavar="")

@@ -117,17 +117,31 @@ def embed(
             "--output",
             "-o",
             help="HDF5 output (default: INPUT with .h5 beside it).",
+            metavar="FILE",
             parser=path_value,
         ),
     ] = None,
     model: Annotated[
-        str, typer.Option("--model", "-m", help="Registry name, Hub repo id or local checkpoint directory.")
+        str,
+        typer.Option(
+            "--model", "-m", help="Registry name, Hub repo id or local checkpoint directory.", metavar="MODEL"
+        ),
     ] = DEFAULT_MODEL,
-    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag or commit).", metavar="REV")
+    ] = None,
     layer: Annotated[
-        str, typer.Option("--layer", "-l", help="Layers: -1 (last), 0,6,12, all, or final (AMPLIFY normed).")
+        str,
+        typer.Option(
+            "--layer",
+            "-l",
+            help="Layers: -1 (last), 0,6,12, all, or final (AMPLIFY normed).",
+            metavar="LAYERS",
+        ),
     ] = "-1",
-    pool: Annotated[str, typer.Option("--pool", help="Pooling: mean, cls or mean,cls.")] = "mean",
+    pool: Annotated[
+        str, typer.Option("--pool", help="Pooling: mean, cls or mean,cls.", metavar="POOLINGS")
+    ] = "mean",
     per_residue: Annotated[
         bool, typer.Option("--per-residue", help="Also store every residue's vector.", metavar="")
     ] = False,
@@ -149,7 +163,10 @@ def embed(
     ] = LongPolicy.truncate,
     device: Annotated[
         str | None,
-        typer.Option(help="cpu, cpu:N, cuda, cuda:0,1, 0,1,3 or all (default: every GPU, else the CPU)."),
+        typer.Option(
+            help="cpu, cpu:N, cuda, cuda:0,1, 0,1,3 or all (default: every GPU, else the CPU).",
+            metavar="DEVICE",
+        ),
     ] = None,
     backend: BackendOption = Backend.auto,
     compile: CompileOption = False,

@@ -57,6 +57,7 @@ DataDir = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
+        metavar="DIR",
         parser=path_value,
         help="Folder of FLIP FASTA files, one subfolder per dataset (e.g. DIR/gb1/two_vs_rest.fasta, "
         "or .fasta.gz); default: download once from the FLIP server into the cache.",
@@ -65,12 +66,14 @@ DataDir = Annotated[
 CacheDir = Annotated[
     Path | None,
     typer.Option("--cache-dir", help="Cache for downloads and features (default: $PROTEMBED_CACHE, "
-                 "$XDG_CACHE_HOME/protembed or ~/.cache/protembed).", parser=path_value),
+                 "$XDG_CACHE_HOME/protembed or ~/.cache/protembed).", metavar="DIR", parser=path_value),
 ]  # fmt: skip
 Device = Annotated[
     str | None,
     typer.Option(
-        "--device", help="cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU."
+        "--device",
+        help="cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU.",
+        metavar="DEVICE",
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", metavar="")]
@@ -99,13 +102,15 @@ def finetune(
             "--model",
             "-m",
             help=f"Registry name, Hub repo id or checkpoint folder. Default: {DEFAULT_MODEL}.",
+            metavar="MODEL",
         ),
     ] = None,  # fmt: skip
     features: Annotated[
         FeatureKind, typer.Option("--features", help="Language-model embeddings or the one-hot baseline.")
     ] = FeatureKind.model,
     split: Annotated[
-        str | None, typer.Option("--split", help="Split file. Default: the task's card split.")
+        str | None,
+        typer.Option("--split", help="Split file. Default: the task's card split.", metavar="SPLIT"),
     ] = None,
     head: Annotated[
         HeadName | None,
@@ -131,7 +136,9 @@ def finetune(
     cache_dir: CacheDir = None,
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Save head, config, predictions.", parser=path_value),
+        typer.Option(
+            "--output", "-o", help="Save head, config, predictions.", metavar="DIR", parser=path_value
+        ),
     ] = None,
     overwrite: Annotated[
         bool,

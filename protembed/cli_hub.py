@@ -19,6 +19,7 @@ CacheDir = Annotated[
     typer.Option(
         "--cache-dir",
         help="Hub cache directory (default: $HF_HUB_CACHE or $HF_HOME/hub).",
+        metavar="DIR",
         parser=path_value,
     ),
 ]
@@ -35,7 +36,8 @@ def download(
         typer.Argument(help="Registry name (esm2-650m), Hub repo id or local directory.", metavar="MODEL"),
     ],
     revision: Annotated[
-        str | None, typer.Option("--revision", help="Branch, tag or commit hash (default: main).")
+        str | None,
+        typer.Option("--revision", help="Branch, tag or commit hash (default: main).", metavar="REV"),
     ] = None,
     cache_dir: CacheDir = None,
     force: Annotated[

@@ -54,7 +54,13 @@ def predict(
     ],
     output: Annotated[
         str | None,
-        typer.Option("--output", "-o", help="CSV file (- for stdout). Default: stdout.", parser=input_value),
+        typer.Option(
+            "--output",
+            "-o",
+            help="CSV file (- for stdout). Default: stdout.",
+            metavar="FILE",
+            parser=input_value,
+        ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output file.", metavar="")

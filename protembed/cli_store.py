@@ -38,6 +38,7 @@ def export(
             "--output",
             "-o",
             help="File to write.",
+            metavar="FILE",
             show_default=False,
             parser=path_value,
         ),
