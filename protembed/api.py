@@ -130,18 +130,20 @@ class Model:
         return Embeddings(pooled=pooled, layers=idx, residues=residues, truncated=truncated)
 
 
-def check_device(device: str | torch.device | None) -> torch.device:
-    """The requested torch device, checked to exist; default: first GPU, else CPU."""
+def check_device(device: str | torch.device | None, option: str = "device") -> torch.device:
+    """The requested torch device, checked to exist; default: first GPU, else CPU. Errors name
+    `option` (`--device` on the command line)."""
     try:
         dev = torch.device(device or default_device())
     except RuntimeError:
         dev = None
+    what = f"{option} {str(device)!r}"
     if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index is not None):
-        raise OptionError(f"unknown device {device!r} (use cpu, cuda or cuda:N)")
+        raise OptionError(f"unknown {what} (use cpu, cuda or cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {device!r} requested but CUDA is not available")
+        raise BackendError(f"{what} requested but CUDA is not available")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise BackendError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        raise BackendError(f"{what} does not exist ({torch.cuda.device_count()} CUDA devices)")
     return dev
 
 

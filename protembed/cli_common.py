@@ -213,7 +213,7 @@ def resolve_device(device: str | None) -> torch.device:
     """The requested torch device, checked to exist; default: first GPU, else CPU."""
     from protembed.api import check_device
 
-    return check_device(device)
+    return check_device(device, "--device")
 
 
 def print_json(data: Any) -> None:

@@ -471,7 +471,7 @@ def test_cli_option_mistakes_are_one_line_errors(tmp_path: Path) -> None:
         (["--lr", "0"], 2, "Invalid value for '--lr': must be a positive number"),
         (["--seed", "-1"], 2, "--seed"),
         (["--layer", "1"], 2, "one-hot features have no layers"),
-        (["--device", "foo"], 1, "error: unknown device 'foo'"),
+        (["--device", "foo"], 1, "error: unknown --device 'foo' (use cpu, cuda or cuda:N)"),
         (["--split", "../gb1/two_vs_rest"], 1, "is not a split name"),
     ]:
         r = run_cli(*onehot, *extra)
