@@ -124,7 +124,7 @@ def models(
             _params(m.n_params),
             str(m.max_residues),
             "yes" if c.path else "partial" if c.partial else "other revision" if c.other_revisions else "no",
-            (c.revision or (c.other_revisions or ("",))[0])[:10],
+            (c.revision or "")[:10] or (c.other_revisions or ("",))[0],  # whole: what --revision takes
             decimal(c.size) if c.path else "",
         )
     # A terminal gets its own width; a pipe gets the whole table rather than 80 columns.

@@ -38,15 +38,16 @@ from protembed.errors import CheckpointError, HubError, UnknownModelError
 from protembed.hub_cache import (
     UNFINISHED,
     cache_root,
-    cached_commits,
     cached_snapshot,
+    damaged_weights,
     disk_size,
+    is_complete,
     mark_unfinished,
     remove_files,
     stopped_download,
     write_ref,
 )
-from protembed.hub_errors import check_writable, hub_errors, hub_warnings
+from protembed.hub_errors import check_writable, hub_errors, hub_warnings, not_cached_error
 from protembed.models.checkpoints import (
     CONFIG_FILE,
     WEIGHT_FILES,
@@ -126,7 +127,7 @@ def resolve_model(
     if hit is not None:
         return ResolvedModel(name, repo_id, hit[0], hit[1])
     if constants.is_offline_mode() or not download:
-        raise _not_cached(model, repo_id, revision, cache_dir)
+        raise not_cached_error(model, repo_id, revision, cache_dir)
     at = f" at revision {revision}" if revision else ""
     if progress:
         state = "is not cached: downloading"
@@ -150,7 +151,8 @@ def download_model(
     force: bool = False,
     progress: bool = True,
 ) -> tuple[ResolvedModel, int]:
-    """Download a model into the Hub cache (no network if it is already cached) and verify it loads.
+    """Download a model into the Hub cache (no network if it is already cached) and verify it: it
+    loads, and its weights hash to the Hub's sha256 (a cached copy's once per file change).
 
     Returns the resolved model and its size on disk in bytes. `force` downloads every file again.
     """
@@ -166,39 +168,15 @@ def download_model(
         except CheckpointError as exc:
             reason = f"cached copy does not load: {_detail(exc, hit[0])}"
             raise CheckpointError(repo_id, f"{reason}; run `protembed download {model} --force`") from None
+        if bad := damaged_weights(hit[0]):  # a byte changed in place: it still loads
+            reason = f"cached copy is damaged ({', '.join(bad)}: sha256 mismatch)"
+            raise CheckpointError(repo_id, f"{reason}; run `protembed download {model} --force`")
         return ResolvedModel(name, repo_id, hit[0], hit[1]), disk_size(hit[0])
     if constants.is_offline_mode():
         if force:
             raise HubError("--force needs the network but HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0")
-        raise _not_cached(model, repo_id, revision, cache_dir, for_download=True)
+        raise not_cached_error(model, repo_id, revision, cache_dir, for_download=True)
     return _download(name, repo_id, revision, cache_dir, force, progress)
-
-
-def _not_cached(
-    model: str, repo_id: str, revision: str | None, cache_dir: str | Path | None, for_download: bool = False
-) -> HubError:
-    cmd = f"protembed download {model}"
-    cmd += f" --revision {revision}" if revision else ""
-    cmd += f" --cache-dir {cache_dir}" if cache_dir is not None else ""
-    root = cache_root(cache_dir)
-    where, other = f"{repo_id} is not in the cache ({root})", ""
-    if stopped_download(repo_id, revision, cache_dir):
-        where = f"{repo_id} is only partly in the cache ({root}: a download stopped before it finished)"
-    elif held := cached_commits(repo_id, cache_dir):  # e.g. downloaded with --revision COMMIT only
-        where = f"{repo_id} at revision {revision or constants.DEFAULT_REVISION} is not in the cache ({root})"
-        other = f"; --revision {held[0]} uses the cached copy"
-        if len(held) > 1:
-            listed = ", ".join(held[:3]) + ", ..." * (len(held) > 3)
-            other = f"; cached revisions: {listed} (pick one with --revision)"
-    if not constants.is_offline_mode():
-        return HubError(f"{where} and downloads are off: run `{cmd}`{other}")
-    if for_download:  # running `{cmd}` again would not help
-        return HubError(
-            f"{where} and HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download{other}"
-        )
-    return HubError(
-        f"{where} and HF_HUB_OFFLINE is set: run `HF_HUB_OFFLINE=0 {cmd}` first (it needs the network){other}"
-    )
 
 
 def _download(
@@ -249,20 +227,28 @@ def _download(
             on_config(config)
         weights = _weight_names(repo_id, set(remote), fetch)
         wanted = [f for f in TOKENIZER_FILES if f in remote] + weights
+        was_complete = is_complete(snapshot)  # checked before: a failed --force leaves it so
         mark_unfinished(snapshot, revision)  # not cached until every file below passed its check
         todo = [f for f in wanted if force or not (snapshot / f).exists()]
         # Files already here come from an earlier run that may have stopped before checking them.
         todo += _failed_checks(snapshot, [f for f in wanted if f not in todo], remote, progress)
-        if todo:
-            with _progress_bar(progress) as add_task:
-                bar = _bar_class(add_task(sum(remote[f].size or 0 for f in todo), name or repo_id))
-                for f in todo:
-                    path = fetch(f, bar)
-                    lfs = remote[f].lfs
-                    if lfs is not None and file_sha256(path) != lfs.sha256:
-                        remove_files(snapshot, [f])
-                        reason = "corrupt download (sha256 mismatch), deleted; run the command again"
-                        raise CheckpointError(f"{repo_id}/{f}", reason)
+        unchecked = None  # a file fetched (so replaced in the snapshot) whose check has not passed yet
+        try:
+            if todo:
+                with _progress_bar(progress) as add_task:
+                    bar = _bar_class(add_task(sum(remote[f].size or 0 for f in todo), name or repo_id))
+                    for f in todo:
+                        unchecked = path = fetch(f, bar)  # a failed fetch leaves the file as it was
+                        lfs = remote[f].lfs
+                        if lfs is not None and file_sha256(path) != lfs.sha256:
+                            remove_files(snapshot, [f])
+                            reason = "corrupt download (sha256 mismatch), deleted; run the command again"
+                            raise CheckpointError(f"{repo_id}/{f}", reason)
+                        unchecked = None
+        except BaseException:
+            if was_complete and unchecked is None and all((snapshot / f).exists() for f in wanted):
+                (snapshot / UNFINISHED).unlink(missing_ok=True)  # every file is one that passed a check
+            raise
         try:
             verify_checkpoint(snapshot)
         except CheckpointError as exc:

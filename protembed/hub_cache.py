@@ -18,6 +18,7 @@ complete.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
 
 from protembed.cache import user_path
 from protembed.errors import CheckpointError, HubError, OptionError
-from protembed.models.checkpoints import CONFIG_FILE, weight_files
+from protembed.models.checkpoints import CONFIG_FILE, memo_sha256, weight_files
 from protembed.registry import MODELS
 
 
@@ -85,6 +86,17 @@ def cached_snapshot(
         return None
     snapshot = repo_dir(repo_id, cache_dir) / "snapshots" / commit
     return (snapshot, commit) if is_complete(snapshot) else None
+
+
+def damaged_weights(snapshot: Path) -> list[str]:
+    """Weight files of a complete snapshot whose bytes no longer hash to their blob's name (the
+    Hub's sha256 of an LFS file). Each file is hashed once per size and modification time."""
+    bad = []
+    for f in weight_files(snapshot):
+        blob = f.resolve()
+        if re.fullmatch("[0-9a-f]{64}", blob.name) and memo_sha256([blob]) != f"sha256:{blob.name}":
+            bad.append(f.name)
+    return bad
 
 
 def cached_commits(repo_id: str, cache_dir: str | Path | None = None) -> list[str]:

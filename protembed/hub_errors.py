@@ -24,6 +24,7 @@ from rich.console import Console
 
 from protembed.cache import ensure_dir
 from protembed.errors import RERUN, HubError, StoreError
+from protembed.hub_cache import cache_root, cached_commits, stopped_download
 
 _console = Console(stderr=True, emoji=False)
 
@@ -69,40 +70,83 @@ def hub_errors(repo_id: str, revision: str | None, cache: Path | None = None) ->
     """Turn huggingface_hub and transport errors into one-line HubErrors that say what to do."""
     try:
         yield
-    except GatedRepoError:
+    except Exception as exc:
+        # With force_download, huggingface_hub wraps the failure of a file's first request in a
+        # plain ValueError ("Force download failed ..."): the cause is what went wrong.
+        cause = exc.__cause__
+        failure = cause if type(exc) is ValueError and isinstance(cause, Exception) else exc
+        translated = _hub_error(failure, repo_id, revision, cache)
+        if translated is None:
+            raise
+        raise translated from None
+
+
+def _hub_error(exc: Exception, repo_id: str, revision: str | None, cache: Path | None) -> HubError | None:
+    """The one-line HubError for a download failure; None for an error that is not one."""
+    if isinstance(exc, GatedRepoError):
         page = f"{constants.ENDPOINT}/{repo_id}"
         if get_token() is None:
-            raise HubError(f"{repo_id} is gated: accept its terms at {page}, then set HF_TOKEN") from None
-        raise HubError(f"{repo_id} is gated and HF_TOKEN has no access: accept its terms at {page}") from None
-    except RevisionNotFoundError:
-        raise HubError(f"{repo_id} has no revision '{revision}'") from None
-    except RepositoryNotFoundError:
-        raise HubError(
+            return HubError(f"{repo_id} is gated: accept its terms at {page}, then set HF_TOKEN")
+        return HubError(f"{repo_id} is gated and HF_TOKEN has no access: accept its terms at {page}")
+    if isinstance(exc, RevisionNotFoundError):
+        return HubError(f"{repo_id} has no revision '{revision}'")
+    if isinstance(exc, RepositoryNotFoundError):
+        return HubError(
             f"repo '{repo_id}' not found on {constants.ENDPOINT} and no local directory of that name "
             "(check the id; a private repo needs HF_TOKEN)"
-        ) from None
-    except RemoteEntryNotFoundError as exc:
-        raise HubError(f"{repo_id}: file missing on the Hub ({_first_line(exc)})") from None
-    except OfflineModeIsEnabled:
-        raise HubError(f"{repo_id}: HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0 to download") from None
-    except httpx2.TimeoutException:
-        raise HubError(
+        )
+    if isinstance(exc, RemoteEntryNotFoundError):
+        return HubError(f"{repo_id}: file missing on the Hub ({_first_line(exc)})")
+    if isinstance(exc, OfflineModeIsEnabled):
+        return HubError(f"{repo_id}: HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0 to download")
+    if isinstance(exc, httpx2.TimeoutException):
+        return HubError(
             f"no answer from {constants.ENDPOINT} for {repo_id} (timed out); check the network "
             f"(and HF_ENDPOINT), then {RERUN}"
-        ) from None
-    except OSError as exc:
+        )
+    if isinstance(exc, OSError):
         if cache is not None and exc.errno in _DISK_FULL + _DISK_DENIED:
             where = f"cannot write {repo_id} into {cache}: {exc.strerror}"
             if exc.errno in _DISK_FULL:
                 advice = "free some space (or choose another cache with --cache-dir or HF_HUB_CACHE)"
-                raise HubError(f"{where}; {advice}, then {RERUN} to resume") from None
-            raise HubError(f"{where}; choose another cache with --cache-dir or HF_HUB_CACHE") from None
-        raise HubError(f"download of {repo_id} failed: {_first_line(exc)}; {RERUN} to resume") from None
-    except httpx2.HTTPError as exc:
-        raise HubError(f"download of {repo_id} failed: {_first_line(exc)}; {RERUN} to resume") from None
+                return HubError(f"{where}; {advice}, then {RERUN} to resume")
+            return HubError(f"{where}; choose another cache with --cache-dir or HF_HUB_CACHE")
+        return HubError(f"download of {repo_id} failed: {_first_line(exc)}; {RERUN} to resume")
+    if isinstance(exc, httpx2.HTTPError):
+        return HubError(f"download of {repo_id} failed: {_first_line(exc)}; {RERUN} to resume")
+    return None
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = " ".join(lines[:2]) if lines else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def not_cached_error(
+    model: str, repo_id: str, revision: str | None, cache_dir: str | Path | None, for_download: bool = False
+) -> HubError:
+    """The error for a model that is not in the cache when it cannot or may not be downloaded:
+    what is in the cache instead, and the command that fixes it."""
+    cmd = f"protembed download {model}"
+    cmd += f" --revision {revision}" if revision else ""
+    cmd += f" --cache-dir {cache_dir}" if cache_dir is not None else ""
+    root = cache_root(cache_dir)
+    where, other = f"{repo_id} is not in the cache ({root})", ""
+    if stopped_download(repo_id, revision, cache_dir):
+        where = f"{repo_id} is only partly in the cache ({root}: a download stopped before it finished)"
+    elif held := cached_commits(repo_id, cache_dir):  # e.g. downloaded with --revision COMMIT only
+        where = f"{repo_id} at revision {revision or constants.DEFAULT_REVISION} is not in the cache ({root})"
+        other = f"; --revision {held[0]} uses the cached copy"
+        if len(held) > 1:
+            listed = ", ".join(held[:3]) + ", ..." * (len(held) > 3)
+            other = f"; cached revisions: {listed} (pick one with --revision)"
+    if not constants.is_offline_mode():
+        return HubError(f"{where} and downloads are off: run `{cmd}`{other}")
+    if for_download:  # running `{cmd}` again would not help
+        return HubError(
+            f"{where} and HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download{other}"
+        )
+    return HubError(
+        f"{where} and HF_HUB_OFFLINE is set: run `HF_HUB_OFFLINE=0 {cmd}` first (it needs the network){other}"
+    )

@@ -284,6 +284,29 @@ def test_unknown_revision_and_force(hub: FakeHub, cache: Path) -> None:
     assert set(hub.gets(ESM)) == ESM_FILES
 
 
+def test_a_failed_force_keeps_the_cached_copy_and_a_damaged_one_is_found(hub: FakeHub, cache: Path) -> None:
+    snapshot = download_model("esm2-8m", progress=False)[0].path
+    hub.faults[(ESM, "model.safetensors")] = Fault(status=503)
+    with pytest.raises(HubError, match="download of facebook/esm2_t6_8M_UR50D failed"):
+        download_model("esm2-8m", force=True, progress=False)
+    assert cached_snapshot(ESM) == (snapshot, commit_of(ESM))  # still cached: nothing was replaced
+    hub.faults.clear()
+    blob = (snapshot / "model.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1  # same length: it still loads
+    blob.write_bytes(bytes(data))
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: sha256 mismatch\); run `protembed download"
+    ):
+        download_model("esm2-8m", progress=False)
+    download_model("esm2-8m", force=True, progress=False)
+    assert blob.read_bytes() == ESM_WEIGHTS
+    with pytest.raises(
+        HubError, match="is gated: accept its terms"
+    ):  # not the ValueError --force wraps it in
+        download_model("protembed-test/esm2-gated", force=True, progress=False)
+
+
 def test_a_model_cached_only_at_a_commit_names_it(
     hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -300,7 +323,8 @@ def test_a_model_cached_only_at_a_commit_names_it(
     row = next(r for r in json.loads(listed.stdout) if r["name"] == "esm2-8m")
     assert not row["cached"] and row["other_revisions"] == [commit]
     table = CliRunner().invoke(app, ["models"]).stdout
-    assert "other revision" in next(line for line in table.splitlines() if "esm2-8m" in line)
+    row_text = next(line for line in table.splitlines() if "esm2-8m" in line)
+    assert "other revision" in row_text and commit in row_text  # whole, as --revision needs it offline
 
 
 # --- no network at all ---------------------------------------------------------------------------------

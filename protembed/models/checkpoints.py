@@ -299,7 +299,12 @@ def weights_sha256(path: Path, cache_dir: Path | None = None) -> str:
     (file, size, modification time) in `<cache>/weights-sha256.json`, where `<cache>` is
     `cache_dir` or protembed's default cache.
     """
-    files = weight_files(path)
+    return memo_sha256(weight_files(path), cache_dir)
+
+
+def memo_sha256(files: list[Path], cache_dir: Path | None = None) -> str:
+    """`sha256:<hex>` over the bytes of `files` in order, remembered per (file, size, modification
+    time) in `<cache>/weights-sha256.json` (see `weights_sha256`)."""
     key = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     memo_path = (cache_dir or default_cache_dir()) / "weights-sha256.json"
     try:
