@@ -15,6 +15,7 @@ import httpx2
 from huggingface_hub import constants, get_token
 from huggingface_hub.errors import (
     GatedRepoError,
+    HfHubHTTPError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
@@ -104,6 +105,10 @@ def _hub_error(exc: Exception, repo_id: str, revision: str | None, cache: Path |
             f"no answer from {constants.ENDPOINT} for {repo_id} (timed out); check the network "
             f"(and HF_ENDPOINT), then {RERUN}"
         )
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, HfHubHTTPError) and status in (401, 403, 404):  # running it again would not help
+        why = "check the repo id and revision" if status == 404 else "check HF_TOKEN and your access"
+        return HubError(f"download of {repo_id} failed: {_first_line(exc)}; {why}")
     if isinstance(exc, OSError):
         if cache is not None and exc.errno in _DISK_FULL + _DISK_DENIED:
             where = f"cannot write {repo_id} into {cache}: {exc.strerror}"

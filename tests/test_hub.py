@@ -290,6 +290,9 @@ def test_a_failed_force_keeps_the_cached_copy_and_a_damaged_one_is_found(hub: Fa
     with pytest.raises(HubError, match="download of facebook/esm2_t6_8M_UR50D failed"):
         download_model("esm2-8m", force=True, progress=False)
     assert cached_snapshot(ESM) == (snapshot, commit_of(ESM))  # still cached: nothing was replaced
+    hub.faults[(ESM, "model.safetensors")] = Fault(status=403)  # a rerun would not help: not advised
+    with pytest.raises(HubError, match=r"failed: .*; check HF_TOKEN and your access$"):
+        download_model("esm2-8m", force=True, progress=False)
     hub.faults.clear()
     blob = (snapshot / "model.safetensors").resolve()
     data = bytearray(blob.read_bytes())
