@@ -25,6 +25,7 @@ from protembed.cache import default_cache_dir, user_path
 from protembed.errors import CheckpointError
 from protembed.models import amplify, esm2
 from protembed.models.encoder import Encoder, EncoderConfig
+from protembed.registry import lookup
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -206,7 +207,9 @@ def load_checkpoint(
     except CheckpointError as exc:
         repo = hub_cache_repo(Path(path))
         if repo is not None:  # `download` verified it: the cached copy was damaged since
-            exc.args = (f"{exc}; `protembed download {repo} --force` fetches it again",)
+            info = lookup(repo)
+            name = info.name if info else repo
+            exc.args = (f"{exc}; `protembed download {name} --force` fetches it again",)
         raise
     model.load_state_dict(state, strict=True, assign=True)
     if rotary_key is not None:
