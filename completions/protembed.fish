@@ -47,7 +47,7 @@ complete -c protembed -n '__fish_seen_subcommand_from embed' -F -d 'FASTA file (
 # protembed merge
 complete -c protembed -n '__fish_seen_subcommand_from merge' -l virtual -d 'Write an HDF5 virtual-dataset file over the shards instead.'
 complete -c protembed -n '__fish_seen_subcommand_from merge' -l overwrite -d 'Replace an existing OUTPUT.'
-complete -c protembed -n '__fish_seen_subcommand_from merge' -s q -l quiet -d 'No progress and no closing line.'
+complete -c protembed -n '__fish_seen_subcommand_from merge' -s q -l quiet -d 'No progress and no closing line on stderr.'
 complete -c protembed -n '__fish_seen_subcommand_from merge' -l help -d 'Show this message and exit.'
 complete -c protembed -n '__fish_seen_subcommand_from merge' -F -d 'The output (OUT.h5) whose shards (OUT.shard-*-of-*.h5) to join.'
 
@@ -126,6 +126,6 @@ complete -c protembed -n '__fish_seen_subcommand_from export' -l layout -x -a 'p
 complete -c protembed -n '__fish_seen_subcommand_from export' -l what -x -a 'mean cls residues' -d 'Pooled vector per record, or its per-residue matrix.'
 complete -c protembed -n '__fish_seen_subcommand_from export' -l layer -x -d 'Model layer to export (-1 = last); needed when the file holds several.'
 complete -c protembed -n '__fish_seen_subcommand_from export' -l overwrite -d 'Replace OUTPUT if it exists.'
-complete -c protembed -n '__fish_seen_subcommand_from export' -s q -l quiet -d 'No progress and no closing line.'
+complete -c protembed -n '__fish_seen_subcommand_from export' -s q -l quiet -d 'No progress and no closing line on stderr.'
 complete -c protembed -n '__fish_seen_subcommand_from export' -l help -d 'Show this message and exit.'
 complete -c protembed -n '__fish_seen_subcommand_from export' -F -d 'Embeddings file written by `protembed embed`.'

@@ -19,7 +19,7 @@ import torch
 from protembed.alphabet import ALPHABETS, Alphabet
 from protembed.batching import MAX_TOKEN_BUDGET, token_batches
 from protembed.compute import run_batch
-from protembed.errors import BackendError, OptionError, is_whole
+from protembed.errors import BackendError, InvalidSequenceError, OptionError, is_whole
 from protembed.models.checkpoints import load_checkpoint, local_checkpoint, weights_sha256
 from protembed.models.encoder import Encoder, resolve_layers
 from protembed.pooling import POOLINGS, pooling_names
@@ -39,7 +39,7 @@ class Embeddings:
     pooled: pooling name -> float32 array [n, K, D] (K = number of layers asked for).
     residues: per sequence, float32 [residues, K, D] (only with per_residue=True).
     layers: the resolved layer indices, in the order of the K axis.
-    truncated: per sequence, whether it was cut to the model's maximum length.
+    truncated: per sequence, whether it was cut to `max_residues` (default: the model's maximum).
     """
 
     pooled: dict[str, np.ndarray]
@@ -67,7 +67,10 @@ class Model:
 
     def layers(self, spec: Sequence[int | str] | int | str = (-1,)) -> list[int]:
         """Resolve a layer list (negative, "final", "all") to non-negative indices."""
-        return resolve_layers(spec, self.encoder.config)
+        try:
+            return resolve_layers(spec, self.encoder.config)
+        except ValueError as exc:
+            raise OptionError(f"layers: {exc}") from None
 
     @torch.inference_mode()
     def embed(
@@ -96,10 +99,9 @@ class Model:
         if bad or not pooling:
             named = f"{', '.join(map(repr, bad))} is not" if bad else "name at least"
             raise OptionError(f"pooling: {named} one of {', '.join(POOLINGS)}")
-        try:
-            idx = self.layers(layers)
-        except ValueError as exc:
-            raise OptionError(f"layers: {exc}") from None
+        idx = self.layers(layers)
+        if not isinstance(per_residue, (bool, np.bool_)):
+            raise TypeError(f"per_residue: pass True or False, not {type(per_residue).__name__}")
         top = self.encoder.config.max_residues
         limit = top if max_residues is None else max_residues
         if not is_whole(limit) or not 1 <= limit <= top:
@@ -111,7 +113,13 @@ class Model:
                 f"tokens_per_batch: {tokens_per_batch!r} is not a whole number in 1..{MAX_TOKEN_BUDGET}"
             )
         limit = int(limit)
-        tokens = [self.alphabet.encode(s, record=str(i)) for i, s in enumerate(sequences)]
+        tokens = []
+        for i, s in enumerate(sequences):
+            try:
+                tokens.append(self.alphabet.encode(s))
+            except InvalidSequenceError as exc:
+                exc.record, exc.args = str(i), (f"sequences: sequence {i}: {exc}",)
+                raise
         for i, t in enumerate(tokens):
             if t.size <= 2:  # BOS and EOS only: the sequence was just a '*'
                 raise OptionError(f"sequences: sequence {i} is empty once its final '*' is dropped")
@@ -133,8 +141,10 @@ class Model:
 def check_device(device: str | torch.device | None, option: str = "device") -> torch.device:
     """The requested torch device, checked to exist; default: first GPU, else CPU. Errors name
     `option` (`--device` on the command line)."""
+    if not isinstance(device, (str, torch.device, type(None))):
+        raise TypeError(f"{option}: pass a name such as 'cpu' or 'cuda:0', not {type(device).__name__}")
     try:
-        dev = torch.device(device or default_device())
+        dev = torch.device(default_device() if device is None else device)
     except RuntimeError:
         dev = None
     what = f"{option} {str(device)!r}"

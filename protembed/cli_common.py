@@ -62,7 +62,7 @@ BackendOption = Annotated[
     Backend, typer.Option(help="auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).")
 ]
 QuietOption = Annotated[  # commands whose only output besides progress is a closing line
-    bool, typer.Option("--quiet", "-q", help="No progress and no closing line.", metavar="")
+    bool, typer.Option("--quiet", "-q", help="No progress and no closing line on stderr.", metavar="")
 ]
 CompileOption = Annotated[
     bool, typer.Option("--compile", help="torch.compile the model (torch backend).", metavar="")

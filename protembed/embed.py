@@ -89,7 +89,7 @@ def embed_fasta(
     input_path: str | Path,
     output: str | Path,
     *,
-    model: str = "esm2-650m",
+    model: str | Path = "esm2-650m",
     revision: str | None = None,
     layers: Sequence[int | str] | int | str = (-1,),
     poolings: Sequence[str] | str = ("mean",),
@@ -111,7 +111,7 @@ def embed_fasta(
     quiet: bool = False,
     cache_dir: Path | None = None,
 ) -> EmbedSummary:
-    """Embed every record of a FASTA file into one HDF5 file (layout: README, "HDF5 layout").
+    """Embed every record of a FASTA file into one HDF5 file (layout: README, "HDF5 output").
 
     Under `torchrun` (WORLD_SIZE > 1) each rank embeds its share into a shard file and rank 0
     joins the shards when all are done (`merge=False`: a virtual-dataset file over them).
@@ -122,6 +122,7 @@ def embed_fasta(
     (default: `cache.default_cache_dir()`).
     """
     t0 = time.perf_counter()
+    model = str(model)  # a checkpoint folder may be a Path
     poolings = pooling_names(poolings)
     check_options(poolings, long_policy, dtype, store_dtype, on_invalid, tokens_per_batch, compression)
     devices = parse_devices(device)  # a bad --device or --backend fails before the input is read

@@ -6,7 +6,7 @@ is the BOS state (ESM-2's <cls>, AMPLIFY's <bos>).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -18,6 +18,8 @@ POOLINGS = ("mean", "cls")
 def pooling_names(spec: Sequence[str] | str) -> list[str]:
     """The names in a pooling spec (one name, the command line's comma list, or a list of either),
     stripped, in order, each once; checking them against `POOLINGS` is the caller's."""
+    if not isinstance(spec, (str, Iterable)):
+        raise TypeError(f"pooling: pass a name, a comma list or a list of them, not {type(spec).__name__}")
     given = [spec] if isinstance(spec, str) else list(spec)
     return list(dict.fromkeys(part.strip() for item in given for part in str(item).split(",")))
 

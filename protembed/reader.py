@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -55,20 +56,27 @@ class EmbeddingFile:
         """The underlying h5py file, open read-only."""
         return self._h5
 
+    @property
+    def _file(self) -> h5py.File:
+        """The h5py file, or a StoreError once it is closed (a read after the `with` block)."""
+        if not self._h5:
+            raise StoreError(f"{self.path}: the file is closed (read it inside the `with` block)")
+        return self._h5
+
     @cached_property
     def ids(self) -> list[str]:
         """FASTA ids (first word of each header), one per row."""
-        return self._h5["ids"].asstr()[...].tolist()
+        return self._file["ids"].asstr()[...].tolist()
 
     @cached_property
     def descriptions(self) -> list[str]:
         """Full header lines without '>', one per row."""
-        return self._h5["descriptions"].asstr()[...].tolist()
+        return self._file["descriptions"].asstr()[...].tolist()
 
     @cached_property
     def skip_reasons(self) -> list[str]:
         """Why each skipped row was skipped ('' for the others)."""
-        return self._h5["skip_reasons"].asstr()[...].tolist()
+        return self._file["skip_reasons"].asstr()[...].tolist()
 
     @cached_property
     def _first_row(self) -> dict[str, int]:
@@ -102,7 +110,7 @@ class EmbeddingFile:
             raise StoreError(f"{self.path}: no {kind!r} embeddings (stored: {', '.join(self.poolings)})")
         if not (is_whole(start) and is_whole(stop) and 0 <= start <= stop <= len(self)):
             raise StoreError(f"{self.path}: rows {start}..{stop} are not a range within 0..{len(self)}")
-        ds, axis = self._h5[kind], self._layer_axis(layer)
+        ds, axis = self._file[kind], self._layer_axis(layer)
 
         def read(a: int, b: int) -> np.ndarray:
             return ds[a:b] if layer is None or ds.ndim == 2 else ds[a:b, axis]
@@ -112,31 +120,37 @@ class EmbeddingFile:
         return data
 
     def residues(self, key: int | str, layer: int | None = None) -> np.ndarray:
-        """Per-residue embeddings of one record (by row or id): (L, D), or (L, K, D) without `layer`."""
-        if "residues" not in self._h5:
+        """Per-residue embeddings of one record (by row, negative from the end, or id): (L, D), or
+        (L, K, D) without `layer`."""
+        if "residues" not in self._file:
             raise StoreError(f"{self.path}: no per-residue embeddings (embed with --per-residue)")
-        row = self.index(key) if isinstance(key, str) else int(key)
-        if not 0 <= row < len(self):
-            raise StoreError(f"{self.path}: row {row} out of range (0..{len(self) - 1})")
+        row = self.index(key) if isinstance(key, str) else operator.index(key)
+        if not -len(self) <= row < len(self):
+            raise StoreError(f"{self.path}: row {row} out of range (0..{len(self) - 1}, or -1 for the last)")
+        row %= len(self)
         if not (self.written[row] or self.skipped[row]):
             raise StoreError(f"{self.path}: row {row} is not written yet (the run is unfinished)")
         return self.residue_block(row, row + 1, layer)[0]
 
     def residue_block(self, start: int, stop: int, layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Per-residue embeddings of rows start..stop-1 in one read, and their offsets into it."""
-        if "residues" not in self._h5:
+        """Per-residue embeddings of rows start..stop-1 in one read, and their offsets into it; rows
+        not written yet (a file opened with allow_incomplete) are NaN."""
+        if "residues" not in self._file:
             raise StoreError(f"{self.path}: no per-residue embeddings (embed with --per-residue)")
         if not (is_whole(start) and is_whole(stop) and 0 <= start <= stop <= len(self)):
             raise StoreError(f"{self.path}: rows {start}..{stop} are not a range within 0..{len(self)}")
-        ds, axis = self._h5["residues"], self._layer_axis(layer)
+        ds, axis = self._file["residues"], self._layer_axis(layer)
         with intact(self.path, StoreError, f"the offsets of rows {start}..{stop - 1} cannot be read"):
-            offsets = self._h5["offsets"][start : stop + 1].astype(np.int64)
+            offsets = self._file["offsets"][start : stop + 1].astype(np.int64)
 
         def read(a: int, b: int) -> np.ndarray:  # rows a..b-1
             first, last = int(offsets[a - start]), int(offsets[b - start])
             return ds[first:last] if layer is None or ds.ndim == 2 else ds[first:last, axis]
 
-        return self._read_rows(read, start, stop), offsets - offsets[0]
+        data, offsets = self._read_rows(read, start, stop), offsets - offsets[0]
+        for r in np.flatnonzero(~self.written[start:stop] & ~self.skipped[start:stop]).tolist():
+            data[offsets[r] : offsets[r + 1]] = np.nan  # not written yet (allow_incomplete)
+        return data, offsets
 
     def _read_rows(self, read: Callable[[int, int], np.ndarray], start: int, stop: int) -> np.ndarray:
         """`read(start, stop)`; where the file is damaged, a StoreError naming the rows that cannot

@@ -227,6 +227,15 @@ def test_embed_fasta_checks_what_the_cli_checks(tmp_path: Path, fasta: Path) -> 
     )
     with h5py.File(out, "r") as f:
         assert f.attrs["pooling"] == "mean,cls"
+    embed_module.embed_fasta(fasta, out, model=Path(ESM), overwrite=True, quiet=True)  # a Path as well
+    with h5py.File(out, "r") as f:
+        assert f.attrs["complete"] and f.attrs["model_source"] == ESM
+    for wrong, match in (
+        ({"layers": None}, "layers: pass a layer"),
+        ({"poolings": None}, "pooling: pass a name"),
+    ):
+        with pytest.raises(TypeError, match=match):
+            embed_module.embed_fasta(fasta, out, model=ESM, overwrite=True, **wrong)  # type: ignore[arg-type]
 
 
 def test_output_folder_is_checked_before_the_model(

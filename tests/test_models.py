@@ -8,7 +8,7 @@ import torch
 
 from protembed.alphabet import ALPHABETS
 from protembed.api import load_model
-from protembed.errors import BackendError, OptionError
+from protembed.errors import BackendError, InvalidSequenceError, OptionError
 from protembed.models.encoder import Encoder, resolve_layers
 from protembed.pooling import mean_pool
 from tests.helpers import FIXTURE_NAMES, fixture_dir, reference, run_packed
@@ -173,6 +173,19 @@ def test_python_api_refuses_wrong_arguments() -> None:
     for device in ("meta", "mps", "cpu:2"):  # one real device: cpu, cuda or cuda:N
         with pytest.raises(OptionError, match=f"unknown device '{device}'"):
             load_model(ckpt, device=device)
+    with pytest.raises(OptionError, match="layers: layer 7 out of range"):
+        model.layers(7)
+    with pytest.raises(InvalidSequenceError, match="sequences: sequence 1: invalid residue '8' at pos"):
+        model.embed(["MKV", "MK8V"])
+    for wrong, match in (
+        ({"layers": None}, "layers: pass a layer, a comma list or a list of them, not NoneType"),
+        ({"pooling": None}, "pooling: pass a name, a comma list or a list of them, not NoneType"),
+        ({"per_residue": "no"}, "per_residue: pass True or False, not str"),
+    ):
+        with pytest.raises(TypeError, match=match):
+            model.embed(["MKV"], **wrong)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="device: pass a name such as 'cpu' or 'cuda:0', not int"):
+        load_model(ckpt, device=0)  # type: ignore[arg-type]
     spaced = model.embed(["MK TAY\nIAK\r\n", "MKTAYIAK"], pooling="mean,cls")  # read as a FASTA record
     assert sorted(spaced.pooled) == ["cls", "mean"]
     assert np.array_equal(spaced.pooled["mean"][0], spaced.pooled["mean"][1])

@@ -163,6 +163,16 @@ def test_roundtrip_layout_and_reader(tmp_path: Path) -> None:
             np.testing.assert_array_equal(
                 emb.pooled_block("mean", 3, 7, layer), whole[3:7]
             )  # NaN where skipped
+        assert np.array_equal(emb.residues(-1), emb.residues(N - 1))  # from the end, as a list counts
+        assert np.array_equal(emb.residues(np.int64(9)), emb.residues(9))
+        for row in (N, -N - 1):
+            with pytest.raises(StoreError, match=rf"row {row} out of range"):
+                emb.residues(row)
+        with pytest.raises(TypeError):
+            emb.residues(8.7)  # type: ignore[arg-type]
+    for read in (lambda: emb.pooled("mean"), lambda: emb.residues(9), lambda: emb.residue_block(0, 2)):
+        with pytest.raises(StoreError, match="out.h5: the file is closed"):
+            read()  # after the `with` block
 
 
 def test_one_layer_float32_without_residues(tmp_path: Path) -> None:
@@ -210,6 +220,11 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
         unwritten = int(np.flatnonzero(~emb.written & ~emb.skipped)[0])
         with pytest.raises(StoreError, match=rf"row {unwritten} is not written yet"):
             emb.residues(unwritten)
+        block, offs = emb.residue_block(0, len(emb))  # unwritten rows are NaN here too, not zeros
+        for r in range(len(emb)):
+            rows = block[offs[r] : offs[r + 1]]
+            done = emb.written[r] or emb.skipped[r]
+            assert not np.isnan(rows).any() if done else np.isnan(rows).all()
 
     writer = open_writer(path)
     assert writer.pending.tolist() == sorted(set(range(N)) - set(SKIPPED) - set(first.tolist()))

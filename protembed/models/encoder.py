@@ -12,7 +12,7 @@ Negative indices count back from N, so -1 is the default layer of both families.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -63,7 +63,12 @@ def resolve_layers(spec: Sequence[int | str] | int | str, config: EncoderConfig)
     n, top = config.n_layers, config.top_layer
     out: list[int] = []
     # one item alone ("all", -1) or a list of them
-    given = [spec] if isinstance(spec, (str, numbers.Integral)) else list(spec)  # type: ignore[arg-type]
+    if isinstance(spec, (str, numbers.Integral)):
+        given: list[int | str] = [spec]  # type: ignore[list-item]
+    elif isinstance(spec, Iterable):
+        given = list(spec)
+    else:
+        raise TypeError(f"layers: pass a layer, a comma list or a list of them, not {type(spec).__name__}")
     items = [part for item in given for part in (item.split(",") if isinstance(item, str) else [item])]
     if not items:
         raise ValueError("no layers given")
