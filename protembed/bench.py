@@ -183,27 +183,51 @@ class RunStats:
 
 
 def measure(
-    runner: Runner, workload: Workload, budget: int, repeats: int, flops: int, peak: Peak
-) -> tuple[RunStats, np.ndarray]:
-    """Warm up, then time `repeats` passes of `runner` over the workload; returns stats and embeddings."""
-    seqs, lengths, device = workload.sequences, workload.lengths, runner.device
-    n_batches, fed = runner.batches(lengths, budget)
+    runners: list[Runner], workload: Workload, budget: int, repeats: int, flops: int, peak: Peak
+) -> list[tuple[RunStats, np.ndarray]]:
+    """Warm every runner up, then time `repeats` rounds in which each makes one pass over the
+    workload, in an order reversed every round (A B, B A, ...), so that load from elsewhere on a
+    shared machine falls on all of them alike. Returns each runner's stats and embeddings."""
+    seqs, lengths = workload.sequences, workload.lengths
     first = token_batches(np.asarray(lengths) + 2, budget)[:WARMUP_BATCHES]
-    runner.embed([seqs[i] for b in first for i in b], budget)
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    out: list[np.ndarray] = []
-    times = time_repeats(lambda: out.append(runner.embed(seqs, budget)), device, repeats)
-    if device.type == "cuda":
-        memory = (torch.cuda.max_memory_allocated(device) - base + runner.weight_bytes) / 2**20
-    else:
-        memory = cpu_peak_rss_mb()
+    for runner in runners:
+        runner.embed([seqs[i] for b in first for i in b], budget)
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    memory = dict.fromkeys(times, 0.0)
+    out: dict[str, np.ndarray] = {}
+    for round_ in range(repeats):
+        for runner in runners if round_ % 2 == 0 else runners[::-1]:
+            device = runner.device
+            if device.type == "cuda":
+                synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+
+            def one_pass(r: Runner = runner) -> None:
+                out[r.name] = r.embed(seqs, budget)
+
+            times[runner.name] += time_repeats(one_pass, device, 1)
+            if device.type == "cuda":
+                used = (torch.cuda.max_memory_allocated(device) - base + runner.weight_bytes) / 2**20
+            else:
+                used = cpu_peak_rss_mb()
+            memory[runner.name] = max(memory[runner.name], used)
+    return [
+        (_stats(r, workload, budget, times[r.name], memory[r.name], flops, peak), out[r.name])
+        for r in runners
+    ]
+
+
+def _stats(
+    runner: Runner, workload: Workload, budget: int, times: list[float], memory: float, flops: int, peak: Peak
+) -> RunStats:
+    """A runner's rates from its pass times (the median pass)."""
+    seqs, lengths = workload.sequences, workload.lengths
+    n_batches, fed = runner.batches(lengths, budget)
     med = statistics.median(times)
     per_batch = [round(1e3 * t / n_batches, 3) for t in times]
     tflops = flops / med / 1e12
-    stats = RunStats(
+    return RunStats(
         runner=runner.name,
         times_s=[round(t, 6) for t in times],
         n_batches=n_batches,
@@ -219,7 +243,6 @@ def measure(
         pct_of_peak=round(100 * tflops / peak.tflops, 3),
         peak_memory_mb=round(memory, 1),
     )
-    return stats, out[-1]
 
 
 @dataclass
@@ -262,7 +285,8 @@ def bench_config(
         check_like_with_like((ours.dtype, ours.device), (reference.dtype, reference.device))
     tokens = [n + 2 for n in workload.lengths]
     flops = forward_flops(tokens, config)
-    stats, emb = measure(ours, workload, budget, repeats, flops.total, peak)
+    runners = [ours] if reference is None else [ours, reference]
+    [(stats, emb), *compared] = measure(runners, workload, budget, repeats, flops.total, peak)
     result = ConfigResult(
         workload.name,
         workload.length,
@@ -274,8 +298,8 @@ def bench_config(
         round(flops.attention / 1e9, 4),
         stats,
     )
-    if reference is not None:
-        ref_stats, ref_emb = measure(reference, workload, budget, repeats, flops.total, peak)
+    if compared:
+        [(ref_stats, ref_emb)] = compared
         result.reference = ref_stats
         result.speedup = round(stats.residues_per_s / ref_stats.residues_per_s, 3)
         result.max_abs_diff = float(np.abs(emb - ref_emb).max())

@@ -70,7 +70,7 @@ def table(results: list[ConfigResult]) -> Table:
     """A header row per configuration, then one row per runner (counts of sequences are in the JSON)."""
     compared = any(r.reference is not None for r in results)
     t = Table(box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
-    t.add_column("config", no_wrap=True, min_width=12, max_width=14, overflow="ellipsis")
+    t.add_column("config", no_wrap=True, min_width=12, max_width=24, overflow="ellipsis")
     columns = ["res/s", "seq/s", "ms/batch", "TFLOP/s", "% peak", "MB"] + (["vs hf", "max |Δ|"] * compared)
     for col in columns:
         t.add_column(col, justify="right", min_width=11 if col == "ms/batch" else None)

@@ -212,7 +212,7 @@ def bench(
             err_console.print(msg, highlight=False)
 
     weights = "random weights: speed does not depend on the values" if random_weights else loaded.source
-    say(f"model {loaded.name}: {weights}; {dev} {dtype.value}, {torch.get_num_threads()} threads")
+    say(f"model {loaded.name}: {weights}; {dev} {dtype.value}, {counted(torch.get_num_threads(), 'thread')}")
     peak = device_peak(dev, DTYPES[dtype.value])
     say(f"peak {peak.tflops:.3f} TFLOP/s ({peak.source})")
     ours = protembed_runner(loaded)
@@ -248,7 +248,7 @@ def bench(
         what = f"; input {input} ({len(fasta.sequences)} sequences)" if fasta is not None else ""
         out_console.print(
             f"[bold]{loaded.name}[/] ({weights}){what}; {device_name(dev)}, {dtype.value}, "
-            f"{torch.get_num_threads()} threads; peak {peak.tflops:.3f} TFLOP/s "
+            f"{counted(torch.get_num_threads(), 'thread')}; peak {peak.tflops:.3f} TFLOP/s "
             f"({peak.source})",
             highlight=False,
         )

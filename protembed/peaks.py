@@ -98,7 +98,8 @@ def measure_peak(device: torch.device, dtype: torch.dtype) -> Peak:
                 rates["oneDNN matmul"], n_best = rate, m
     kind, rate = max(rates.items(), key=lambda item: item[1])
     size = n_best if kind == "oneDNN matmul" else n
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    n = torch.get_num_threads()
+    threads = f", {n} thread{'' if n == 1 else 's'}" if device.type == "cpu" else ""
     return Peak(rate / 1e12, f"measured {size}x{size} {kind}{threads}")
 
 

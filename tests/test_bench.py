@@ -24,6 +24,7 @@ from protembed.batching import pack
 from protembed.bench import (
     AMINO_ACIDS,
     BenchError,
+    Runner,
     check_like_with_like,
     fasta_workload,
     forward_flops,
@@ -34,7 +35,7 @@ from protembed.cli import app
 from protembed.errors import BackendError
 from protembed.models import amplify, esm2, projections
 from protembed.models.checkpoints import random_model
-from protembed.peaks import table_peak
+from protembed.peaks import Peak, table_peak
 from tests.helpers import fixture_dir
 
 ESM2_CKPT = str(fixture_dir("esm2_t3_h64") / "checkpoint")
@@ -153,6 +154,27 @@ def test_padded_batches_respect_budget() -> None:
         longest = max(lengths[i] + 2 for i in b)
         assert len(b) == 1 or len(b) * longest <= 110
     assert batches[0] == [5]  # longest first, alone (102 tokens)
+
+
+def test_runners_take_turns_in_the_timed_passes() -> None:
+    """Each round times every runner once, in an order reversed every round, so a load that comes
+    and goes on a shared machine cannot fall on one runner's passes only."""
+    calls: list[str] = []
+
+    def runner(name: str) -> Runner:
+        def embed(seqs: list[str], budget: int) -> np.ndarray:
+            calls.append(name)
+            return np.zeros((len(seqs), 4), dtype=np.float32)
+
+        return Runner(name, embed, lambda lengths, budget: (1, sum(lengths) + 2 * len(lengths)), 0,
+                      torch.float32, torch.device("cpu"))  # fmt: skip
+
+    w = synthetic_workload(30, tokens_per_batch=100, n_batches=3, seed=1)
+    peak = Peak(1.0, "test")
+    results = bench_module.measure([runner("a"), runner("b")], w, 100, 3, 10**9, peak)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]  # warm-ups, then the rounds
+    assert [s.runner for s, _ in results] == ["a", "b"]
+    assert all(len(s.times_s) == 3 and emb.shape == (9, 4) for s, emb in results)
 
 
 def invoke(*args: str):
