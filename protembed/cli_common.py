@@ -185,7 +185,9 @@ def _output_begun(command: str, options: dict[str, Any]) -> bool:
 
 
 def _embed_hint(options: dict[str, Any]) -> str:
-    return f"everything written so far is kept; {RERUN} to resume"
+    if rank_prefix() or _output_begun("embed", options):  # a torchrun job keeps its shards
+        return f"everything written so far is kept; {RERUN} to resume"
+    return f"no embeddings were written yet; {RERUN} to start"
 
 
 def _cache_hint(options: dict[str, Any]) -> str:

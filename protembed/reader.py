@@ -360,7 +360,7 @@ def check_resumable(
         diffs = [
             f"{key} {_show(old.get(key))} (file) vs {_show(new.get(key))} (now)"
             for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and key not in (*NOT_COMPARED, "complete")
+            if _same(key, old.get(key)) != _same(key, new.get(key)) and key not in (*NOT_COMPARED, "complete")
         ]
         have = {k: h5[k].shape for k in h5 if k not in RECORD_DATASETS and k != "offsets"}
         for key in sorted(k for k in set(have) | set(big) if have.get(k) != big.get(k)):
@@ -377,6 +377,14 @@ def check_resumable(
         )
     if complete:
         raise OutputCompleteError(f"{path}: complete, made with these settings")
+
+
+def _same(key: str, value: Any) -> Any:
+    """An attribute value in the form compared on resume: poolings in any order are the same
+    datasets (`--pool cls,mean` resumes a `mean,cls` file)."""
+    if key == "pooling" and isinstance(value, str):
+        return sorted(value.split(","))
+    return value
 
 
 def _show(value: Any) -> str:

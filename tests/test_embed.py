@@ -216,6 +216,21 @@ def test_existing_output_and_mismatched_resume(tmp_path: Path) -> None:
     link.symlink_to(ESM)
     r = embed(str(fasta), "-o", str(out), "--model", f"{link}/", "--layer", "1")  # the same model
     assert r.exit_code == 0, r.output
+    both = embed(str(fasta), "-o", str(out), "--model", ESM, "--overwrite", "--pool", "mean,cls")
+    assert both.exit_code == 0
+    with h5py.File(out, "r+") as f:  # interrupted before its last rows
+        f.attrs["complete"] = False
+        f["written"][-2:] = 0
+    r = embed(str(fasta), "-o", str(out), "--model", ESM, "--pool", "cls,mean")  # the same datasets
+    assert r.exit_code == 0, r.output
+    with h5py.File(out, "r") as f:
+        assert f.attrs["complete"] and f["written"][...].all()
+    r = embed(str(fasta), "-o", str(out), "--model", ESM, "--overwrite", "--pool", "mean")
+    assert r.exit_code == 0
+    with h5py.File(out, "r+") as f:
+        f.attrs["complete"] = False
+    r = embed(str(fasta), "-o", str(out), "--model", ESM, "--pool", "cls,mean")  # other datasets
+    assert r.exit_code == 1 and "pooling 'mean' (file) vs 'cls,mean' (now)" in r.output, r.output
 
 
 @pytest.mark.parametrize(

@@ -175,12 +175,13 @@ def test_ctrl_c_hint_fits_the_command(tmp_path: Path, fasta: Path, monkeypatch: 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(embed_module, "embed_fasta", interrupted)
-    plain = run("embed", fasta, "-o", out, "--model", ESM)
-    assert plain.exit_code == 130 and "run the same command again to resume" in plain.output
+    fresh = run("embed", fasta, "-o", tmp_path / "new.h5", "--model", ESM)  # no output yet
+    assert fresh.exit_code == 130
+    assert "no embeddings were written yet; run the same command again to start" in fresh.output
     # Stopped before writing (a download, the model load): the old output is whole, and only the
     # same command replaces it.
     early = run("embed", fasta, "-o", out, "--model", ESM, "--overwrite")
-    assert early.exit_code == 130 and "run the same command again to resume" in early.output
+    assert early.exit_code == 130 and "were written yet; run the same command again to start" in early.output
 
     def hub_failed(*args: object, **kwargs: object) -> None:
         raise HubError(f"download of x failed: 503; {RERUN} to resume")
@@ -192,6 +193,8 @@ def test_ctrl_c_hint_fits_the_command(tmp_path: Path, fasta: Path, monkeypatch: 
     monkeypatch.setattr(embed_module, "embed_fasta", interrupted_writing)
     again = run("embed", fasta, "-o", out, "--model", ESM, "--overwrite")
     assert again.exit_code == 130 and "run the command again without --overwrite to resume" in again.output
+    plain = run("embed", fasta, "-o", out, "--model", ESM)  # an unfinished output: what it holds is kept
+    assert plain.exit_code == 130 and "kept; run the same command again to resume" in plain.output
     monkeypatch.setattr("protembed.export.export_per_protein", interrupted)
     export = run("export", out, "-o", tmp_path / "x.h5")
     assert export.exit_code == 130 and export.output.strip() == "interrupted"
