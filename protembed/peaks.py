@@ -98,8 +98,8 @@ def measure_peak(device: torch.device, dtype: torch.dtype) -> Peak:
                 rates["oneDNN matmul"], n_best = rate, m
     kind, rate = max(rates.items(), key=lambda item: item[1])
     size = n_best if kind == "oneDNN matmul" else n
-    n = torch.get_num_threads()
-    threads = f", {n} thread{'' if n == 1 else 's'}" if device.type == "cpu" else ""
+    n_threads = torch.get_num_threads()
+    threads = f", {n_threads} thread{'' if n_threads == 1 else 's'}" if device.type == "cpu" else ""
     return Peak(rate / 1e12, f"measured {size}x{size} {kind}{threads}")
 
 

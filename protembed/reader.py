@@ -359,8 +359,8 @@ def check_resumable(
         new = {k: plain(v) for k, v in attrs.items()}
         diffs = [
             f"{key} {_show(old.get(key))} (file) vs {_show(new.get(key))} (now)"
-            for key in sorted(set(old) | set(new))
-            if _same(key, old.get(key)) != _same(key, new.get(key)) and key not in (*NOT_COMPARED, "complete")
+            for key in sorted((set(old) | set(new)) - {*NOT_COMPARED, "complete"})
+            if _compared(key, old.get(key)) != _compared(key, new.get(key))
         ]
         have = {k: h5[k].shape for k in h5 if k not in RECORD_DATASETS and k != "offsets"}
         for key in sorted(k for k in set(have) | set(big) if have.get(k) != big.get(k)):
@@ -379,7 +379,7 @@ def check_resumable(
         raise OutputCompleteError(f"{path}: complete, made with these settings")
 
 
-def _same(key: str, value: Any) -> Any:
+def _compared(key: str, value: Any) -> Any:
     """An attribute value in the form compared on resume: poolings in any order are the same
     datasets (`--pool cls,mean` resumes a `mean,cls` file)."""
     if key == "pooling" and isinstance(value, str):
