@@ -58,13 +58,15 @@ def escape_id(record_id: str) -> str:
 def dataset_names(ids: list[str]) -> list[str]:
     """Escaped, unique dataset names for ids in input order (repeats get '#2', '#3', ...)."""
     used: set[str] = set()
+    tried: dict[str, int] = {}  # the last suffix tried per id: many repeats of one id stay linear
     names = []
     for record_id in ids:
         base = name = escape_id(record_id)
-        k = 1
+        k = tried.get(base, 1)
         while name in used:
             k += 1
             name = f"{base}#{k}"
+        tried[base] = k
         used.add(name)
         names.append(name)
     return names

@@ -54,6 +54,28 @@ def test_escape_and_unique_names() -> None:
     assert dataset_names(["x", "x", "x#2", "x", "a/b"]) == ["x", "x#2", "x#2#2", "x#3", "a%2Fb"]
 
 
+def test_unique_names_take_the_first_free_suffix() -> None:
+    """Repeats get the first suffix not taken, literal 'x#3' ids included, as a plain search would
+    give (the names keep a counter per id, so 10^6 repeats of one id stay linear)."""
+
+    def first_free(ids: list[str]) -> list[str]:
+        names: list[str] = []
+        for base in map(escape_id, ids):
+            name, k = base, 1
+            while name in names:
+                k += 1
+                name = f"{base}#{k}"
+            names.append(name)
+        return names
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ids = rng.choice(["x", "x#2", "x#3", "x#2#2", "y", "y#2"], size=12).tolist()
+        names = dataset_names(ids)
+        assert len(set(names)) == len(ids) and names == first_free(ids), ids
+    assert dataset_names(["seq"] * 20_000)[-1] == "seq#20000"
+
+
 @pytest.mark.parametrize("block_bytes", [64 << 20, 40])  # the whole file, or 2 rows, in one read
 def test_export_pooled_one_layer(tmp_path: Path, block_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(export, "_BLOCK_BYTES", block_bytes)
