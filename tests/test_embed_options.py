@@ -232,7 +232,7 @@ def test_embed_fasta_checks_what_the_cli_checks(tmp_path: Path, fasta: Path) -> 
         assert f.attrs["pooling"] == "mean,cls"
     embed_module.embed_fasta(fasta, out, model=Path(ESM), overwrite=True, quiet=True)  # a Path as well
     with h5py.File(out, "r") as f:
-        assert f.attrs["complete"] and f.attrs["model_source"] == ESM
+        assert f.attrs["complete"] and f.attrs["model_source"] == str(Path(ESM).resolve())
     for wrong, match in (
         ({"layers": None}, "layers: pass a layer"),
         ({"poolings": None}, "pooling: pass a name"),
