@@ -23,13 +23,13 @@ from protembed.cache import check_replaceable, write_partial
 from protembed.errors import StoreError
 from protembed.reader import FORMAT, open_embeddings, open_h5, plain, row_blocks, row_bytes
 from protembed.store import EmbeddingWriter
+from protembed.store_file import TEXT_ROWS
 
 SHARD_ATTRS = ("shard_start", "shard_stop", "shard_rank", "shard_world_size")
 WRITER_ATTRS = ("format", "format_version", "protembed_version", "n_sequences", "per_residue", "store_dtype",
                 "created", "complete")  # fmt: skip
 VARYING_ATTRS = ("protembed_version", "n_sequences", "created", "complete")  # may differ between shards
 COPY_BYTES = 64 << 20  # embeddings copied per step when merging (at least one row)
-_TEXT_ROWS = 1 << 16  # skip reasons read at a time
 
 
 def shard_ranges(n_tokens: np.ndarray, window_of: np.ndarray, world: int) -> list[tuple[int, int]]:
@@ -208,9 +208,9 @@ def _skip_reasons(files: list[Any]) -> dict[int, str]:
     base = 0
     for f in files:
         rows = np.flatnonzero(f.skipped)
-        for start in np.unique(rows // _TEXT_ROWS * _TEXT_ROWS).tolist():
-            block = f.h5["skip_reasons"].asstr()[start : start + _TEXT_ROWS]
-            for r in rows[(rows >= start) & (rows < start + _TEXT_ROWS)].tolist():
+        for start in np.unique(rows // TEXT_ROWS * TEXT_ROWS).tolist():
+            block = f.h5["skip_reasons"].asstr()[start : start + TEXT_ROWS]
+            for r in rows[(rows >= start) & (rows < start + TEXT_ROWS)].tolist():
                 reasons[base + r] = block[r - start]
         base += len(f)
     return reasons

@@ -116,7 +116,7 @@ class EmbeddingFile:
             return ds[a:b] if layer is None or ds.ndim == 2 else ds[a:b, axis]
 
         data = self._read_rows(read, start, stop)
-        data[~self.written[start:stop] & ~self.skipped[start:stop]] = np.nan
+        data[self._unwritten(start, stop)] = np.nan
         return data
 
     def residues(self, key: int | str, layer: int | None = None) -> np.ndarray:
@@ -148,9 +148,13 @@ class EmbeddingFile:
             return ds[first:last] if layer is None or ds.ndim == 2 else ds[first:last, axis]
 
         data, offsets = self._read_rows(read, start, stop), offsets - offsets[0]
-        for r in np.flatnonzero(~self.written[start:stop] & ~self.skipped[start:stop]).tolist():
-            data[offsets[r] : offsets[r + 1]] = np.nan  # not written yet (allow_incomplete)
+        for r in np.flatnonzero(self._unwritten(start, stop)).tolist():
+            data[offsets[r] : offsets[r + 1]] = np.nan
         return data, offsets
+
+    def _unwritten(self, start: int, stop: int) -> np.ndarray:
+        """Which of rows start..stop-1 hold no data yet (a file opened with allow_incomplete)."""
+        return ~self.written[start:stop] & ~self.skipped[start:stop]
 
     def _read_rows(self, read: Callable[[int, int], np.ndarray], start: int, stop: int) -> np.ndarray:
         """`read(start, stop)`; where the file is damaged, a StoreError naming the rows that cannot

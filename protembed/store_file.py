@@ -20,7 +20,7 @@ from protembed.export import compressed_copy
 from protembed.reader import row_bytes
 
 _STR = h5py.string_dtype("utf-8")
-_TEXT_ROWS = 1 << 16  # ids, descriptions: rows written at a time
+TEXT_ROWS = 1 << 16  # rows of a text dataset (ids, descriptions, skip reasons) read or written at a time
 
 
 @dataclass
@@ -54,9 +54,9 @@ def create_output(
                     continue
                 # text: a slice at a time, as a list of every id of a large input costs gigabytes
                 text = h5.create_dataset(name, (len(data),), dtype=_STR)
-                for start in range(0, len(data), _TEXT_ROWS):
-                    text[start : start + _TEXT_ROWS] = np.array(
-                        list(data[start : start + _TEXT_ROWS]), dtype=object
+                for start in range(0, len(data), TEXT_ROWS):
+                    text[start : start + TEXT_ROWS] = np.array(
+                        list(data[start : start + TEXT_ROWS]), dtype=object
                     )
             for name, shape in big.items():
                 dcpl = h5p.create(h5p.DATASET_CREATE)

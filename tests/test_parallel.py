@@ -168,7 +168,7 @@ def test_torchrun_three_ranks_with_skipped_and_repeated_records(
     cmd = [*launcher, *rendezvous, "-m", "protembed", *embed_args(fasta, out, *extra, "--no-merge")]
     job = json.loads(subprocess.run(cmd, check=True, env=ENV, capture_output=True, text=True).stdout)
     monkeypatch.setattr(merge_module, "COPY_BYTES", 200_000)  # a few rows per step, not whole shards
-    monkeypatch.setattr(merge_module, "_TEXT_ROWS", 64)  # skip reasons read in several blocks
+    monkeypatch.setattr(merge_module, "TEXT_ROWS", 64)  # skip reasons read in several blocks
     calls: list[tuple[int, int]] = []
     merge_shards(out, find_shards(out), overwrite=True, progress=lambda *done: calls.append(done))
     assert calls[0] == (0, 1198) and calls[-1] == (1198, 1198) and len(calls) > 10
