@@ -53,15 +53,15 @@ complete -c protembed -n '__fish_seen_subcommand_from merge' -F -d 'The output (
 
 # protembed download
 complete -c protembed -n '__fish_seen_subcommand_from download' -l revision -x -d 'Branch, tag or commit hash (default: main).'
-complete -c protembed -n '__fish_seen_subcommand_from download' -l cache-dir -r -F -d 'Hub cache directory (default: $HF_HUB_CACHE or $HF_HOME/hub).'
+complete -c protembed -n '__fish_seen_subcommand_from download' -l cache-dir -x -a '(__fish_complete_directories)' -d 'Hub cache directory (default: $HF_HUB_CACHE or $HF_HOME/hub).'
 complete -c protembed -n '__fish_seen_subcommand_from download' -l force -d 'Download all files again, even if cached.'
-complete -c protembed -n '__fish_seen_subcommand_from download' -s q -l quiet -d 'No progress bar.'
+complete -c protembed -n '__fish_seen_subcommand_from download' -s q -l quiet -d 'No progress and no closing line on stderr.'
 complete -c protembed -n '__fish_seen_subcommand_from download' -l help -d 'Show this message and exit.'
 complete -c protembed -n '__fish_seen_subcommand_from download' -a 'esm2-8m esm2-35m esm2-150m esm2-650m esm2-3b esm2-15b amplify-120m amplify-350m (__fish_complete_directories)' -d 'Registry name (esm2-650m), Hub repo id or local directory.'
 
 # protembed models
 complete -c protembed -n '__fish_seen_subcommand_from models' -l json -d 'Print JSON on stdout instead of a table.'
-complete -c protembed -n '__fish_seen_subcommand_from models' -l cache-dir -r -F -d 'Hub cache directory (default: $HF_HUB_CACHE or $HF_HOME/hub).'
+complete -c protembed -n '__fish_seen_subcommand_from models' -l cache-dir -x -a '(__fish_complete_directories)' -d 'Hub cache directory (default: $HF_HUB_CACHE or $HF_HOME/hub).'
 complete -c protembed -n '__fish_seen_subcommand_from models' -l help -d 'Show this message and exit.'
 
 # protembed finetune
@@ -75,9 +75,9 @@ complete -c protembed -n '__fish_seen_subcommand_from finetune' -l lr -x -d 'Ada
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l batch-size -x -d 'Sequences per step.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l seed -x -d 'Seed for initialisation and shuffling.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l patience -x -d 'Epochs without improvement to stop.'
-complete -c protembed -n '__fish_seen_subcommand_from finetune' -l data-dir -r -F -d 'Folder of FLIP FASTA files, one subfolder per dataset (e.g. DIR/gb1/two_vs_rest.fasta, or .fasta.gz); default: download once from the FLIP server into the cache.'
-complete -c protembed -n '__fish_seen_subcommand_from finetune' -l cache-dir -r -F -d 'Cache for downloads and features (default: $PROTEMBED_CACHE, $XDG_CACHE_HOME/protembed or ~/.cache/protembed).'
-complete -c protembed -n '__fish_seen_subcommand_from finetune' -s o -l output -r -F -d 'Save head, config, predictions.'
+complete -c protembed -n '__fish_seen_subcommand_from finetune' -l data-dir -x -a '(__fish_complete_directories)' -d 'Folder of FLIP FASTA files, one subfolder per dataset (e.g. DIR/gb1/two_vs_rest.fasta, or .fasta.gz); default: download once from the FLIP server into the cache.'
+complete -c protembed -n '__fish_seen_subcommand_from finetune' -l cache-dir -x -a '(__fish_complete_directories)' -d 'Cache for downloads and features (default: $PROTEMBED_CACHE, $XDG_CACHE_HOME/protembed or ~/.cache/protembed).'
+complete -c protembed -n '__fish_seen_subcommand_from finetune' -s o -l output -x -a '(__fish_complete_directories)' -d 'Save head, config, predictions.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l overwrite -d 'Write into a non-empty --output folder (its saved head is replaced; other files are left alone) or replace an existing --plot file.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l device -x -d 'cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU.'
 complete -c protembed -n '__fish_seen_subcommand_from finetune' -l backend -x -a 'auto torch te' -d 'auto, torch or te (NVIDIA Transformer Engine; auto picks te when usable).'
@@ -91,7 +91,7 @@ complete -c protembed -n '__fish_seen_subcommand_from finetune; and not __fish_s
 complete -c protembed -n '__fish_seen_subcommand_from predict' -s o -l output -r -F -d 'CSV file (- for stdout). Default: stdout.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l overwrite -d 'Replace an existing output file.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -s m -l model -x -a '(__fish_complete_directories)' -d 'Where the head\'s local checkpoint folder is now, if it moved since `finetune` (its weights must be the same ones).'
-complete -c protembed -n '__fish_seen_subcommand_from predict' -l cache-dir -r -F -d 'Cache for downloads and features (default: $PROTEMBED_CACHE, $XDG_CACHE_HOME/protembed or ~/.cache/protembed).'
+complete -c protembed -n '__fish_seen_subcommand_from predict' -l cache-dir -x -a '(__fish_complete_directories)' -d 'Cache for downloads and features (default: $PROTEMBED_CACHE, $XDG_CACHE_HOME/protembed or ~/.cache/protembed).'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l no-cache -d 'Do not keep the input\'s features in the cache (they are computed in a temporary folder there and deleted at the end; an interrupted run starts over).'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -l device -x -d 'cpu, cuda or cuda:N. Default: cuda if available; features then use every GPU.'
 complete -c protembed -n '__fish_seen_subcommand_from predict' -s q -l quiet -d 'No progress output.'

@@ -58,6 +58,7 @@ DataDir = Annotated[
     typer.Option(
         "--data-dir",
         metavar="DIR",
+        file_okay=False,  # for the completions (folders); load_task checks the folder itself
         parser=path_value,
         help="Folder of FLIP FASTA files, one subfolder per dataset (e.g. DIR/gb1/two_vs_rest.fasta, "
         "or .fasta.gz); default: download once from the FLIP server into the cache.",
@@ -66,7 +67,8 @@ DataDir = Annotated[
 CacheDir = Annotated[
     Path | None,
     typer.Option("--cache-dir", help="Cache for downloads and features (default: $PROTEMBED_CACHE, "
-                 "$XDG_CACHE_HOME/protembed or ~/.cache/protembed).", metavar="DIR", parser=path_value),
+                 "$XDG_CACHE_HOME/protembed or ~/.cache/protembed).", metavar="DIR", file_okay=False,
+                 parser=path_value),
 ]  # fmt: skip
 Device = Annotated[
     str | None,
@@ -137,7 +139,12 @@ def finetune(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="Save head, config, predictions.", metavar="DIR", parser=path_value
+            "--output",
+            "-o",
+            help="Save head, config, predictions.",
+            metavar="DIR",
+            file_okay=False,
+            parser=path_value,
         ),
     ] = None,
     overwrite: Annotated[

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.table import Table
 
-from protembed.cli_common import err_console, handle_errors, out_console, path_value, print_json
+from protembed.cli_common import QuietOption, err_console, handle_errors, out_console, path_value, print_json
 from protembed.errors import OptionError
 from protembed.registry import MODELS
 
@@ -20,6 +20,7 @@ CacheDir = Annotated[
         "--cache-dir",
         help="Hub cache directory (default: $HF_HUB_CACHE or $HF_HOME/hub).",
         metavar="DIR",
+        file_okay=False,  # for the completions (folders)
         parser=path_value,
     ),
 ]
@@ -43,7 +44,7 @@ def download(
     force: Annotated[
         bool, typer.Option("--force", help="Download all files again, even if cached.", metavar="")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", metavar="")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Download a model into the Hugging Face cache and check that it loads; prints the snapshot path."""
     from protembed.hub import download_model  # imported here: --help must not wait for torch
@@ -52,15 +53,16 @@ def download(
     resolved, size = download_model(
         model, revision=revision, cache_dir=cache_dir, force=force, progress=not quiet
     )
-    config = read_config(resolved.path)
-    label = resolved.name or resolved.source
-    err_console.print(
-        f"{label}: revision {resolved.revision}, {decimal(size)}, verified "
-        f"({config.family}, {config.n_layers} layers, d_model {config.d_model})",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
-    )
+    config = read_config(resolved.path)  # checked with -q too: a download that cannot load is an error
+    if not quiet:
+        label = resolved.name or resolved.source
+        err_console.print(
+            f"{label}: revision {resolved.revision}, {decimal(size)}, verified "
+            f"({config.family}, {config.n_layers} layers, d_model {config.d_model})",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     typer.echo(str(resolved.path))
 
 

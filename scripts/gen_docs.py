@@ -464,11 +464,20 @@ ENVIRONMENT = [
      "(fetch them beforehand with protembed download); a model that is not cached is an error."),
     ("HF_ENDPOINT", "Address of the Hugging Face Hub (default https://huggingface.co), for a mirror."),
     ("HF_TOKEN", "Access token for gated or private model repositories."),
+    ("HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT", "Seconds huggingface_hub waits for the Hub to answer "
+     "a file request (default 10 each); raise them on a slow link."),
     ("CUDA_VISIBLE_DEVICES", "The GPUs protembed can see; --device cuda:N and --device all count "
      "within them."),
     ("PROTEMBED_CACHE", "Cache of protembed finetune and predict (FLIP data sets and their features) and "
      "of the weights digests of local checkpoints (default $XDG_CACHE_HOME/protembed, or "
      "~/.cache/protembed)."),
+    ("XDG_CACHE_HOME", "Where the protembed cache is kept when PROTEMBED_CACHE is not set "
+     "($XDG_CACHE_HOME/protembed)."),
+    ("PROTEMBED_FLIP_URL", "Address of the FLIP FASTA server protembed finetune downloads from "
+     "(default http://data.bioembeddings.com/public/FLIP/fasta/), for a mirror; files with a pinned "
+     "sha256 are still checked against it."),
+    ("PROTEMBED_ONEDNN", "Set to 0 to run float32 and bfloat16 matrix products on x86 CPUs through "
+     "PyTorch's default library instead of oneDNN (the last digits differ, ~1e-6 relative)."),
     ("RANK, WORLD_SIZE, LOCAL_RANK", "Set by torchrun(1). When WORLD_SIZE is more than 1, protembed embed "
      "runs as rank RANK of a multi-process (multi-node) job: each rank embeds its share of the records, "
      "balanced by tokens, into its own shard file, and rank 0 joins the shards into OUTPUT once every "

@@ -82,6 +82,9 @@ def test_download_layout_then_cached_without_network(hub: FakeHub, tmp_path: Pat
     second = cli("download", "esm2-8m", hub=hub, home=home)
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
+    quiet = cli("download", "esm2-8m", "-q", hub=hub, home=home)
+    assert quiet.returncode == 0 and quiet.stdout == first.stdout
+    assert quiet.stderr == ""  # no closing line, as merge and export with -q
     listed = cli("models", "--json", hub=hub, home=home, HF_HUB_OFFLINE="1")
     assert listed.returncode == 0, listed.stderr
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
