@@ -305,9 +305,12 @@ def test_local_weights_digest_is_remembered(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.undo()
     monkeypatch.setenv("PROTEMBED_CACHE", str(tmp_path / "cache"))
     weights = ckpt / "model.safetensors"
+    before = weights.stat()
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
-    weights.write_bytes(bytes(data))  # new content, new size/mtime key: hashed again
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # as `cp -p` or `touch -r` would
+    assert weights.stat().st_size == before.st_size  # same size and mtime: only the ctime tells
     second = checkpoints.weights_sha256(ckpt)
     assert second != first
     memo = tmp_path / "cache" / "weights-sha256.json"

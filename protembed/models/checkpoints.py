@@ -299,16 +299,19 @@ def weights_sha256(path: Path, cache_dir: Path | None = None) -> str:
     """SHA-256 over a local checkpoint's weight files (its `model_revision`).
 
     Hashing tens of GB on every run would dominate start-up, so the digest is remembered per
-    (file, size, modification time) in `<cache>/weights-sha256.json`, where `<cache>` is
-    `cache_dir` or protembed's default cache.
+    (file, size, modification and change times) in `<cache>/weights-sha256.json`, where `<cache>`
+    is `cache_dir` or protembed's default cache.
     """
     return memo_sha256(weight_files(path), cache_dir)
 
 
 def memo_sha256(files: list[Path], cache_dir: Path | None = None) -> str:
     """`sha256:<hex>` over the bytes of `files` in order, remembered per (file, size, modification
-    time) in `<cache>/weights-sha256.json` (see `weights_sha256`)."""
-    key = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    and change times) in `<cache>/weights-sha256.json` (see `weights_sha256`). The change time
+    (ctime) is in the key because `cp -p`, `rsync -a` or `touch -r` can give new content the old
+    modification time; nothing but the system clock sets the ctime."""
+    stats = [(f.resolve(), f.stat()) for f in files]
+    key = ";".join(f"{p}:{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}" for p, s in stats)
     memo_path = (cache_dir or default_cache_dir()) / "weights-sha256.json"
     try:
         memo = json.loads(memo_path.read_text())
