@@ -174,7 +174,7 @@ def _without_overwrite(command: str, options: dict[str, Any], text: str) -> str:
 
 def _output_begun(command: str, options: dict[str, Any]) -> bool:
     """Whether the output of an embed or merge command is an unfinished embeddings file now."""
-    from protembed.reader import unfinished_output
+    from protembed.store_file import unfinished_output
 
     output = options.get("output")
     if output is None and command == "embed":

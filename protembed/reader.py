@@ -19,10 +19,7 @@ import h5py
 import numpy as np
 
 from protembed.errors import (
-    OutputCompleteError,
-    OutputExistsError,
     ProtembedError,
-    ResumeMismatchError,
     StoreError,
     first_line,
     is_whole,
@@ -312,85 +309,3 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
-
-
-def output_complete(path: Path) -> bool | None:
-    """Whether `path`, a protembed embeddings file, is complete; None if it is absent, not one, or damaged."""
-    try:
-        with h5py.File(path, "r") as h5:
-            return bool(h5.attrs.get("complete")) if h5.attrs.get("format") == FORMAT else None
-    except H5_ERRORS:
-        return None
-
-
-def unfinished_output(path: Path) -> bool:
-    """Whether `path` is a protembed embeddings file that is not complete yet."""
-    return output_complete(path) is False
-
-
-def check_resumable(
-    path: Path,
-    attrs: dict[str, Any],
-    big: dict[str, tuple[int, ...]],
-    lengths: np.ndarray,
-    skipped: np.ndarray,
-    complete_ok: bool = False,
-) -> None:
-    """Check that an existing output is an unfinished one made with these settings.
-
-    `attrs` are the new root attributes and `big` the shapes of the embedding datasets.
-
-    Raises:
-        OutputCompleteError: already complete; with `complete_ok`, only once its settings are
-            found to be these (a shard finished by an earlier run of the same job).
-        OutputExistsError: not a protembed file of this layout version.
-        ResumeMismatchError: made with other settings; names each one, file vs now.
-    """
-    hint = "pass --overwrite to replace it"
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError:
-        raise OutputExistsError(f"{path}: exists and is not a readable HDF5 file; {hint}") from None
-    with h5, intact(path, OutputExistsError, hint):
-        old = {k: plain(v) for k, v in h5.attrs.items()}
-        if old.get("format") != FORMAT or not all(k in h5 for k in RECORD_DATASETS):
-            raise OutputExistsError(f"{path}: exists and is not a protembed embeddings file; {hint}")
-        if old.get("format_version") != FORMAT_VERSION:
-            raise OutputExistsError(f"{path}: written in layout version {old.get('format_version')}; {hint}")
-        complete = bool(old.get("complete"))
-        if complete and not complete_ok:
-            raise OutputCompleteError(f"{path}: a complete output already exists; {hint}")
-        new = {k: plain(v) for k, v in attrs.items()}
-        diffs = [
-            f"{key} {_show(old.get(key))} (file) vs {_show(new.get(key))} (now)"
-            for key in sorted((set(old) | set(new)) - {*NOT_COMPARED, "complete"})
-            if _compared(key, old.get(key)) != _compared(key, new.get(key))
-        ]
-        have = {k: h5[k].shape for k in h5 if k not in RECORD_DATASETS and k != "offsets"}
-        for key in sorted(k for k in set(have) | set(big) if have.get(k) != big.get(k)):
-            diffs.append(f"dataset {key} {_show(have.get(key))} (file) vs {_show(big.get(key))} (now)")
-        if not np.array_equal(h5["skipped"][...], skipped):
-            diffs.append("skipped records differ")
-        elif not np.array_equal(h5["lengths"][...], lengths):
-            diffs.append("record lengths differ")
-    if diffs:
-        state = "a complete" if complete else "an unfinished"
-        raise ResumeMismatchError(
-            f"{path}: {state} output with other settings exists: {'; '.join(diffs)}; "
-            f"rerun with the same settings to resume, or {hint}"
-        )
-    if complete:
-        raise OutputCompleteError(f"{path}: complete, made with these settings")
-
-
-def _compared(key: str, value: Any) -> Any:
-    """An attribute value in the form compared on resume: poolings in any order are the same
-    datasets (`--pool cls,mean` resumes a `mean,cls` file)."""
-    if key == "pooling" and isinstance(value, str):
-        return sorted(value.split(","))
-    return value
-
-
-def _show(value: Any) -> str:
-    text = "(unset)" if value is None else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -30,8 +30,8 @@ from protembed import __version__
 from protembed.cache import check_replaceable
 from protembed.errors import OutputExistsError, StoreError
 from protembed.output_lock import OutputLock
-from protembed.reader import FORMAT, FORMAT_VERSION, check_resumable, intact
-from protembed.store_file import Slab, create_output, finish_output, pwrite, slab_of
+from protembed.reader import FORMAT, FORMAT_VERSION, intact
+from protembed.store_file import Slab, check_resumable, create_output, finish_output, pwrite, slab_of
 
 STORE_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 COMPRESSIONS = (None, "gzip", "lzf")

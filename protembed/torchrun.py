@@ -26,7 +26,7 @@ from protembed.errors import (
 )
 from protembed.merge import merge_shards, shard_path, shard_sets, shard_worlds, write_virtual
 from protembed.progress_log import ProgressLog
-from protembed.reader import output_complete, unfinished_output
+from protembed.store_file import output_complete, unfinished_output
 
 T = TypeVar("T")
 

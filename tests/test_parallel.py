@@ -43,7 +43,8 @@ from protembed.pipeline import (
     run_pipeline,
     units_to_compute,
 )
-from protembed.reader import open_embeddings, unfinished_output
+from protembed.reader import open_embeddings
+from protembed.store_file import unfinished_output
 from tests.helpers import damage_chunk, fixture_dir, rows_written
 
 ESM = str(fixture_dir("esm2_t3_h64") / "checkpoint")
