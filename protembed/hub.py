@@ -33,7 +33,7 @@ from rich.progress import (
 )
 
 from protembed import __version__
-from protembed.cache import file_sha256, user_path
+from protembed.cache import user_path
 from protembed.errors import CheckpointError, HubError, UnknownModelError
 from protembed.hub_cache import (
     UNFINISHED,
@@ -44,6 +44,7 @@ from protembed.hub_cache import (
     is_complete,
     mark_unfinished,
     remove_files,
+    remove_stale_partials,
     stopped_download,
     write_ref,
 )
@@ -53,6 +54,7 @@ from protembed.models.checkpoints import (
     WEIGHT_FILES,
     config_from_dict,
     local_checkpoint,
+    memo_sha256,
     verify_checkpoint,
 )
 from protembed.models.encoder import EncoderConfig
@@ -125,6 +127,7 @@ def resolve_model(
     name, repo_id = parse_model(model)
     hit = cached_snapshot(repo_id, revision, cache_dir)
     if hit is not None:
+        _check_intact(model, repo_id, hit[0])
         return ResolvedModel(name, repo_id, hit[0], hit[1])
     if constants.is_offline_mode() or not download:
         raise not_cached_error(model, repo_id, revision, cache_dir)
@@ -168,15 +171,27 @@ def download_model(
         except CheckpointError as exc:
             reason = f"cached copy does not load: {_detail(exc, hit[0])}"
             raise CheckpointError(repo_id, f"{reason}; run `protembed download {model} --force`") from None
-        if bad := damaged_weights(hit[0]):  # a byte changed in place: it still loads
-            reason = f"cached copy is damaged ({', '.join(bad)}: sha256 mismatch)"
-            raise CheckpointError(repo_id, f"{reason}; run `protembed download {model} --force`")
+        _check_intact(model, repo_id, hit[0])
         return ResolvedModel(name, repo_id, hit[0], hit[1]), disk_size(hit[0])
     if constants.is_offline_mode():
         if force:
             raise HubError("--force needs the network but HF_HUB_OFFLINE is set; set HF_HUB_OFFLINE=0")
         raise not_cached_error(model, repo_id, revision, cache_dir, for_download=True)
     return _download(name, repo_id, revision, cache_dir, force, progress)
+
+
+def _check_intact(model: str, repo_id: str, snapshot: Path) -> None:
+    """CheckpointError if a cached snapshot's weights no longer hash to the Hub's sha256 (a byte
+    changed in place: the file still loads). Hashed once per file change (`memo_sha256`)."""
+    if bad := damaged_weights(snapshot):
+        reason = f"cached copy is damaged ({', '.join(bad)}: sha256 mismatch)"
+        raise CheckpointError(repo_id, f"{reason}; run `protembed download {model} --force`")
+
+
+def _sha256(path: Path) -> str:
+    """A file's sha256 (hex), remembered per file change so that a later use of the cached copy
+    (`_check_intact`) does not hash it again."""
+    return memo_sha256([path]).removeprefix("sha256:")
 
 
 def _download(
@@ -229,18 +244,19 @@ def _download(
         wanted = [f for f in TOKENIZER_FILES if f in remote] + weights
         was_complete = is_complete(snapshot)  # checked before: a failed --force leaves it so
         mark_unfinished(snapshot, revision)  # not cached until every file below passed its check
+        remove_stale_partials(snapshot)  # a killed run's partial files: never resumed, only in the way
         todo = [f for f in wanted if force or not (snapshot / f).exists()]
-        # Files already here come from an earlier run that may have stopped before checking them.
-        todo += _failed_checks(snapshot, [f for f in wanted if f not in todo], remote, progress)
         unchecked = None  # a file fetched (so replaced in the snapshot) whose check has not passed yet
         try:
+            # Files already here come from an earlier run that may have stopped before checking them.
+            todo += _failed_checks(snapshot, [f for f in wanted if f not in todo], remote, progress)
             if todo:
                 with _progress_bar(progress) as add_task:
                     bar = _bar_class(add_task(sum(remote[f].size or 0 for f in todo), name or repo_id))
                     for f in todo:
                         unchecked = path = fetch(f, bar)  # a failed fetch leaves the file as it was
                         lfs = remote[f].lfs
-                        if lfs is not None and file_sha256(path) != lfs.sha256:
+                        if lfs is not None and _sha256(path) != lfs.sha256:
                             remove_files(snapshot, [f])
                             reason = "corrupt download (sha256 mismatch), deleted; run the command again"
                             raise CheckpointError(f"{repo_id}/{f}", reason)
@@ -264,7 +280,7 @@ def _failed_checks(snapshot: Path, present: list[str], remote: dict[str, Any], p
     lfs = [f for f in present if remote[f].lfs is not None]
     if lfs and progress:
         _console.print(f"checking {len(lfs)} file(s) from an earlier download", highlight=False, markup=False)
-    bad = [f for f in lfs if file_sha256(snapshot / f) != remote[f].lfs.sha256]
+    bad = [f for f in lfs if _sha256(snapshot / f) != remote[f].lfs.sha256]
     remove_files(snapshot, bad)
     return bad
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +175,27 @@ def disk_size(snapshot: Path) -> int:
                 seen.add(real)
                 total += os.path.getsize(real)
     return total
+
+
+def remove_stale_partials(snapshot: Path) -> list[Path]:
+    """Delete the partial files (`blobs/*.incomplete`) of the snapshot's repo that no download is
+    writing: huggingface_hub names them per process and never resumes another process's, so one
+    left by a killed run only takes disk space. A file written to within a few download timeouts
+    may be another process's download in progress, and is kept. Returns what was deleted."""
+    quiet_for = max(60.0, 3 * float(constants.HF_HUB_DOWNLOAD_TIMEOUT))
+    now, removed = time.time(), []
+    try:
+        partials = list((snapshot.parent.parent / "blobs").glob("*.incomplete"))
+    except OSError:
+        return []
+    for path in partials:
+        try:
+            if now - path.stat().st_mtime > quiet_for:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # gone already, or another user's file: not ours to clean
+            continue
+    return removed
 
 
 def remove_files(snapshot: Path, names: list[str]) -> None:

@@ -48,7 +48,8 @@ def hub_warnings(show: bool) -> Iterator[None]:
         hub_logger.setLevel(logging.ERROR)
 
     def one_line(message: Warning | str, *args: Any, **kwargs: Any) -> None:
-        _console.print(f"warning: {_first_line(Exception(str(message)))}", highlight=False, markup=False)
+        text = f"warning: {_first_line(Exception(str(message)))}"
+        _console.print(text, highlight=False, markup=False, soft_wrap=True)  # one line in a log too
 
     try:
         with warnings.catch_warnings():
@@ -64,6 +65,7 @@ def hub_warnings(show: bool) -> Iterator[None]:
 # failures of the local disk, not of the download: running the command again does not help
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _DISK_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR)
+KEPT = "files already downloaded are kept"  # a file that failed starts over in the next run
 
 
 @contextmanager
@@ -114,11 +116,12 @@ def _hub_error(exc: Exception, repo_id: str, revision: str | None, cache: Path |
             where = f"cannot write {repo_id} into {cache}: {exc.strerror}"
             if exc.errno in _DISK_FULL:
                 advice = "free some space (or choose another cache with --cache-dir or HF_HUB_CACHE)"
-                return HubError(f"{where}; {advice}, then {RERUN} to resume")
+                return HubError(f"{where}; {advice}, then {RERUN} ({KEPT})")
             return HubError(f"{where}; choose another cache with --cache-dir or HF_HUB_CACHE")
-        return HubError(f"download of {repo_id} failed: {_first_line(exc)}; {RERUN} to resume")
+        return HubError(f"download of {repo_id} failed: {_first_line(exc)}; {RERUN} ({KEPT})")
     if isinstance(exc, httpx2.HTTPError):
-        return HubError(f"download of {repo_id} failed: {_first_line(exc)}; {RERUN} to resume")
+        check = "check the network (and HF_ENDPOINT), then " if isinstance(exc, httpx2.ConnectError) else ""
+        return HubError(f"download of {repo_id} failed: {_first_line(exc)}; {check}{RERUN} ({KEPT})")
     return None
 
 

@@ -305,6 +305,11 @@ def test_a_failed_force_keeps_the_cached_copy_and_a_damaged_one_is_found(hub: Fa
         CheckpointError, match=r"model.safetensors: sha256 mismatch\); run `protembed download"
     ):
         download_model("esm2-8m", progress=False)
+    with pytest.raises(  # what embed, finetune and load_model find: never computed with silently
+        CheckpointError,
+        match=r"model.safetensors: sha256 mismatch\); run `protembed download esm2-8m --force`",
+    ):
+        resolve_model("esm2-8m")
     download_model("esm2-8m", force=True, progress=False)
     assert blob.read_bytes() == ESM_WEIGHTS
     with pytest.raises(

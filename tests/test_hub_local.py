@@ -23,6 +23,7 @@ from protembed.errors import CheckpointError, HubError, OptionError
 from protembed.hub import download_model, resolve_model
 from protembed.hub_cache import UNFINISHED, cache_root, cached_snapshot, repo_dir, stopped_download
 from protembed.hub_errors import hub_warnings
+from protembed.models.checkpoints import load_checkpoint
 from tests.hub_server import FakeHub, Fault
 
 ESM = "facebook/esm2_t6_8M_UR50D"
@@ -53,6 +54,20 @@ def silent_endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
     sock.close()
     for conn in held:
         conn.close()
+
+
+def test_a_refused_connection_says_to_check_the_network(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(HubError, match=r"check the network \(and HF_ENDPOINT\), then run the same command"):
+        download_model("esm2-8m", progress=False)
 
 
 def test_a_hub_that_never_answers_times_out(silent_endpoint: str) -> None:
@@ -107,13 +122,13 @@ def test_hub_warnings_print_as_one_line_or_not_at_all(capsys: pytest.CaptureFixt
 def test_a_run_stopped_while_checking_a_file_checks_it_again(
     hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = hub_module.file_sha256
+    real = hub_module._sha256
 
     def stopped(path: Path) -> str:
         raise KeyboardInterrupt
 
     hub.faults[(ESM, "model.safetensors")] = Fault(flip=True)  # a transfer that went wrong
-    monkeypatch.setattr(hub_module, "file_sha256", stopped)
+    monkeypatch.setattr(hub_module, "_sha256", stopped)
     with pytest.raises(KeyboardInterrupt):
         download_model("esm2-8m", progress=False)
     snapshot = next(cache.rglob("snapshots/*"))
@@ -121,7 +136,7 @@ def test_a_run_stopped_while_checking_a_file_checks_it_again(
     commit = snapshot.name
     assert cached_snapshot(ESM) is None and cached_snapshot(ESM, commit) is None  # not by any name
 
-    monkeypatch.setattr(hub_module, "file_sha256", real)
+    monkeypatch.setattr(hub_module, "_sha256", real)
     hub.requests.clear()
     with pytest.raises(CheckpointError, match="sha256 mismatch"):  # checked again, fetched again
         download_model("esm2-8m", progress=False)
@@ -132,6 +147,38 @@ def test_a_run_stopped_while_checking_a_file_checks_it_again(
     resolved, _ = download_model("esm2-8m", progress=False)
     assert hub.gets(ESM) == ["model.safetensors"] and not (resolved.path / UNFINISHED).exists()
     assert cached_snapshot(ESM) == (resolved.path, commit)
+
+
+def test_a_complete_copy_stays_cached_when_its_recheck_is_stopped(
+    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download that finds the files of a complete snapshot (another ref for a cached commit)
+    checks them again; Ctrl-C there must not leave the copy marked unfinished."""
+    resolved, _ = download_model("esm2-8m", progress=False)
+
+    def stopped(path: Path) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub_module, "_sha256", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        hub_module._download("esm2-8m", ESM, None, None, False, False)
+    assert not (resolved.path / UNFINISHED).exists()
+    assert cached_snapshot(ESM) == (resolved.path, resolved.revision)
+
+
+def test_partial_files_of_killed_downloads_are_removed(
+    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub names partial files per process and never resumes another's: one a killed
+    run left is deleted by the next download of the repo; one still being written is kept."""
+    resolved, _ = download_model("esm2-8m", progress=False)
+    blobs = resolved.path.parent.parent / "blobs"
+    old, fresh = blobs / "ab12.0f0f0f0f.incomplete", blobs / "cd34.1e1e1e1e.incomplete"
+    for path in (old, fresh):
+        path.write_bytes(b"x" * 1000)
+    os.utime(old, (0, os.stat(old).st_mtime - 3600))
+    download_model("esm2-8m", force=True, progress=False)
+    assert not old.exists() and fresh.exists()
 
 
 def test_a_checked_file_left_by_a_stopped_run_is_kept(
@@ -185,8 +232,12 @@ def test_a_damaged_cached_model_names_the_command_that_fetches_it_again(
     fasta = tmp_path / "x.fa"
     fasta.write_text(">a\nMKV\n")
     r = CliRunner().invoke(app, ["embed", str(fasta), "-m", "esm2-8m", "-q"])
-    assert r.exit_code == 1 and "corrupt or truncated" in r.output, r.output
-    assert "`protembed download esm2-8m --force` fetches it again" in " ".join(r.output.split())
+    assert r.exit_code == 1 and "cached copy is damaged (model.safetensors: sha256 mismatch)" in r.output
+    assert "run `protembed download esm2-8m --force`" in " ".join(r.output.split())
+    # a cached file that passes its sha256 check but does not load (not an LFS file): the loader's hint
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as failed:
+        load_checkpoint(resolved.path)
+    assert "`protembed download esm2-8m --force` fetches it again" in str(failed.value)
 
 
 def test_a_stopped_download_counts_for_the_revision_it_was_started_for(tmp_path: Path) -> None:
