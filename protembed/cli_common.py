@@ -80,6 +80,14 @@ def path_value(text: str) -> Path:
     return path
 
 
+def revision_value(text: str) -> str:
+    """A Hub revision; an empty one (an unset shell variable, most likely) is refused instead of
+    meaning `main`."""
+    if not text.strip():
+        raise typer.BadParameter("the revision is empty")
+    return text
+
+
 def input_value(text: str) -> str:
     """An input path as typed (`-` is stdin, `./-` a file of that name), `~` expanded; an empty
     one is refused."""

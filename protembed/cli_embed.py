@@ -25,6 +25,7 @@ from protembed.cli_common import (
     path_value,
     print_json,
     rank_prefix,
+    revision_value,
     row_progress,
 )
 from protembed.errors import OptionError
@@ -128,7 +129,8 @@ def embed(
         ),
     ] = DEFAULT_MODEL,
     revision: Annotated[
-        str | None, typer.Option(help="Hub revision (branch, tag or commit).", metavar="REV")
+        str | None,
+        typer.Option(help="Hub revision (branch, tag or commit).", metavar="REV", parser=revision_value),
     ] = None,
     layer: Annotated[
         str,

@@ -10,7 +10,15 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.table import Table
 
-from protembed.cli_common import QuietOption, err_console, handle_errors, out_console, path_value, print_json
+from protembed.cli_common import (
+    QuietOption,
+    err_console,
+    handle_errors,
+    out_console,
+    path_value,
+    print_json,
+    revision_value,
+)
 from protembed.errors import OptionError
 from protembed.registry import MODELS
 
@@ -38,7 +46,12 @@ def download(
     ],
     revision: Annotated[
         str | None,
-        typer.Option("--revision", help="Branch, tag or commit hash (default: main).", metavar="REV"),
+        typer.Option(
+            "--revision",
+            help="Branch, tag or commit hash (default: main).",
+            metavar="REV",
+            parser=revision_value,
+        ),
     ] = None,
     cache_dir: CacheDir = None,
     force: Annotated[
@@ -75,9 +88,12 @@ def models(
 ) -> None:
     """List the registry models: shape, size, and whether each is cached (revision, disk size).
 
-    Cached means the revision `main` pointed to when it was downloaded. "partial": a download
-    stopped before it finished; `protembed download NAME` finishes it. "other revision": only
-    other commits are cached (downloaded with --revision); pass one with --revision."""
+    Cached: the revision `main` pointed to when it was downloaded.
+
+    "partial": a download stopped before it finished; `protembed download NAME` finishes it.
+
+    "other revision": only other commits are cached (downloaded with --revision); pass one with --revision.
+    """
     from protembed.hub_cache import cache_root, cached_models
 
     root = cache_root(cache_dir)

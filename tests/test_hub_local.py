@@ -211,6 +211,13 @@ def test_unusable_cache_paths(value: str) -> None:
     assert ("the path is empty" if not value else "~nosuchuser-protembed: no such user") in r.output
 
 
+@pytest.mark.parametrize("command", ["download", "embed"])
+def test_an_empty_revision_is_refused_not_taken_for_main(command: str, tmp_path: Path) -> None:
+    args = ["download", "esm2-8m"] if command == "download" else ["embed", str(tmp_path / "x.fa")]
+    r = CliRunner().invoke(app, [*args, "--revision", " "])
+    assert r.exit_code == 2 and "the revision is empty" in r.output, r.output
+
+
 def test_unknown_user_in_a_model_path(tmp_path: Path) -> None:
     (tmp_path / "x.fa").write_text(">a\nMKV\n")
     runner = CliRunner()
