@@ -66,8 +66,8 @@ def download(
     resolved, size = download_model(
         model, revision=revision, cache_dir=cache_dir, force=force, progress=not quiet
     )
-    config = read_config(resolved.path)  # checked with -q too: a download that cannot load is an error
-    if not quiet:
+    if not quiet:  # download_model has verified the checkpoint; the config only feeds the message
+        config = read_config(resolved.path)
         label = resolved.name or resolved.source
         err_console.print(
             f"{label}: revision {resolved.revision}, {decimal(size)}, verified "

@@ -7,7 +7,8 @@ files protembed reads are fetched: `config.json`, the tokenizer files and one we
 large models). Remote-code `.py` files are never fetched. The architecture is checked from
 `config.json` before any weights are downloaded; after the download each new LFS file is checked
 against its sha256 and the checkpoint against its config (every key and shape), and weights that
-fail are deleted from the cache so that they never look complete.
+fail are deleted from the cache so that they never look complete. A cached copy's weights are
+checked against their sha256 on every use, hashed once per file change.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def cached_snapshot(
 
 def damaged_weights(snapshot: Path) -> list[str]:
     """Weight files of a complete snapshot whose bytes no longer hash to their blob's name (the
-    Hub's sha256 of an LFS file). Each file is hashed once per size and modification time."""
+    Hub's sha256 of an LFS file). Each file is hashed once per change (`memo_sha256`)."""
     bad = []
     for f in weight_files(snapshot):
         blob = f.resolve()
