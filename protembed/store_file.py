@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 from h5py import h5d, h5p
 
+from protembed.cache import write_partial
 from protembed.errors import OutputCompleteError, OutputExistsError, ResumeMismatchError
 from protembed.export import compressed_copy
 from protembed.reader import (
@@ -50,47 +51,54 @@ def create_output(
     big: dict[str, tuple[int, ...]],
     dtype: np.dtype,
 ) -> None:
-    """Write a new, empty output under a temporary name, then rename it into place."""
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with h5py.File(tmp, "w") as h5:
-            for key, value in attrs.items():
-                if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-                    h5.attrs.create(key, np.array(value, dtype=object), dtype=_STR)
-                else:
-                    h5.attrs[key] = value
-            for name, data in records.items():
-                if isinstance(data, np.ndarray) and data.dtype != object:
-                    h5.create_dataset(name, data=data)
-                    continue
-                # text: a slice at a time, as a list of every id of a large input costs gigabytes
-                text = h5.create_dataset(name, (len(data),), dtype=_STR)
-                for start in range(0, len(data), TEXT_ROWS):
-                    text[start : start + TEXT_ROWS] = np.array(
-                        list(data[start : start + TEXT_ROWS]), dtype=object
-                    )
-            for name, shape in big.items():
-                dcpl = h5p.create(h5p.DATASET_CREATE)
-                dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)  # all space now: metadata never changes later
-                dcpl.set_fill_time(h5d.FILL_TIME_NEVER)  # and never written with zeros (sparse file)
-                h5.create_dataset(name, shape, dtype=dtype, dcpl=dcpl)
-            slabs = [slab_of(h5[name]) for name in big if name != "residues"]
-        # Skipped rows hold NaN in the pooled datasets (never-written space reads as zeros).
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            for slab in slabs:
-                row_nan = np.full(slab.row_bytes // slab.dtype.itemsize, np.nan, slab.dtype)
-                nan = memoryview(row_nan).cast("B")  # type: ignore[arg-type]
-                for row in np.flatnonzero(np.asarray(records["skipped"])).tolist():
-                    pwrite(fd, nan, slab.offset + row * slab.row_bytes)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a new, empty output under a temporary name (`cache.write_partial`), then rename it
+    into place."""
+    write_partial(path, lambda tmp: _fill_output(tmp, attrs, records, big, dtype))
     fsync_path(path.parent)
+
+
+def _fill_output(
+    tmp: Path,
+    attrs: dict[str, Any],
+    records: dict[str, np.ndarray | Sequence[str]],
+    big: dict[str, tuple[int, ...]],
+    dtype: np.dtype,
+) -> None:
+    """The new output's content: attributes, record datasets, preallocated embeddings (NaN in the
+    pooled rows of skipped records), synced to disk."""
+    with h5py.File(tmp, "w") as h5:
+        for key, value in attrs.items():
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+                h5.attrs.create(key, np.array(value, dtype=object), dtype=_STR)
+            else:
+                h5.attrs[key] = value
+        for name, data in records.items():
+            if isinstance(data, np.ndarray) and data.dtype != object:
+                h5.create_dataset(name, data=data)
+                continue
+            # text: a slice at a time, as a list of every id of a large input costs gigabytes
+            text = h5.create_dataset(name, (len(data),), dtype=_STR)
+            for start in range(0, len(data), TEXT_ROWS):
+                text[start : start + TEXT_ROWS] = np.array(
+                    list(data[start : start + TEXT_ROWS]), dtype=object
+                )
+        for name, shape in big.items():
+            dcpl = h5p.create(h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)  # all space now: metadata never changes later
+            dcpl.set_fill_time(h5d.FILL_TIME_NEVER)  # and never written with zeros (sparse file)
+            h5.create_dataset(name, shape, dtype=dtype, dcpl=dcpl)
+        slabs = [slab_of(h5[name]) for name in big if name != "residues"]
+    # Skipped rows hold NaN in the pooled datasets (never-written space reads as zeros).
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        for slab in slabs:
+            row_nan = np.full(slab.row_bytes // slab.dtype.itemsize, np.nan, slab.dtype)
+            nan = memoryview(row_nan).cast("B")  # type: ignore[arg-type]
+            for row in np.flatnonzero(np.asarray(records["skipped"])).tolist():
+                pwrite(fd, nan, slab.offset + row * slab.row_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def slab_of(ds: h5py.Dataset) -> Slab:
